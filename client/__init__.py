@@ -1,0 +1,1 @@
+"""kvtier.client: the public side, imported by inference processes."""

@@ -1,0 +1,1 @@
+"""kvtier.daemon: the storage engine and (later) the trio service."""

@@ -1,0 +1,1120 @@
+"""A pool: a log-structured store of KV values on one block device.
+
+Layout and invariants are specified in docs/FORMAT.md; the short version:
+
+* Two superblock copies, then fixed-size segments.  A segment is opened by writing its
+  header (with a fresh *epoch*), filled by appending records, sealed, and eventually freed
+  whole: by expiry (records are placed by expiry bucket, so most segments die whole), by
+  cleaning (live records copied forward, cost-benefit choice), or by capacity eviction.
+* Every record gets a log sequence number (LSN).  Deletes and purges are tombstone
+  records in META segments.  Recovery loads the latest checkpoint (index + segment table)
+  and replays, in LSN order, every record written since -- CRC-verified; torn records are
+  skipped and never served.
+* A segment freed after the latest checkpoint stays PENDING_FREE until the next
+  checkpoint, so a checkpoint never points into reused space.
+
+The class is synchronous: each method does its own blocking I/O.  The trio daemon runs
+it under `trio.to_thread` with an explicit limiter (see store.py).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+import uuid as uuidlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import crc32c
+import numpy as np
+import numpy.typing as npt
+
+from kvtier.daemon import checkpoint as ckpt
+from kvtier.daemon import record
+from kvtier.daemon.blockdev import BlockDevice, aligned_buffer, as_bytes_view
+from kvtier.daemon.errors import (
+    CorruptionError,
+    FormatError,
+    InvalidArgument,
+    NotFound,
+    PoolFullError,
+    StoreError,
+    ValueTooLargeError,
+)
+from kvtier.daemon.index import Index, split_key, split_keys
+from kvtier.daemon.iovec import read_pieces, write_pieces
+from kvtier.daemon.record import Kind, RecordHeader
+from kvtier.daemon.segment import SegKind, SegmentHeader, decode_segment_header
+from kvtier.daemon.superblock import (
+    HEADER_ZONE,
+    SB_B_OFFSET,
+    SB_SIZE,
+    Superblock,
+    decode_superblock,
+)
+
+NEVER = 0xFFFFFFFF
+MIN_SEGMENT = 64 * 1024
+MAX_SEGMENT = 1024 * 1024 * 1024
+DEFAULT_SEGMENT = 64 * 1024 * 1024
+Clock = Callable[[], float]
+Buffer = Any  # anything exposing the buffer protocol (bytes, memoryview, numpy array, mmap)
+
+
+class SegState(enum.IntEnum):
+    FREE = 0
+    OPEN = 1
+    SEALED = 2
+    PENDING_FREE = 3  # dead, reusable after the next checkpoint
+    CHECKPOINT = 4
+
+
+@dataclass
+class PoolOptions:
+    expiry_bucket_s: int = 300  # records whose deadlines share a bucket share segments
+    max_open_buckets: int = 8  # open DATA segments at once
+    clean_max_utilization: float = 0.9  # never clean segments fuller than this
+    checkpoint_every_bytes: int = 1 << 30  # bounds the recovery replay
+    sync: bool = False  # fdatasync after every write (power-loss durability)
+
+
+@dataclass(slots=True)
+class PutResult:
+    lsn: int
+    offset: int  # byte offset of the record on the device
+    record_bytes: int
+    replaced: bool
+    bounced: int
+
+
+@dataclass(slots=True)
+class GetResult:
+    nbytes: int  # bytes written into the caller's buffer
+    frame_lengths: list[int]  # lengths of the frames returned
+    key_generation: int
+    bounced: int
+
+
+@dataclass(slots=True)
+class EntryInfo:
+    tenant: str
+    session: str
+    key: bytes
+    record_bytes: int
+    nframes: int
+    key_generation: int
+    created: int
+    expiry: int  # 0 = never
+    atime: int
+    hits: int
+    offset: int
+
+
+@dataclass
+class RecoveryReport:
+    seconds: float = 0.0
+    checkpoint_entries: int = 0
+    segments_scanned: int = 0
+    bytes_scanned: int = 0
+    records_replayed: int = 0
+    torn_records: int = 0
+    superblock_used: str = "A"
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Counters:
+    puts: int = 0
+    gets: int = 0
+    misses: int = 0
+    deletes: int = 0
+    purged_entries: int = 0
+    expired_entries: int = 0
+    evicted_entries: int = 0
+    evicted_segments: int = 0
+    cleaned_segments: int = 0
+    freed_segments: int = 0
+    checkpoints: int = 0
+    user_bytes: int = 0  # record bytes written for puts
+    clean_bytes: int = 0  # record bytes rewritten by the cleaner
+    meta_bytes: int = 0  # tombstones
+    bytes_read: int = 0
+    bounced_bytes: int = 0
+
+    @property
+    def write_amplification(self) -> float:
+        return (self.user_bytes + self.clean_bytes) / self.user_bytes if self.user_bytes else 1.0
+
+
+def _now_us(clock: Clock) -> int:
+    return int(clock() * 1_000_000)
+
+
+class Pool:
+    """One pool on one device.  Create with `Pool.format(...)` or `Pool.open(...)`."""
+
+    # -- construction -----------------------------------------------------------------
+
+    def __init__(self, dev: BlockDevice, sb: Superblock, *, clock: Clock,
+                 options: PoolOptions) -> None:
+        self.dev = dev
+        self.sb = sb
+        self.clock = clock
+        self.opt = options
+        self.B = sb.block_size
+        self.seg_blocks = sb.segment_size // self.B
+        n = sb.segment_count
+        self.segs = np.zeros(n, dtype=ckpt.SEG_TABLE)
+        self.live = np.zeros(n, dtype=np.int64)  # live blocks per segment (from the index)
+        self.index = Index()
+        self.tenants: list[str] = []
+        self._tenant_ids: dict[str, int] = {}
+        self.sessions: list[str] = []
+        self._session_ids: dict[str, int] = {}
+        self.next_lsn = 1
+        self._open_data: dict[int, int] = {}  # bucket end (s) -> segment
+        self._open_clean: dict[int, int] = {}
+        self._meta_seg = -1
+        self._bytes_since_ckpt = 0
+        self._in_maintenance = False
+        self.counters = Counters()
+        self.recovery = RecoveryReport()
+        self._closed = False
+
+    @classmethod
+    def format(cls, dev: BlockDevice, *, segment_size: int = DEFAULT_SEGMENT,
+               clock: Clock = time.time, options: PoolOptions | None = None) -> Pool:
+        """Write a new, empty pool onto `dev` (destroys what was there)."""
+        B = getattr(dev, "pool_block_size", 4096)
+        if segment_size % B or not MIN_SEGMENT <= segment_size <= MAX_SEGMENT:
+            raise InvalidArgument(
+                f"segment size {segment_size} must be a multiple of the block size {B} "
+                f"between {MIN_SEGMENT} and {MAX_SEGMENT} bytes")
+        if dev.size % B:
+            raise InvalidArgument(f"{dev.name}: size {dev.size} is not a multiple of {B}")
+        count = (dev.size - HEADER_ZONE) // segment_size
+        if count < 4:
+            raise InvalidArgument(
+                f"{dev.name}: {dev.size} bytes hold {max(count, 0)} segments of "
+                f"{segment_size} bytes; a pool needs at least 4 (1 MiB + 4 segments)")
+        sb = Superblock(block_size=B, device_size=dev.size, segment_size=segment_size,
+                        segment_count=count, data_offset=HEADER_ZONE,
+                        uuid=uuidlib.uuid4().bytes, created_us=_now_us(clock))
+        pool = cls(dev, sb, clock=clock, options=options or PoolOptions())
+        # Wipe the first block of every segment: headers of an earlier pool on the same
+        # media must never be mistaken for ours (they carry another uuid anyway).
+        zero = aligned_buffer(B)
+        for i in range(count):
+            dev.writev(pool._seg_offset(i), [zero])
+        pool._write_superblocks()
+        pool.checkpoint()
+        return pool
+
+    @classmethod
+    def open(cls, dev: BlockDevice, *, clock: Clock = time.time,
+             options: PoolOptions | None = None) -> Pool:
+        """Open an existing pool and recover its state (checkpoint + log replay)."""
+        t0 = time.perf_counter()
+        sb, which, warnings = _read_superblocks(dev)
+        B = getattr(dev, "pool_block_size", 4096)
+        if sb.block_size != B:
+            raise FormatError(f"{dev.name}: pool block size {sb.block_size}, device opened "
+                              f"with {B}")
+        if dev.size < sb.device_size:
+            raise FormatError(f"{dev.name}: device has {dev.size} bytes, the pool was "
+                              f"formatted for {sb.device_size}")
+        pool = cls(dev, sb, clock=clock, options=options or PoolOptions())
+        pool.recovery.superblock_used = which
+        pool.recovery.warnings.extend(warnings)
+        pool._recover()
+        pool.recovery.seconds = time.perf_counter() - t0
+        return pool
+
+    # -- geometry helpers ------------------------------------------------------------------
+
+    def _seg_offset(self, seg: int) -> int:
+        return self.sb.data_offset + seg * self.sb.segment_size
+
+    def _seg_of_block(self, blk: npt.NDArray[np.uint64] | int) -> Any:
+        return (blk * self.B - self.sb.data_offset) // self.sb.segment_size
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.sb.segment_count * self.sb.segment_size
+
+    # -- names ----------------------------------------------------------------------------
+
+    def _tenant_id(self, name: str, create: bool) -> int:
+        t = self._tenant_ids.get(name)
+        if t is None:
+            if not create:
+                return -1
+            if len(self.tenants) >= 0xFFFF:
+                raise StoreError("too many tenants in one pool (65535)")
+            t = len(self.tenants)
+            self.tenants.append(name)
+            self._tenant_ids[name] = t
+        return t
+
+    def _session_id(self, name: str, create: bool) -> int:
+        s = self._session_ids.get(name)
+        if s is None:
+            if not create:
+                return -1
+            s = len(self.sessions)
+            self.sessions.append(name)
+            self._session_ids[name] = s
+        return s
+
+    # -- segment allocation ------------------------------------------------------------------
+
+    def _checkpoint_segments(self) -> int:
+        """Segments the next checkpoint needs (an upper bound)."""
+        ckpt_bytes = 4096 + self.index.count * 52 + len(self.segs) * ckpt.SEG_TABLE.itemsize
+        ckpt_bytes += sum(len(s.encode()) + 3 for s in self.sessions)
+        ckpt_bytes += sum(len(t.encode()) + 3 for t in self.tenants)
+        per = (self.seg_blocks - 1) * self.B
+        return -(-ckpt_bytes // per)
+
+    def _take_free_segment(self, purpose: str) -> int:
+        """A FREE segment for `purpose` ("put", "clean", "meta" or "checkpoint").
+
+        Puts leave room for a checkpoint plus one cleaner and one META segment; the
+        cleaner and tombstones leave room for a checkpoint; a checkpoint takes any.
+        """
+        while True:
+            free = np.flatnonzero(self.segs["state"] == SegState.FREE)
+            ck = self._checkpoint_segments()
+            floor = {"put": ck + 2, "clean": ck, "meta": ck, "checkpoint": 0}[purpose]
+            if len(free) > floor:
+                return int(free[0])
+            if purpose == "checkpoint":
+                raise PoolFullError(f"{self.dev.name}: no free segment for a checkpoint")
+            if np.any(self.segs["state"] == SegState.PENDING_FREE):
+                self.checkpoint()
+                continue
+            if purpose != "put" or self._in_maintenance:
+                raise PoolFullError(f"{self.dev.name}: no free segment left for {purpose}")
+            if self._clean_one() or self._evict_one():
+                continue
+            raise PoolFullError(
+                f"{self.dev.name}: pool full ({self.sb.segment_count} segments of "
+                f"{self.sb.segment_size} bytes, nothing to clean or evict)")
+
+    def _open_segment(self, kind: SegKind, bucket_end: int, purpose: str) -> int:
+        seg = self._take_free_segment(purpose)
+        epoch = self._next_lsn()
+        now = int(self.clock())
+        hdr = SegmentHeader(kind, self.sb.uuid, epoch, _now_us(self.clock), bucket_end, seg)
+        buf = aligned_buffer(self.B)
+        hdr.encode_into(buf)
+        self.dev.writev(self._seg_offset(seg), [buf])
+        s = self.segs[seg]
+        s["state"], s["kind"], s["epoch"], s["used"] = SegState.OPEN, kind, epoch, 1
+        s["opened"], s["last_write"], s["bucket_end"], s["max_lsn"] = now, now, bucket_end, epoch
+        return seg
+
+    def _seal(self, seg: int) -> None:
+        if self.segs["state"][seg] == SegState.OPEN:
+            self.segs["state"][seg] = SegState.SEALED
+        for d in (self._open_data, self._open_clean):
+            for b, s in list(d.items()):
+                if s == seg:
+                    del d[b]
+        if self._meta_seg == seg:
+            self._meta_seg = -1
+
+    def _bucket_end(self, expiry_s: int) -> int:
+        if expiry_s == 0:
+            return NEVER
+        w = self.opt.expiry_bucket_s
+        return min((expiry_s // w + 1) * w, NEVER - 1)
+
+    def _place(self, nblocks: int, bucket_end: int, *, cleaner: bool) -> tuple[int, int]:
+        """Choose (segment, block offset in it) for a record of `nblocks` blocks."""
+        if nblocks > self.seg_blocks - 1:
+            raise ValueTooLargeError(
+                f"record of {nblocks * self.B} bytes does not fit in a segment of "
+                f"{self.sb.segment_size} bytes (raise segment_size)")
+        opened = self._open_clean if cleaner else self._open_data
+        seg = opened.get(bucket_end, -1)
+        if seg < 0 and len(opened) >= self.opt.max_open_buckets:
+            # Share the open segment that dies soonest after this record; else retire
+            # the one that dies first.
+            later = [b for b in opened if b >= bucket_end]
+            if later:
+                bucket_end = min(later)
+                seg = opened[bucket_end]
+            else:
+                self._seal(opened[min(opened)])
+        if seg >= 0 and int(self.segs["used"][seg]) + nblocks > self.seg_blocks:
+            self._seal(seg)
+            seg = -1
+        if seg < 0:
+            seg = self._open_segment(SegKind.DATA, bucket_end, "clean" if cleaner else "put")
+            opened[bucket_end] = seg
+        at = int(self.segs["used"][seg])
+        self.segs["used"][seg] = at + nblocks
+        return seg, at
+
+    def _next_lsn(self) -> int:
+        lsn = self.next_lsn
+        self.next_lsn += 1
+        return lsn
+
+    # -- writing records -----------------------------------------------------------------
+
+    def _write_record(self, seg: int, at: int, h: RecordHeader,
+                      payload: Sequence[memoryview], hblocks: int) -> int:
+        """Write header + payload at block `at` of `seg`; returns bytes bounced."""
+        hbuf = aligned_buffer(hblocks * self.B)
+        record.encode_into(h, hbuf)
+        pad = -h.payload_len % self.B
+        off = self._seg_offset(seg) + at * self.B
+        pieces: list[memoryview | int] = [hbuf, *payload]
+        if pad:
+            pieces.append(pad)
+        bounced = write_pieces(self.dev, off, pieces)
+        if self.opt.sync:
+            self.dev.flush()
+        s = self.segs[seg]
+        s["last_write"] = int(self.clock())
+        s["max_lsn"] = max(int(s["max_lsn"]), h.lsn)
+        return bounced
+
+    def _append_meta(self, kind: Kind, tenant: str, session: str, key: bytes) -> None:
+        hb = record.header_blocks(0, tenant, session, self.B)
+        seg = self._meta_seg
+        if seg >= 0 and int(self.segs["used"][seg]) + hb > self.seg_blocks:
+            self._seal(seg)
+            seg = -1
+        if seg < 0:
+            seg = self._open_segment(SegKind.META, NEVER, "meta")
+            self._meta_seg = seg
+        at = int(self.segs["used"][seg])
+        self.segs["used"][seg] = at + hb
+        now = _now_us(self.clock)
+        h = RecordHeader(kind, self._next_lsn(), int(self.segs["epoch"][seg]), now, 0, key,
+                         tenant, session)
+        self._write_record(seg, at, h, [], hb)
+        self.counters.meta_bytes += hb * self.B
+        self._bytes_since_ckpt += hb * self.B
+
+    # -- public operations -------------------------------------------------------------------
+
+    def put(self, tenant: str, session: str, key: bytes, frames: Sequence[Buffer], *,
+            ttl_s: float | None = None, expiry_s: float | None = None,
+            key_generation: int = 0) -> PutResult:
+        """Store a value (a list of frames) under (tenant, key); replaces an older value.
+
+        Returns once the record is written (and flushed when `options.sync`).
+        """
+        self._check_open()
+        record.validate_names(tenant, session)
+        if len(key) not in record.KEY_LENGTHS:
+            raise InvalidArgument(f"key must be 16 or 32 bytes, got {len(key)}")
+        if not 0 <= key_generation <= 0xFFFF:
+            raise InvalidArgument(f"key generation {key_generation} out of range 0..65535")
+        views = [as_bytes_view(f) for f in frames]
+        if not views:
+            raise InvalidArgument("a value needs at least one frame")
+        if len(views) > record.MAX_FRAMES:
+            raise InvalidArgument(f"a value has at most {record.MAX_FRAMES} frames")
+        now = self.clock()
+        exp = _deadline(now, ttl_s, expiry_s)
+        payload_len = sum(v.nbytes for v in views)
+        hblocks = record.header_blocks(len(views), tenant, session, self.B)
+        nblocks = hblocks + -(-payload_len // self.B)
+        seg, at = self._place(nblocks, self._bucket_end(exp), cleaner=False)
+        lsn = self._next_lsn()
+        h = RecordHeader(Kind.PUT, lsn, int(self.segs["epoch"][seg]), int(now * 1e6),
+                         int(exp * 1e6) if exp else 0, bytes(key), tenant, session,
+                         key_generation, [v.nbytes for v in views], record.frame_crcs(views))
+        # If the write fails the space stays allocated (dead): nothing was acknowledged.
+        bounced = self._write_record(seg, at, h, views, hblocks)
+        replaced = self._index_put(tenant, session, key, seg, at, nblocks, len(views),
+                                   key_generation, int(exp), int(now))
+        c = self.counters
+        c.puts += 1
+        c.user_bytes += nblocks * self.B
+        c.bounced_bytes += bounced
+        self._bytes_since_ckpt += nblocks * self.B
+        if self._bytes_since_ckpt >= self.opt.checkpoint_every_bytes:
+            self.checkpoint()
+        return PutResult(lsn, self._seg_offset(seg) + at * self.B, nblocks * self.B,
+                         replaced, bounced)
+
+    def _index_put(self, tenant: str, session: str, key: bytes, seg: int, at: int,
+                   nblocks: int, nframes: int, keygen: int, exp: int, now: int) -> bool:
+        ix = self.index
+        t = self._tenant_id(tenant, True)
+        s = self._session_id(session, True)
+        k0, k1 = split_key(key)
+        row, created = ix.insert(t, k0, k1)
+        if not created:
+            self.live[int(self._seg_of_block(int(ix.loc[row])))] -= int(ix.blocks[row])
+        self.live[seg] += nblocks
+        ix.loc[row] = (self._seg_offset(seg) + at * self.B) // self.B
+        ix.blocks[row] = nblocks
+        ix.session[row] = s
+        ix.nframes[row] = nframes
+        ix.gen[row] = keygen
+        ix.expiry[row] = min(exp, NEVER - 1)
+        ix.created[row] = now
+        ix.atime[row] = now
+        ix.hits[row] = 0
+        return not created
+
+    def _remove_rows(self, rows: npt.NDArray[np.int64]) -> None:
+        """Drop entries from the index; their records become dead space."""
+        if len(rows) == 0:
+            return
+        ix = self.index
+        segs = self._seg_of_block(ix.loc[rows]).astype(np.int64)
+        np.subtract.at(self.live, segs, ix.blocks[rows].astype(np.int64))
+        ix.remove_many(rows)
+
+    def _live_row(self, tenant: str, key: bytes) -> int:
+        t = self._tenant_id(tenant, False)
+        if t < 0 or len(key) not in record.KEY_LENGTHS:
+            return -1
+        row = self.index.find(t, *split_key(key))
+        if row < 0:
+            return -1
+        exp = int(self.index.expiry[row])
+        if exp and exp <= self.clock():
+            return -1
+        return row
+
+    def contains(self, tenant: str, key: bytes) -> bool:
+        return self._live_row(tenant, key) >= 0
+
+    def lookup_many(self, tenant: str, keys: Sequence[bytes]) -> npt.NDArray[np.bool_]:
+        """Presence (stored and not expired) of each key."""
+        t = self._tenant_id(tenant, False)
+        if t < 0 or not keys:
+            return np.zeros(len(keys), dtype=bool)
+        for k in keys:
+            if len(k) not in record.KEY_LENGTHS:
+                raise InvalidArgument(f"key must be 16 or 32 bytes, got {len(k)}")
+        k0, k1 = split_keys(list(keys))
+        rows = self.index.lookup_many(t, k0, k1)
+        return self.index.live_mask(rows, int(self.clock()))
+
+    def lookup_prefix(self, tenant: str, keys: Sequence[bytes]) -> int:
+        """How many leading keys of a chained key list are present."""
+        present = self.lookup_many(tenant, keys)
+        missing = np.flatnonzero(~present)
+        return int(missing[0]) if len(missing) else len(keys)
+
+    def get_into(self, tenant: str, key: bytes, dest: Buffer, *,
+                 frames: tuple[int, int] | None = None) -> GetResult:
+        """Read the value (or frames [a, b) of it) into `dest`; returns what was read.
+
+        Raises NotFound for a key that is absent, deleted, purged or expired, and
+        CorruptionError (never data) when checksums disagree.
+        """
+        self._check_open()
+        out = as_bytes_view(dest)
+        if out.readonly:
+            raise InvalidArgument("destination buffer is read-only")
+        row = self._live_row(tenant, key)
+        if row < 0:
+            self.counters.misses += 1
+            raise NotFound(f"{tenant}/{key.hex()}: not found")
+        ix = self.index
+        loc, nblocks = int(ix.loc[row]), int(ix.blocks[row])
+        nframes = int(ix.nframes[row])
+        session = self.sessions[int(ix.session[row])]
+        seg = int(self._seg_of_block(loc))
+        hb = record.header_blocks(nframes, tenant, session, self.B)
+        where = f"{self.dev.name}: record {tenant}/{key.hex()} at {loc * self.B}"
+        hbuf = aligned_buffer(hb * self.B)
+        payload_blocks = nblocks - hb
+        bounced = 0
+        if frames is None:
+            # One vectored read: header, payload straight into `dest`, last block bounced.
+            body = (payload_blocks - 1) * self.B if payload_blocks else 0
+            if out.nbytes < body:
+                raise InvalidArgument(f"buffer of {out.nbytes} bytes too small for value "
+                                      f"of more than {body} bytes")
+            tail = aligned_buffer(self.B) if payload_blocks else None
+            pieces: list[memoryview | int] = [hbuf, out[:body]]
+            if tail is not None:
+                pieces.append(tail)
+            bounced = read_pieces(self.dev, loc * self.B, pieces)
+            h = self._check_header(hbuf, where, tenant, key, seg)
+            n = h.payload_len
+            if n > out.nbytes:
+                raise InvalidArgument(f"buffer of {out.nbytes} bytes too small for value of "
+                                      f"{n} bytes")
+            if tail is not None:
+                out[body:n] = tail[:n - body]
+                bounced += n - body
+            first, last = 0, h.nframes
+            lo = 0
+        else:
+            a, b = frames
+            if not 0 <= a <= b <= nframes:
+                raise InvalidArgument(f"frame range [{a}, {b}) outside 0..{nframes}")
+            read_pieces(self.dev, loc * self.B, [hbuf])
+            h = self._check_header(hbuf, where, tenant, key, seg)
+            offs = h.frame_offsets()
+            lo, hi = offs[a], offs[b]
+            n = hi - lo
+            if n > out.nbytes:
+                raise InvalidArgument(f"buffer of {out.nbytes} bytes too small for frames "
+                                      f"[{a}, {b}) of {n} bytes")
+            start = loc * self.B + hb * self.B + lo
+            aligned_start = start - start % self.B
+            head = start - aligned_start
+            tailpad = -(start + n) % self.B
+            pieces = [head, out[:n]] if head else [out[:n]]
+            if tailpad:
+                pieces.append(tailpad)
+            if n:
+                bounced = read_pieces(self.dev, aligned_start, pieces)
+            first, last = a, b
+        fl = [int(x) for x in h.frame_lengths[first:last]]
+        views, pos = [], 0
+        for ln in fl:
+            views.append(out[pos:pos + ln])
+            pos += ln
+        record.verify_frames(h, first, views, where=where)
+        ix.atime[row] = int(self.clock())
+        ix.hits[row] = min(int(ix.hits[row]) + 1, 0xFFFF)
+        c = self.counters
+        c.gets += 1
+        c.bytes_read += n
+        c.bounced_bytes += bounced
+        return GetResult(n, fl, h.key_generation, bounced)
+
+    def _check_header(self, hbuf: memoryview, where: str, tenant: str, key: bytes,
+                      seg: int) -> RecordHeader:
+        h = record.decode(hbuf, where=where)
+        if h.kind != Kind.PUT or h.key != key or h.tenant != tenant or \
+                h.epoch != int(self.segs["epoch"][seg]):
+            raise CorruptionError(f"{where}: header names another record")
+        return h
+
+    def stat(self, tenant: str, key: bytes) -> EntryInfo:
+        row = self._live_row(tenant, key)
+        if row < 0:
+            raise NotFound(f"{tenant}/{key.hex()}: not found")
+        return self._entry_info(row, key)
+
+    def _entry_info(self, row: int, key: bytes) -> EntryInfo:
+        ix = self.index
+        return EntryInfo(
+            tenant=self.tenants[int(ix.tenant[row])],
+            session=self.sessions[int(ix.session[row])], key=key,
+            record_bytes=int(ix.blocks[row]) * self.B, nframes=int(ix.nframes[row]),
+            key_generation=int(ix.gen[row]), created=int(ix.created[row]),
+            expiry=int(ix.expiry[row]), atime=int(ix.atime[row]), hits=int(ix.hits[row]),
+            offset=int(ix.loc[row]) * self.B)
+
+    def delete(self, tenant: str, key: bytes) -> bool:
+        """Delete one key durably; False if it was not there."""
+        self._check_open()
+        row = self._live_row(tenant, key)
+        if row < 0:
+            return False
+        self._append_meta(Kind.DELETE, tenant, "", bytes(key))
+        self._drop_rows(np.array([row], dtype=np.int64))
+        self.counters.deletes += 1
+        return True
+
+    def purge_session(self, tenant: str, session: str) -> int:
+        """Delete every value of a session durably; returns how many."""
+        self._check_open()
+        record.validate_names(tenant, session)
+        t, s = self._tenant_id(tenant, False), self._session_id(session, False)
+        if t < 0 or s < 0:
+            return 0
+        rows = self.index.select(tenant=t, session=s)
+        if len(rows) == 0:
+            return 0
+        self._append_meta(Kind.PURGE_SESSION, tenant, session, b"")
+        self._drop_rows(rows)
+        self.counters.purged_entries += len(rows)
+        return len(rows)
+
+    def purge_tenant(self, tenant: str) -> int:
+        """Delete every value of a tenant durably; returns how many."""
+        self._check_open()
+        t = self._tenant_id(tenant, False)
+        if t < 0:
+            return 0
+        rows = self.index.select(tenant=t)
+        if len(rows) == 0:
+            return 0
+        self._append_meta(Kind.PURGE_TENANT, tenant, "", b"")
+        self._drop_rows(rows)
+        self.counters.purged_entries += len(rows)
+        return len(rows)
+
+    def _drop_rows(self, rows: npt.NDArray[np.int64]) -> None:
+        self._remove_rows(rows)
+        self._retire_dead_segments()
+
+    # -- space accounting --------------------------------------------------------------------
+
+    def segment_live_blocks(self) -> npt.NDArray[np.int64]:
+        """Live blocks per segment, from the index (the source of truth)."""
+        ix = self.index
+        rows = ix.live_rows()
+        live = np.zeros(len(self.segs), dtype=np.int64)
+        if len(rows):
+            segs = self._seg_of_block(ix.loc[rows]).astype(np.int64)
+            np.add.at(live, segs, ix.blocks[rows].astype(np.int64))
+        return live
+
+    def _retire_dead_segments(self) -> None:
+        """SEALED (or idle OPEN) data segments without live records become PENDING_FREE."""
+        st = self.segs["state"]
+        kind = self.segs["kind"]
+        now = int(self.clock())
+        dead = (self.live == 0) & (kind == SegKind.DATA) & (
+            (st == SegState.SEALED) |
+            ((st == SegState.OPEN) & (self.segs["bucket_end"] <= now)))
+        for seg in np.flatnonzero(dead).tolist():
+            self._seal(seg)
+            st[seg] = SegState.PENDING_FREE
+            self.counters.freed_segments += 1
+
+    def sweep(self) -> int:
+        """Drop expired entries; segments left without live data become free.
+
+        Returns the number of entries that expired.  (Expired entries are never served
+        even before a sweep; this reclaims their space.)
+        """
+        self._check_open()
+        rows = self.index.select(expired_at=int(self.clock()))
+        if len(rows):
+            self._remove_rows(rows)
+            self.counters.expired_entries += len(rows)
+        self._retire_dead_segments()
+        return len(rows)
+
+    # -- cleaning and eviction ---------------------------------------------------------------
+
+    def _clean_candidates(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+        live = self.live
+        st, kind = self.segs["state"], self.segs["kind"]
+        used = self.segs["used"].astype(np.int64) - 1
+        ok = (st == SegState.SEALED) & (kind == SegKind.DATA) & (used > 0)
+        u = np.where(ok, live / np.maximum(used, 1), 1.0)
+        ok &= u <= self.opt.clean_max_utilization
+        age = np.maximum(int(self.clock()) - self.segs["last_write"].astype(np.int64), 1)
+        score = (1 - u) * age / (1 + u)
+        cand = np.flatnonzero(ok)
+        return cand, score[cand]
+
+    def _clean_one(self) -> bool:
+        """Clean the best segment by LFS cost-benefit ((1-u)*age/(1+u))."""
+        cand, score = self._clean_candidates()
+        if len(cand) == 0:
+            return False
+        try:
+            self.clean_segment(int(cand[np.argmax(score)]))
+        except PoolFullError:
+            return False  # no room to copy into; the caller falls back to eviction
+        return True
+
+    def clean(self, max_segments: int = 1) -> int:
+        """Run the cleaner on up to `max_segments` segments; returns how many it cleaned."""
+        done = 0
+        while done < max_segments and self._clean_one():
+            done += 1
+        return done
+
+    def clean_segment(self, seg: int) -> None:
+        """Copy the live records of `seg` forward, then retire it."""
+        ix = self.index
+        lo = self._seg_offset(seg) // self.B
+        rows = ix.select(loc_range=(lo, lo + self.seg_blocks))
+        self._in_maintenance = True
+        try:
+            for row in rows.tolist():
+                self._move_row(row, seg)
+        finally:
+            self._in_maintenance = False
+        self._seal(seg)
+        self.segs["state"][seg] = SegState.PENDING_FREE
+        self.counters.cleaned_segments += 1
+        self.counters.freed_segments += 1
+
+    def _move_row(self, row: int, seg: int) -> None:
+        ix = self.index
+        loc, nblocks = int(ix.loc[row]), int(ix.blocks[row])
+        buf = aligned_buffer(nblocks * self.B)
+        read_pieces(self.dev, loc * self.B, [buf])
+        where = f"{self.dev.name}: cleaning record at {loc * self.B}"
+        h = record.decode(buf, where=where)
+        hb = record.header_blocks(h.nframes, h.tenant, h.session, self.B)
+        payload = buf[hb * self.B: hb * self.B + h.payload_len]
+        offs = h.frame_offsets()
+        record.verify_frames(h, 0, [payload[offs[i]:offs[i + 1]] for i in range(h.nframes)],
+                             where=where)
+        exp_s = int(h.expiry_us // 1_000_000)
+        new_seg, at = self._place(nblocks, self._bucket_end(exp_s), cleaner=True)
+        h.lsn = self._next_lsn()
+        h.epoch = int(self.segs["epoch"][new_seg])
+        self._write_record(new_seg, at, h, [payload], hb)
+        self.live[seg] -= nblocks
+        self.live[new_seg] += nblocks
+        ix.loc[row] = (self._seg_offset(new_seg) + at * self.B) // self.B
+        self.counters.clean_bytes += nblocks * self.B
+        self._bytes_since_ckpt += nblocks * self.B
+
+    def _evict_one(self) -> bool:
+        """Evict the least recently used data segment (by its newest access)."""
+        ix = self.index
+        st, kind = self.segs["state"], self.segs["kind"]
+        ok = ((st == SegState.SEALED) | (st == SegState.OPEN)) & (kind == SegKind.DATA)
+        if not ok.any():
+            return False
+        rows = ix.live_rows()
+        recent = np.zeros(len(self.segs), dtype=np.int64)
+        if len(rows):
+            segs = self._seg_of_block(ix.loc[rows]).astype(np.int64)
+            np.maximum.at(recent, segs, ix.atime[rows].astype(np.int64))
+        cand = np.flatnonzero(ok)
+        victim = int(cand[np.argmin(recent[cand])])
+        lo = self._seg_offset(victim) // self.B
+        victims = ix.select(loc_range=(lo, lo + self.seg_blocks))
+        self._remove_rows(victims)
+        self._seal(victim)
+        st[victim] = SegState.PENDING_FREE
+        c = self.counters
+        c.evicted_entries += len(victims)
+        c.evicted_segments += 1
+        c.freed_segments += 1
+        return True
+
+    # -- checkpoint and superblock ---------------------------------------------------------
+
+    def _write_superblocks(self) -> None:
+        self.sb.generation += 1
+        buf = aligned_buffer(SB_SIZE)
+        self.sb.encode_into(buf)
+        self.dev.writev(0, [buf])
+        self.dev.flush()
+        self.dev.writev(SB_B_OFFSET, [buf])
+        self.dev.flush()
+
+    def _checkpoint_state(self) -> ckpt.CheckpointState:
+        ix = self.index
+        rows = ix.rows[ix.live_rows()].copy()
+        # Drop session names no live entry uses, renumbering densely.
+        used, inverse = np.unique(rows["session"], return_inverse=True)
+        sessions = [self.sessions[int(s)] for s in used]
+        rows["session"] = inverse.astype(np.uint32)
+        segs = self.segs.copy()
+        segs["state"][segs["state"] == SegState.PENDING_FREE] = SegState.FREE
+        return ckpt.CheckpointState(self.next_lsn, ix.salt, list(self.tenants), sessions,
+                                    rows, segs, {})
+
+    def checkpoint(self) -> None:
+        """Write the index and segment table, then point the superblocks at them.
+
+        Afterwards PENDING_FREE segments are free, and META segments whose tombstones the
+        checkpoint covers are released.
+        """
+        self._check_open()
+        state = self._checkpoint_state()
+        data = ckpt.encode(state)
+        per = (self.seg_blocks - 1) * self.B
+        nseg = max(1, -(-len(data) // per))
+        old = list(self.sb.ckpt_segments)
+        self._in_maintenance = True
+        try:
+            new: list[int] = []
+            for _ in range(nseg):
+                seg = self._take_free_segment("checkpoint")
+                self.segs["state"][seg] = SegState.CHECKPOINT
+                new.append(seg)
+        finally:
+            self._in_maintenance = False
+        lsn = self.next_lsn
+        mv = memoryview(data)
+        for i, seg in enumerate(new):
+            epoch = self._next_lsn()
+            chunk = mv[i * per:(i + 1) * per]
+            hdr = aligned_buffer(self.B)
+            SegmentHeader(SegKind.CHECKPOINT, self.sb.uuid, epoch, _now_us(self.clock), NEVER,
+                          seg).encode_into(hdr)
+            pad = -chunk.nbytes % self.B
+            tail: list[memoryview | int] = [pad] if pad else []
+            write_pieces(self.dev, self._seg_offset(seg), [hdr, chunk, *tail])
+            s = self.segs[seg]
+            s["kind"], s["epoch"] = SegKind.CHECKPOINT, epoch
+            s["used"] = 1 + -(-chunk.nbytes // self.B)
+        self.dev.flush()
+        self.sb.ckpt_lsn = lsn
+        self.sb.ckpt_len = len(data)
+        self.sb.ckpt_crc = crc32c.crc32c(data)
+        self.sb.ckpt_segments = new
+        self._write_superblocks()
+        st = self.segs["state"]
+        for seg in old:
+            st[seg] = SegState.FREE
+        st[st == SegState.PENDING_FREE] = SegState.FREE
+        covered = (self.segs["kind"] == SegKind.META) & (st == SegState.SEALED) & \
+            (self.segs["max_lsn"] < lsn)
+        st[covered] = SegState.FREE
+        self._bytes_since_ckpt = 0
+        self.counters.checkpoints += 1
+
+    # -- recovery --------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        rep = self.recovery
+        sb = self.sb
+        ckpt_lsn = sb.ckpt_lsn
+        open_at_ckpt: dict[int, int] = {}
+        if sb.ckpt_segments:
+            state = self._read_checkpoint()
+            self.next_lsn = state.next_lsn
+            self.index = Index(capacity=len(state.rows) + 1024, salt=state.salt)
+            self.index.bulk_load(state.rows)
+            self.tenants = list(state.tenants)
+            self._tenant_ids = {t: i for i, t in enumerate(self.tenants)}
+            self.sessions = list(state.sessions)
+            self._session_ids = {s: i for i, s in enumerate(self.sessions)}
+            if len(state.segments) != len(self.segs):
+                raise CorruptionError(f"{self.dev.name}: checkpoint segment table size differs")
+            self.segs = state.segments
+            st = self.segs["state"]
+            st[st == SegState.CHECKPOINT] = SegState.FREE
+            for seg in sb.ckpt_segments:
+                st[seg] = SegState.CHECKPOINT
+            for seg in np.flatnonzero(st == SegState.OPEN).tolist():
+                open_at_ckpt[seg] = int(self.segs["used"][seg])
+            rep.checkpoint_entries = len(state.rows)
+            self.live = self.segment_live_blocks()
+        # Which segments hold records written after the checkpoint?
+        hb = aligned_buffer(self.B)
+        scan: list[tuple[int, int, SegmentHeader]] = []
+        max_epoch = 0
+        for seg in range(sb.segment_count):
+            if self.segs["state"][seg] == SegState.CHECKPOINT:
+                continue
+            where = f"{self.dev.name}: segment {seg}"
+            self.dev.readv_into(self._seg_offset(seg), [hb])
+            try:
+                h = decode_segment_header(hb, where=where)
+            except CorruptionError as e:
+                if seg in open_at_ckpt:
+                    raise
+                rep.warnings.append(str(e))
+                continue
+            if h is None or h.pool_uuid != sb.uuid:
+                continue
+            max_epoch = max(max_epoch, h.epoch)
+            if seg in open_at_ckpt and h.epoch == int(self.segs["epoch"][seg]):
+                scan.append((seg, open_at_ckpt[seg], h))
+            elif h.epoch >= ckpt_lsn and h.kind != SegKind.CHECKPOINT:
+                scan.append((seg, 1, h))
+        self.next_lsn = max(self.next_lsn, max_epoch + 1)
+        found: list[tuple[int, int, int, RecordHeader]] = []  # lsn, seg, block, header
+        for seg, start, h in scan:
+            end = self._scan_segment(seg, start, h, ckpt_lsn, found)
+            s = self.segs[seg]
+            s["kind"], s["epoch"], s["used"] = h.kind, h.epoch, end
+            s["state"] = SegState.SEALED
+            s["opened"] = h.opened_us // 1_000_000
+            s["bucket_end"] = h.bucket_end_s
+            rep.segments_scanned += 1
+        found.sort(key=lambda r: r[0])
+        for lsn, seg, at, rh in found:
+            self._replay(lsn, seg, at, rh)
+            self.next_lsn = max(self.next_lsn, lsn + 1)
+            s = self.segs[seg]
+            s["max_lsn"] = max(int(s["max_lsn"]), lsn)
+            s["last_write"] = max(int(s["last_write"]), rh.created_us // 1_000_000)
+        rep.records_replayed = len(found)
+        # Open segments are not reopened: new writes start in fresh segments.
+        st = self.segs["state"]
+        st[st == SegState.OPEN] = SegState.SEALED
+        self.sweep()
+        if found or np.any(st == SegState.PENDING_FREE) or rep.torn_records:
+            self.checkpoint()
+
+    def _read_checkpoint(self) -> ckpt.CheckpointState:
+        sb = self.sb
+        per = (self.seg_blocks - 1) * self.B
+        buf = aligned_buffer(len(sb.ckpt_segments) * per)
+        for i, seg in enumerate(sb.ckpt_segments):
+            if not 0 <= seg < sb.segment_count:
+                raise CorruptionError(f"{self.dev.name}: checkpoint segment {seg} out of range")
+            n = min(per, sb.ckpt_len - i * per)
+            n += -n % self.B
+            read_pieces(self.dev, self._seg_offset(seg) + self.B, [buf[i * per:i * per + n]])
+        data = buf[:sb.ckpt_len]
+        if crc32c.crc32c(data) != sb.ckpt_crc:
+            raise CorruptionError(f"{self.dev.name}: checkpoint checksum mismatch")
+        return ckpt.decode(data, where=f"{self.dev.name}: checkpoint")
+
+    def _scan_segment(self, seg: int, start: int, sh: SegmentHeader, min_lsn: int,
+                      found: list[tuple[int, int, int, RecordHeader]]) -> int:
+        """Collect valid records of `seg` from block `start`; returns the write pointer.
+
+        After an invalid record the scan steps block by block, so a record acknowledged
+        after a torn neighbour (concurrent writes) is still found.
+        """
+        B = self.B
+        base = self._seg_offset(seg)
+        nblk = self.seg_blocks - start
+        if nblk <= 0:
+            return self.seg_blocks
+        buf = aligned_buffer(nblk * B)
+        self.dev.readv_into(base + start * B, [buf])
+        self.recovery.bytes_scanned += nblk * B
+        blk = 0
+        end = start
+        where = f"{self.dev.name}: segment {seg}"
+        while blk < nblk:
+            view = buf[blk * B:]
+            if not record.peek_is_header(view):
+                blk += 1
+                continue
+            try:
+                h = record.decode(view, where=where)
+            except (CorruptionError, FormatError, UnicodeDecodeError):
+                self.recovery.torn_records += 1  # a damaged header: step past it
+                blk += 1
+                continue
+            if h.epoch != sh.epoch:
+                blk += 1  # a record from an earlier life of this segment
+                continue
+            hb = record.header_blocks(h.nframes, h.tenant, h.session, B)
+            rec_blocks = hb + -(-h.payload_len // B)
+            ok = blk + rec_blocks <= nblk
+            if ok:
+                payload = buf[(blk + hb) * B:(blk + hb) * B + h.payload_len]
+                offs = h.frame_offsets()
+                try:
+                    record.verify_frames(h, 0, [payload[offs[i]:offs[i + 1]]
+                                                for i in range(h.nframes)], where=where)
+                except CorruptionError:
+                    ok = False
+            if not ok:
+                self.recovery.torn_records += 1  # header landed, payload did not
+                blk += 1
+                continue
+            if h.lsn >= min_lsn:
+                found.append((h.lsn, seg, start + blk, h))
+            blk += rec_blocks
+            end = start + blk
+        return end
+
+    def _replay(self, lsn: int, seg: int, at: int, h: RecordHeader) -> None:
+        if h.kind == Kind.PUT:
+            hb = record.header_blocks(h.nframes, h.tenant, h.session, self.B)
+            nblocks = hb + -(-h.payload_len // self.B)
+            self._index_put(h.tenant, h.session, h.key, seg, at, nblocks, h.nframes,
+                            h.key_generation, h.expiry_us // 1_000_000, h.created_us // 1_000_000)
+            return
+        t = self._tenant_id(h.tenant, False)
+        if t < 0:
+            return
+        if h.kind == Kind.DELETE:
+            row = self.index.find(t, *split_key(h.key))
+            if row >= 0:
+                self._remove_rows(np.array([row], dtype=np.int64))
+        elif h.kind == Kind.PURGE_SESSION:
+            s = self._session_id(h.session, False)
+            if s >= 0:
+                self._remove_rows(self.index.select(tenant=t, session=s))
+        elif h.kind == Kind.PURGE_TENANT:
+            self._remove_rows(self.index.select(tenant=t))
+
+    # -- introspection and shutdown --------------------------------------------------------
+
+    def entries(self, tenant: str | None = None, session: str | None = None) -> list[EntryInfo]:
+        """Live entries (optionally of one tenant / session), for listings."""
+        ix = self.index
+        t = None if tenant is None else self._tenant_id(tenant, False)
+        s = None if session is None else self._session_id(session, False)
+        if (t is not None and t < 0) or (s is not None and s < 0):
+            return []
+        rows = ix.select(tenant=t, session=s)
+        now = int(self.clock())
+        out = []
+        for r in rows.tolist():
+            exp = int(ix.expiry[r])
+            if exp and exp <= now:
+                continue
+            key = int(ix.k0[r]).to_bytes(8, "little") + int(ix.k1[r]).to_bytes(8, "little")
+            out.append(self._entry_info(r, key))
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        st = self.segs["state"]
+        c = self.counters
+        return {
+            "device": self.dev.name,
+            "capacity_bytes": self.capacity_bytes,
+            "segment_size": self.sb.segment_size,
+            "segments": {s.name.lower(): int(np.count_nonzero(st == s)) for s in SegState},
+            "entries": self.index.count,
+            "live_bytes": int(self.segment_live_blocks().sum()) * self.B,
+            "index_bytes": self.index.nbytes,
+            "write_amplification": round(c.write_amplification, 4),
+            "counters": {k: getattr(c, k) for k in c.__dataclass_fields__},
+            "recovery_seconds": round(self.recovery.seconds, 6),
+        }
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"{self.dev.name}: pool is closed")
+
+    def close(self, *, checkpoint: bool = True) -> None:
+        if self._closed:
+            return
+        if checkpoint:
+            self.checkpoint()
+        self._closed = True
+        self.dev.close()
+
+
+def _deadline(now: float, ttl_s: float | None, expiry_s: float | None) -> int:
+    if ttl_s is not None and expiry_s is not None:
+        raise InvalidArgument("give ttl_s or expiry_s, not both")
+    if ttl_s is not None:
+        if ttl_s <= 0:
+            raise InvalidArgument(f"ttl must be positive, got {ttl_s}")
+        return int(now + ttl_s)
+    if expiry_s is not None:
+        if expiry_s <= now:
+            raise InvalidArgument(f"expiry {expiry_s} is in the past (now {now:.0f})")
+        return int(expiry_s)
+    return 0
+
+
+def _read_superblocks(dev: BlockDevice) -> tuple[Superblock, str, list[str]]:
+    if dev.size < HEADER_ZONE:
+        raise FormatError(f"{dev.name}: {dev.size} bytes is too small to hold a pool")
+    good: list[tuple[Superblock, str]] = []
+    errors: list[StoreError] = []
+    for name, off in (("A", 0), ("B", SB_B_OFFSET)):
+        buf = aligned_buffer(SB_SIZE)
+        dev.readv_into(off, [buf])
+        try:
+            good.append((decode_superblock(buf, where=f"{dev.name}: superblock {name}"), name))
+        except StoreError as e:
+            errors.append(e)
+    if not good:
+        # A version error says more than "corrupt"; "not a pool" says more than either.
+        for cls_ in (type(e) for e in errors):
+            if cls_.__name__ == "VersionError":
+                raise next(e for e in errors if type(e) is cls_)
+        if all(isinstance(e, FormatError) for e in errors):
+            raise FormatError(f"{dev.name}: not a kvtier pool (no superblock found)")
+        raise CorruptionError(f"{dev.name}: both superblock copies are damaged: "
+                              + "; ".join(str(e) for e in errors))
+    sb, which = max(good, key=lambda g: g[0].generation)
+    return sb, which, [str(e) for e in errors]
+

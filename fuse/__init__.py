@@ -1,0 +1,1 @@
+"""kvtier.fuse: the admin FUSE tree (a thin view over daemon state)."""

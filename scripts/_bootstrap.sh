@@ -1,0 +1,46 @@
+# Sourced by scripts/run and scripts/test: installs what kvtier needs, idempotently.
+#   1. Debian packages (apt-get, only those missing)
+#   2. a virtual environment in <repo>/.venv with kvtier and its extras
+# Set KVTIER_SKIP_APT=1 to skip step 1 (e.g. on a machine without root).
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$REPO/.venv"
+APT_PACKAGES=(fio python3-venv)
+
+log() { printf '\033[1;34m[kvtier setup]\033[0m %s\n' "$*" >&2; }
+
+ensure_apt() {
+    [ "${KVTIER_SKIP_APT:-0}" = 1 ] && return 0
+    local missing=()
+    for p in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    local sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    log "apt-get install ${missing[*]}"
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+ensure_venv() {
+    local extras="$1"
+    local py="${KVTIER_PYTHON:-python3}"
+    if [ ! -x "$VENV/bin/python" ]; then
+        log "creating $VENV"
+        "$py" -m venv "$VENV"
+    fi
+    # Reinstall only when the project's metadata or sources changed.
+    local stamp="$VENV/.kvtier-stamp"
+    local want
+    want="$extras $(cd "$REPO" && cat pyproject.toml | sha256sum | cut -c1-16)"
+    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+        log "installing kvtier[$extras] into .venv"
+        "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+        "$VENV/bin/python" -m pip install -q -e "$REPO[$extras]" --config-settings editable_mode=strict
+        echo "$want" >"$stamp"
+    else
+        # Editable (strict) installs link files; new modules need a refresh.
+        "$VENV/bin/python" -m pip install -q --no-deps -e "$REPO" --config-settings editable_mode=strict >/dev/null
+    fi
+}
