@@ -107,6 +107,8 @@ class FileDevice:
         if block_size <= 0 or block_size & (block_size - 1) or block_size < 512:
             raise DeviceError(f"{path}: block size {block_size} is not a power of two >= 512")
         exists = os.path.exists(path)
+        if os.path.isdir(path):
+            raise DeviceError(f"{path}: is a directory, not a regular file or block device")
         if not exists and create_size is None:
             raise DeviceError(f"{path}: no such file or device")
         if not exists:

@@ -77,6 +77,7 @@ class PoolOptions:
     clean_max_utilization: float = 0.9  # never clean segments fuller than this
     checkpoint_every_bytes: int = 1 << 30  # bounds the recovery replay
     sync: bool = False  # fdatasync after every write (power-loss durability)
+    evict: bool = True  # when full, evict LRU segments (a cache); False: PoolFullError
 
 
 @dataclass(slots=True)
@@ -296,11 +297,12 @@ class Pool:
                 continue
             if purpose != "put" or self._in_maintenance:
                 raise PoolFullError(f"{self.dev.name}: no free segment left for {purpose}")
-            if self._clean_one() or self._evict_one():
+            if self._clean_one() or (self.opt.evict and self._evict_one()):
                 continue
             raise PoolFullError(
                 f"{self.dev.name}: pool full ({self.sb.segment_count} segments of "
-                f"{self.sb.segment_size} bytes, nothing to clean or evict)")
+                f"{self.sb.segment_size} bytes; nothing left to clean"
+                + (" or evict)" if self.opt.evict else ", eviction is off)"))
 
     def _open_segment(self, kind: SegKind, bucket_end: int, purpose: str) -> int:
         seg = self._take_free_segment(purpose)
