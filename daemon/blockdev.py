@@ -139,7 +139,7 @@ class FileDevice:
                 raise DeviceError(f"{path}: not a regular file or block device")
             if self.is_block_device:
                 buf = fcntl.ioctl(fd, _BLKGETSIZE64, b"\0" * 8)
-                self._size = struct.unpack("<Q", buf)[0]
+                self._size: int = int(struct.unpack("<Q", buf)[0])
                 lbs = struct.unpack("<i", fcntl.ioctl(fd, _BLKSSZGET, b"\0" * 4))[0]
                 if block_size % lbs:
                     raise DeviceError(
@@ -157,7 +157,7 @@ class FileDevice:
                         raise DeviceError(
                             f"{path}: cannot allocate {create_size} bytes: {e.strerror}") from e
                     st = os.fstat(fd)
-                self._size = st.st_size
+                self._size = int(st.st_size)
             if self._size % block_size:
                 raise DeviceError(
                     f"{path}: size {self._size} is not a multiple of the block size {block_size}")

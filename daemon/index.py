@@ -279,7 +279,8 @@ class Index:
         ok = rows >= 0
         rr = np.where(ok, rows, 0)
         exp = self.expiry[rr]
-        return ok & ((exp == 0) | (exp > now_s))
+        live: npt.NDArray[np.bool_] = ok & ((exp == 0) | (exp > now_s))
+        return live
 
     def select(self, *, tenant: int | None = None, session: int | None = None,
                loc_range: tuple[int, int] | None = None,

@@ -13,13 +13,18 @@ Layout and invariants are specified in docs/FORMAT.md; the short version:
 * A segment freed after the latest checkpoint stays PENDING_FREE until the next
   checkpoint, so a checkpoint never points into reused space.
 
-The class is synchronous: each method does its own blocking I/O.  The trio daemon runs
-it under `trio.to_thread` with an explicit limiter (see store.py).
+The class is synchronous and thread-safe: each method does its own blocking I/O, and
+many threads may call it at once (the trio daemon calls it through `trio.to_thread` with
+an explicit limiter).  Metadata changes happen under one lock; payload reads and writes
+happen outside it, on segments *pinned* so that nothing cleans, evicts or reuses them
+meanwhile.  A put in flight is superseded by a later put, delete or purge of its key;
+checkpoints wait until no put is in flight.
 """
 
 from __future__ import annotations
 
 import enum
+import threading
 import time
 import uuid as uuidlib
 from collections.abc import Callable, Sequence
@@ -168,6 +173,12 @@ class Pool:
         n = sb.segment_count
         self.segs = np.zeros(n, dtype=ckpt.SEG_TABLE)
         self.live = np.zeros(n, dtype=np.int64)  # live blocks per segment (from the index)
+        self.pins = np.zeros(n, dtype=np.int64)  # I/Os in flight per segment
+        self._lock = threading.RLock()
+        self._idle = threading.Condition(self._lock)
+        # (tenant, k0, k1) -> (LSN of the newest put in flight, session); LSN -1: cancelled
+        self._inflight: dict[tuple[int, int, int], tuple[int, int]] = {}
+        self._n_inflight = 0
         self.index = Index()
         self.tenants: list[str] = []
         self._tenant_ids: dict[str, int] = {}
@@ -285,7 +296,7 @@ class Pool:
         cleaner and tombstones leave room for a checkpoint; a checkpoint takes any.
         """
         while True:
-            free = np.flatnonzero(self.segs["state"] == SegState.FREE)
+            free = np.flatnonzero((self.segs["state"] == SegState.FREE) & (self.pins == 0))
             ck = self._checkpoint_segments()
             floor = {"put": ck + 2, "clean": ck, "meta": ck, "checkpoint": 0}[purpose]
             if len(free) > floor:
@@ -355,6 +366,11 @@ class Pool:
             seg = -1
         if seg < 0:
             seg = self._open_segment(SegKind.DATA, bucket_end, "clean" if cleaner else "put")
+            # Opening may have waited (for a checkpoint); another thread may have opened
+            # a segment for this bucket meanwhile.
+            other = opened.get(bucket_end, -1)
+            if other >= 0:
+                self._seal(other)
             opened[bucket_end] = seg
         at = int(self.segs["used"][seg])
         self.segs["used"][seg] = at + nblocks
@@ -380,10 +396,12 @@ class Pool:
         bounced = write_pieces(self.dev, off, pieces)
         if self.opt.sync:
             self.dev.flush()
+        return bounced
+
+    def _account_write(self, seg: int, lsn: int) -> None:
         s = self.segs[seg]
         s["last_write"] = int(self.clock())
-        s["max_lsn"] = max(int(s["max_lsn"]), h.lsn)
-        return bounced
+        s["max_lsn"] = max(int(s["max_lsn"]), lsn)
 
     def _append_meta(self, kind: Kind, tenant: str, session: str, key: bytes) -> None:
         hb = record.header_blocks(0, tenant, session, self.B)
@@ -393,6 +411,8 @@ class Pool:
             seg = -1
         if seg < 0:
             seg = self._open_segment(SegKind.META, NEVER, "meta")
+            if self._meta_seg >= 0:
+                self._seal(self._meta_seg)
             self._meta_seg = seg
         at = int(self.segs["used"][seg])
         self.segs["used"][seg] = at + hb
@@ -400,6 +420,7 @@ class Pool:
         h = RecordHeader(kind, self._next_lsn(), int(self.segs["epoch"][seg]), now, 0, key,
                          tenant, session)
         self._write_record(seg, at, h, [], hb)
+        self._account_write(seg, h.lsn)
         self.counters.meta_bytes += hb * self.B
         self._bytes_since_ckpt += hb * self.B
 
@@ -428,24 +449,58 @@ class Pool:
         payload_len = sum(v.nbytes for v in views)
         hblocks = record.header_blocks(len(views), tenant, session, self.B)
         nblocks = hblocks + -(-payload_len // self.B)
-        seg, at = self._place(nblocks, self._bucket_end(exp), cleaner=False)
-        lsn = self._next_lsn()
-        h = RecordHeader(Kind.PUT, lsn, int(self.segs["epoch"][seg]), int(now * 1e6),
-                         int(exp * 1e6) if exp else 0, bytes(key), tenant, session,
-                         key_generation, [v.nbytes for v in views], record.frame_crcs(views))
-        # If the write fails the space stays allocated (dead): nothing was acknowledged.
-        bounced = self._write_record(seg, at, h, views, hblocks)
-        replaced = self._index_put(tenant, session, key, seg, at, nblocks, len(views),
-                                   key_generation, int(exp), int(now))
+        with self._lock:
+            self._check_open()
+            seg, at = self._place(nblocks, self._bucket_end(exp), cleaner=False)
+            lsn = self._next_lsn()
+            t = self._tenant_id(tenant, True)
+            sid = self._session_id(session, True)
+            ikey = (t, *split_key(key))
+            self._inflight[ikey] = (lsn, sid)
+            self._n_inflight += 1
+            self.pins[seg] += 1
+            epoch = int(self.segs["epoch"][seg])
+        h = RecordHeader(Kind.PUT, lsn, epoch, int(now * 1e6), int(exp * 1e6) if exp else 0,
+                         bytes(key), tenant, session, key_generation,
+                         [v.nbytes for v in views], record.frame_crcs(views))
+        ok = False
+        try:
+            # If the write fails the space stays allocated (dead): nothing is acknowledged.
+            bounced = self._write_record(seg, at, h, views, hblocks)
+            ok = True
+        finally:
+            with self._lock:
+                self.pins[seg] -= 1
+                self._n_inflight -= 1
+                current = self._inflight.get(ikey, (0, 0))[0] == lsn
+                if current:
+                    del self._inflight[ikey]
+                replaced = False
+                if ok and current:
+                    replaced = self._index_put(tenant, session, key, seg, at, nblocks,
+                                               len(views), key_generation, int(exp), int(now))
+                self._account_write(seg, lsn)
+                if self._n_inflight == 0:
+                    self._idle.notify_all()
         c = self.counters
-        c.puts += 1
-        c.user_bytes += nblocks * self.B
-        c.bounced_bytes += bounced
-        self._bytes_since_ckpt += nblocks * self.B
-        if self._bytes_since_ckpt >= self.opt.checkpoint_every_bytes:
-            self.checkpoint()
+        with self._lock:
+            c.puts += 1
+            c.user_bytes += nblocks * self.B
+            c.bounced_bytes += bounced
+            self._bytes_since_ckpt += nblocks * self.B
+            if self._bytes_since_ckpt >= self.opt.checkpoint_every_bytes:
+                self.checkpoint()
         return PutResult(lsn, self._seg_offset(seg) + at * self.B, nblocks * self.B,
                          replaced, bounced)
+
+    def _cancel_inflight(self, t: int, key: tuple[int, int] | None = None,
+                         session: int | None = None) -> None:
+        """A delete or purge supersedes puts of the same keys that are still in flight."""
+        for ik, (_lsn, sid) in list(self._inflight.items()):
+            if ik[0] != t or (key is not None and ik[1:] != key) or \
+                    (session is not None and sid != session):
+                continue
+            self._inflight[ik] = (-1, sid)
 
     def _index_put(self, tenant: str, session: str, key: bytes, seg: int, at: int,
                    nblocks: int, nframes: int, keygen: int, exp: int, now: int) -> bool:
@@ -490,7 +545,8 @@ class Pool:
         return row
 
     def contains(self, tenant: str, key: bytes) -> bool:
-        return self._live_row(tenant, key) >= 0
+        with self._lock:
+            return self._live_row(tenant, key) >= 0
 
     def lookup_many(self, tenant: str, keys: Sequence[bytes]) -> npt.NDArray[np.bool_]:
         """Presence (stored and not expired) of each key."""
@@ -501,8 +557,9 @@ class Pool:
             if len(k) not in record.KEY_LENGTHS:
                 raise InvalidArgument(f"key must be 16 or 32 bytes, got {len(k)}")
         k0, k1 = split_keys(list(keys))
-        rows = self.index.lookup_many(t, k0, k1)
-        return self.index.live_mask(rows, int(self.clock()))
+        with self._lock:
+            rows = self.index.lookup_many(t, k0, k1)
+            return self.index.live_mask(rows, int(self.clock()))
 
     def lookup_prefix(self, tenant: str, keys: Sequence[bytes]) -> int:
         """How many leading keys of a chained key list are present."""
@@ -517,19 +574,43 @@ class Pool:
         Raises NotFound for a key that is absent, deleted, purged or expired, and
         CorruptionError (never data) when checksums disagree.
         """
-        self._check_open()
         out = as_bytes_view(dest)
         if out.readonly:
             raise InvalidArgument("destination buffer is read-only")
-        row = self._live_row(tenant, key)
-        if row < 0:
-            self.counters.misses += 1
-            raise NotFound(f"{tenant}/{key.hex()}: not found")
-        ix = self.index
-        loc, nblocks = int(ix.loc[row]), int(ix.blocks[row])
-        nframes = int(ix.nframes[row])
-        session = self.sessions[int(ix.session[row])]
-        seg = int(self._seg_of_block(loc))
+        with self._lock:
+            self._check_open()
+            row = self._live_row(tenant, key)
+            if row < 0:
+                self.counters.misses += 1
+                raise NotFound(f"{tenant}/{key.hex()}: not found")
+            ix = self.index
+            loc, nblocks = int(ix.loc[row]), int(ix.blocks[row])
+            nframes = int(ix.nframes[row])
+            session = self.sessions[int(ix.session[row])]
+            seg = int(self._seg_of_block(loc))
+            epoch = int(self.segs["epoch"][seg])
+            self.pins[seg] += 1
+        try:
+            h, n, fl, bounced = self._read_record(tenant, key, out, frames, loc, nblocks,
+                                                  nframes, session, epoch)
+        finally:
+            with self._lock:
+                self.pins[seg] -= 1
+        with self._lock:
+            row = self.index.find(self._tenant_id(tenant, False), *split_key(key))
+            if row >= 0 and int(self.index.loc[row]) == loc:
+                self.index.atime[row] = int(self.clock())
+                self.index.hits[row] = min(int(self.index.hits[row]) + 1, 0xFFFF)
+            c = self.counters
+            c.gets += 1
+            c.bytes_read += n
+            c.bounced_bytes += bounced
+        return GetResult(n, fl, h.key_generation, bounced)
+
+    def _read_record(self, tenant: str, key: bytes, out: memoryview,
+                     frames: tuple[int, int] | None, loc: int, nblocks: int, nframes: int,
+                     session: str, epoch: int) -> tuple[RecordHeader, int, list[int], int]:
+        """The I/O half of a get (no lock held; the segment is pinned)."""
         hb = record.header_blocks(nframes, tenant, session, self.B)
         where = f"{self.dev.name}: record {tenant}/{key.hex()} at {loc * self.B}"
         hbuf = aligned_buffer(hb * self.B)
@@ -546,7 +627,7 @@ class Pool:
             if tail is not None:
                 pieces.append(tail)
             bounced = read_pieces(self.dev, loc * self.B, pieces)
-            h = self._check_header(hbuf, where, tenant, key, seg)
+            h = self._check_header(hbuf, where, tenant, key, epoch)
             n = h.payload_len
             if n > out.nbytes:
                 raise InvalidArgument(f"buffer of {out.nbytes} bytes too small for value of "
@@ -561,7 +642,7 @@ class Pool:
             if not 0 <= a <= b <= nframes:
                 raise InvalidArgument(f"frame range [{a}, {b}) outside 0..{nframes}")
             read_pieces(self.dev, loc * self.B, [hbuf])
-            h = self._check_header(hbuf, where, tenant, key, seg)
+            h = self._check_header(hbuf, where, tenant, key, epoch)
             offs = h.frame_offsets()
             lo, hi = offs[a], offs[b]
             n = hi - lo
@@ -584,27 +665,21 @@ class Pool:
             views.append(out[pos:pos + ln])
             pos += ln
         record.verify_frames(h, first, views, where=where)
-        ix.atime[row] = int(self.clock())
-        ix.hits[row] = min(int(ix.hits[row]) + 1, 0xFFFF)
-        c = self.counters
-        c.gets += 1
-        c.bytes_read += n
-        c.bounced_bytes += bounced
-        return GetResult(n, fl, h.key_generation, bounced)
+        return h, n, fl, bounced
 
     def _check_header(self, hbuf: memoryview, where: str, tenant: str, key: bytes,
-                      seg: int) -> RecordHeader:
+                      epoch: int) -> RecordHeader:
         h = record.decode(hbuf, where=where)
-        if h.kind != Kind.PUT or h.key != key or h.tenant != tenant or \
-                h.epoch != int(self.segs["epoch"][seg]):
+        if h.kind != Kind.PUT or h.key != key or h.tenant != tenant or h.epoch != epoch:
             raise CorruptionError(f"{where}: header names another record")
         return h
 
     def stat(self, tenant: str, key: bytes) -> EntryInfo:
-        row = self._live_row(tenant, key)
-        if row < 0:
-            raise NotFound(f"{tenant}/{key.hex()}: not found")
-        return self._entry_info(row, key)
+        with self._lock:
+            row = self._live_row(tenant, key)
+            if row < 0:
+                raise NotFound(f"{tenant}/{key.hex()}: not found")
+            return self._entry_info(row, key)
 
     def _entry_info(self, row: int, key: bytes) -> EntryInfo:
         ix = self.index
@@ -618,43 +693,56 @@ class Pool:
 
     def delete(self, tenant: str, key: bytes) -> bool:
         """Delete one key durably; False if it was not there."""
-        self._check_open()
-        row = self._live_row(tenant, key)
-        if row < 0:
-            return False
-        self._append_meta(Kind.DELETE, tenant, "", bytes(key))
-        self._drop_rows(np.array([row], dtype=np.int64))
-        self.counters.deletes += 1
-        return True
+        with self._lock:
+            self._check_open()
+            row = self._live_row(tenant, key)
+            t = self._tenant_id(tenant, False)
+            pending = t >= 0 and len(key) in record.KEY_LENGTHS and \
+                (t, *split_key(key)) in self._inflight
+            if row < 0 and not pending:
+                return False
+            self._append_meta(Kind.DELETE, tenant, "", bytes(key))
+            if pending:
+                self._cancel_inflight(t, key=split_key(key))
+            if row >= 0:
+                self._drop_rows(np.array([row], dtype=np.int64))
+            self.counters.deletes += 1
+            return row >= 0
 
     def purge_session(self, tenant: str, session: str) -> int:
         """Delete every value of a session durably; returns how many."""
-        self._check_open()
         record.validate_names(tenant, session)
-        t, s = self._tenant_id(tenant, False), self._session_id(session, False)
-        if t < 0 or s < 0:
-            return 0
-        rows = self.index.select(tenant=t, session=s)
-        if len(rows) == 0:
-            return 0
-        self._append_meta(Kind.PURGE_SESSION, tenant, session, b"")
-        self._drop_rows(rows)
-        self.counters.purged_entries += len(rows)
-        return len(rows)
+        with self._lock:
+            self._check_open()
+            t, s = self._tenant_id(tenant, False), self._session_id(session, False)
+            if t < 0 or s < 0:
+                return 0
+            rows = self.index.select(tenant=t, session=s)
+            pending = any(k[0] == t and v[1] == s for k, v in self._inflight.items())
+            if len(rows) == 0 and not pending:
+                return 0
+            self._append_meta(Kind.PURGE_SESSION, tenant, session, b"")
+            self._cancel_inflight(t, session=s)
+            self._drop_rows(rows)
+            self.counters.purged_entries += len(rows)
+            return len(rows)
 
     def purge_tenant(self, tenant: str) -> int:
         """Delete every value of a tenant durably; returns how many."""
-        self._check_open()
-        t = self._tenant_id(tenant, False)
-        if t < 0:
-            return 0
-        rows = self.index.select(tenant=t)
-        if len(rows) == 0:
-            return 0
-        self._append_meta(Kind.PURGE_TENANT, tenant, "", b"")
-        self._drop_rows(rows)
-        self.counters.purged_entries += len(rows)
-        return len(rows)
+        with self._lock:
+            self._check_open()
+            t = self._tenant_id(tenant, False)
+            if t < 0:
+                return 0
+            rows = self.index.select(tenant=t)
+            pending = any(k[0] == t for k in self._inflight)
+            if len(rows) == 0 and not pending:
+                return 0
+            self._append_meta(Kind.PURGE_TENANT, tenant, "", b"")
+            self._cancel_inflight(t)
+            self._drop_rows(rows)
+            self.counters.purged_entries += len(rows)
+            return len(rows)
 
     def _drop_rows(self, rows: npt.NDArray[np.int64]) -> None:
         self._remove_rows(rows)
@@ -691,13 +779,14 @@ class Pool:
         Returns the number of entries that expired.  (Expired entries are never served
         even before a sweep; this reclaims their space.)
         """
-        self._check_open()
-        rows = self.index.select(expired_at=int(self.clock()))
-        if len(rows):
-            self._remove_rows(rows)
-            self.counters.expired_entries += len(rows)
-        self._retire_dead_segments()
-        return len(rows)
+        with self._lock:
+            self._check_open()
+            rows = self.index.select(expired_at=int(self.clock()))
+            if len(rows):
+                self._remove_rows(rows)
+                self.counters.expired_entries += len(rows)
+            self._retire_dead_segments()
+            return len(rows)
 
     # -- cleaning and eviction ---------------------------------------------------------------
 
@@ -705,7 +794,7 @@ class Pool:
         live = self.live
         st, kind = self.segs["state"], self.segs["kind"]
         used = self.segs["used"].astype(np.int64) - 1
-        ok = (st == SegState.SEALED) & (kind == SegKind.DATA) & (used > 0)
+        ok = (st == SegState.SEALED) & (kind == SegKind.DATA) & (used > 0) & (self.pins == 0)
         u = np.where(ok, live / np.maximum(used, 1), 1.0)
         ok &= u <= self.opt.clean_max_utilization
         age = np.maximum(int(self.clock()) - self.segs["last_write"].astype(np.int64), 1)
@@ -727,8 +816,9 @@ class Pool:
     def clean(self, max_segments: int = 1) -> int:
         """Run the cleaner on up to `max_segments` segments; returns how many it cleaned."""
         done = 0
-        while done < max_segments and self._clean_one():
-            done += 1
+        with self._lock:
+            while done < max_segments and self._clean_one():
+                done += 1
         return done
 
     def clean_segment(self, seg: int) -> None:
@@ -761,9 +851,11 @@ class Pool:
                              where=where)
         exp_s = int(h.expiry_us // 1_000_000)
         new_seg, at = self._place(nblocks, self._bucket_end(exp_s), cleaner=True)
-        h.lsn = self._next_lsn()
+        # The copy keeps its LSN: replay must order it by when it was *put*, so that a
+        # newer put of the same key always wins over a moved older copy.
         h.epoch = int(self.segs["epoch"][new_seg])
         self._write_record(new_seg, at, h, [payload], hb)
+        self._account_write(new_seg, h.lsn)
         self.live[seg] -= nblocks
         self.live[new_seg] += nblocks
         ix.loc[row] = (self._seg_offset(new_seg) + at * self.B) // self.B
@@ -774,7 +866,8 @@ class Pool:
         """Evict the least recently used data segment (by its newest access)."""
         ix = self.index
         st, kind = self.segs["state"], self.segs["kind"]
-        ok = ((st == SegState.SEALED) | (st == SegState.OPEN)) & (kind == SegKind.DATA)
+        ok = ((st == SegState.SEALED) | (st == SegState.OPEN)) & (kind == SegKind.DATA) & \
+            (self.pins == 0)
         if not ok.any():
             return False
         rows = ix.live_rows()
@@ -824,7 +917,15 @@ class Pool:
         Afterwards PENDING_FREE segments are free, and META segments whose tombstones the
         checkpoint covers are released.
         """
-        self._check_open()
+        with self._lock:
+            self._check_open()
+            # Puts in flight have LSNs below the checkpoint's but are not in the index
+            # yet: wait until they have committed.
+            while self._n_inflight:
+                self._idle.wait()
+            self._checkpoint_locked()
+
+    def _checkpoint_locked(self) -> None:
         state = self._checkpoint_state()
         data = ckpt.encode(state)
         per = (self.seg_blocks - 1) * self.B
@@ -1037,6 +1138,10 @@ class Pool:
 
     def entries(self, tenant: str | None = None, session: str | None = None) -> list[EntryInfo]:
         """Live entries (optionally of one tenant / session), for listings."""
+        with self._lock:
+            return self._entries(tenant, session)
+
+    def _entries(self, tenant: str | None, session: str | None) -> list[EntryInfo]:
         ix = self.index
         t = None if tenant is None else self._tenant_id(tenant, False)
         s = None if session is None else self._session_id(session, False)
@@ -1054,6 +1159,10 @@ class Pool:
         return out
 
     def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return self._stats()
+
+    def _stats(self) -> dict[str, Any]:
         st = self.segs["state"]
         c = self.counters
         return {
@@ -1074,12 +1183,13 @@ class Pool:
             raise StoreError(f"{self.dev.name}: pool is closed")
 
     def close(self, *, checkpoint: bool = True) -> None:
-        if self._closed:
-            return
-        if checkpoint:
-            self.checkpoint()
-        self._closed = True
-        self.dev.close()
+        with self._lock:
+            if self._closed:
+                return
+            if checkpoint:
+                self.checkpoint()
+            self._closed = True
+            self.dev.close()
 
 
 def _deadline(now: float, ttl_s: float | None, expiry_s: float | None) -> int:

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import FakeClock
 
 from kvtier.daemon.blockdev import FileDevice, MemDevice, aligned_buffer
 from kvtier.daemon.errors import (
@@ -18,9 +19,7 @@ from kvtier.daemon.errors import (
     ValueTooLargeError,
     VersionError,
 )
-from kvtier.daemon.pool import Pool, PoolOptions, SegState
-
-from conftest import FakeClock
+from kvtier.daemon.pool import Pool, PoolOptions
 
 MiB = 1 << 20
 
@@ -250,7 +249,7 @@ def test_full_pool_evicts_or_refuses_loudly() -> None:
             pool.get_into("t", key(i), out)
             assert out == payload(i, 900_000).tobytes()
     strict = Pool.format(MemDevice(8 * MiB), segment_size=MiB, options=PoolOptions(evict=False))
-    with pytest.raises(PoolFullError, match="pool full .*eviction is off"):
+    with pytest.raises(PoolFullError, match=r"pool full .*eviction is off"):
         for i in range(100):
             strict.put("t", "s", key(i), [payload(i, 900_000)])
     assert strict.counters.evicted_entries == 0
