@@ -840,15 +840,8 @@ class Pool:
     def _move_row(self, row: int, seg: int) -> None:
         ix = self.index
         loc, nblocks = int(ix.loc[row]), int(ix.blocks[row])
-        buf = aligned_buffer(nblocks * self.B)
-        read_pieces(self.dev, loc * self.B, [buf])
-        where = f"{self.dev.name}: cleaning record at {loc * self.B}"
-        h = record.decode(buf, where=where)
-        hb = record.header_blocks(h.nframes, h.tenant, h.session, self.B)
-        payload = buf[hb * self.B: hb * self.B + h.payload_len]
-        offs = h.frame_offsets()
-        record.verify_frames(h, 0, [payload[offs[i]:offs[i + 1]] for i in range(h.nframes)],
-                             where=where)
+        h, payload = self._load_record(loc, nblocks)
+        hb = nblocks - -(-h.payload_len // self.B)
         exp_s = int(h.expiry_us // 1_000_000)
         new_seg, at = self._place(nblocks, self._bucket_end(exp_s), cleaner=True)
         # The copy keeps its LSN: replay must order it by when it was *put*, so that a
@@ -861,6 +854,21 @@ class Pool:
         ix.loc[row] = (self._seg_offset(new_seg) + at * self.B) // self.B
         self.counters.clean_bytes += nblocks * self.B
         self._bytes_since_ckpt += nblocks * self.B
+
+    def _load_record(self, loc: int, nblocks: int) -> tuple[RecordHeader, memoryview]:
+        """Read a whole record and verify header and frames; returns header and payload."""
+        buf = aligned_buffer(nblocks * self.B)
+        read_pieces(self.dev, loc * self.B, [buf])
+        where = f"{self.dev.name}: record at {loc * self.B}"
+        h = record.decode(buf, where=where)
+        hb = record.header_blocks(h.nframes, h.tenant, h.session, self.B)
+        if hb * self.B + h.payload_len > nblocks * self.B:
+            raise CorruptionError(f"{where}: record longer than its index entry")
+        payload = buf[hb * self.B: hb * self.B + h.payload_len]
+        offs = h.frame_offsets()
+        record.verify_frames(h, 0, [payload[offs[i]:offs[i + 1]] for i in range(h.nframes)],
+                             where=where)
+        return h, payload
 
     def _evict_one(self) -> bool:
         """Evict the least recently used data segment (by its newest access)."""
@@ -1133,6 +1141,37 @@ class Pool:
                 self._remove_rows(self.index.select(tenant=t, session=s))
         elif h.kind == Kind.PURGE_TENANT:
             self._remove_rows(self.index.select(tenant=t))
+
+    # -- scrubbing -----------------------------------------------------------------------
+
+    def scrub(self) -> list[str]:
+        """Read every live record and verify all its checksums; returns the problems.
+
+        Records are read one at a time with their segment pinned, so the pool stays
+        usable meanwhile.
+        """
+        with self._lock:
+            rows = self.index.live_rows()
+            todo = [(int(self.index.loc[r]), int(self.index.blocks[r])) for r in rows.tolist()]
+        problems: list[str] = []
+        for loc, nblocks in todo:
+            with self._lock:
+                seg = int(self._seg_of_block(loc))
+                if self.segs["state"][seg] not in (SegState.OPEN, SegState.SEALED):
+                    continue
+                epoch = int(self.segs["epoch"][seg])
+                self.pins[seg] += 1
+            try:
+                h, _ = self._load_record(loc, nblocks)
+                if h.epoch != epoch:
+                    problems.append(f"{self.dev.name}: record at {loc * self.B} belongs to "
+                                    f"another segment epoch")
+            except StoreError as err:
+                problems.append(str(err))
+            finally:
+                with self._lock:
+                    self.pins[seg] -= 1
+        return problems
 
     # -- introspection and shutdown --------------------------------------------------------
 
