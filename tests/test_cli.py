@@ -17,8 +17,8 @@ def run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 
 def test_kvtierd_demo_round_trip_and_reopen(tmp_path: Path) -> None:
-    args = ("kvtierd", "demo", "--state-dir", str(tmp_path), "--pool-size", "160M",
-            "--segment-size", "8M", "--prompt-tokens", "4096")
+    args = ("kvtierd", "demo", "--state-dir", str(tmp_path), "--pool-size", "192M",
+            "--segment-size", "16M", "--prompt-tokens", "4096")
     first = run(*args)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "all bytes match" in first.stdout and "formatted" in first.stdout
