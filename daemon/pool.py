@@ -884,7 +884,9 @@ class Pool:
             segs = self._seg_of_block(ix.loc[rows]).astype(np.int64)
             np.maximum.at(recent, segs, ix.atime[rows].astype(np.int64))
         cand = np.flatnonzero(ok)
-        victim = int(cand[np.argmin(recent[cand])])
+        # Least recent access first; equal (second-granular) access times: oldest segment.
+        order = np.lexsort((self.segs["epoch"][cand], recent[cand]))
+        victim = int(cand[order[0]])
         lo = self._seg_offset(victim) // self.B
         victims = ix.select(loc_range=(lo, lo + self.seg_blocks))
         self._remove_rows(victims)
