@@ -31,8 +31,8 @@ def test_pool_format_info_scrub_and_corruption(tmp_path: Path) -> None:
     path = str(tmp_path / "p.img")
     r = run("kvtier", "pool", "format", path, "--size", "16M", "--segment-size", "1M")
     assert r.returncode == 0 and "formatted" in r.stdout
-    d = run("kvtierd", "demo", "--state-dir", str(tmp_path), "--pool-size", "64M",
-            "--segment-size", "8M", "--prompt-tokens", "1024")
+    d = run("kvtierd", "demo", "--state-dir", str(tmp_path), "--pool-size", "160M",
+            "--segment-size", "16M", "--prompt-tokens", "1024")
     assert d.returncode == 0, d.stderr
     demo_pool = str(tmp_path / "pool0.img")
     info = run("kvtier", "pool", "info", demo_pool, "--json")
