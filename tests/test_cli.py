@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from kvtier.daemon.blockdev import FileDevice
+from kvtier.daemon.pool import Pool
+
 BIN = Path(sys.executable).parent
 
 
@@ -41,11 +44,13 @@ def test_pool_format_info_scrub_and_corruption(tmp_path: Path) -> None:
     assert st["entries"] == 4 and st["tenants"]["demo"]["entries"] == 4
     assert run("kvtier", "pool", "scrub", demo_pool).returncode == 0
     # Damage one payload byte of the first record: scrub must name it and fail.
-    seg0 = 1 << 20  # the first segment; its first record starts after the segment header
+    pool = Pool.open(FileDevice(demo_pool))
+    at = pool.entries()[0].offset + 4096 + 1000  # inside the first frame of a record
+    pool.close(checkpoint=False)
     with open(demo_pool, "r+b") as f:
-        f.seek(seg0 + 4096 + 4096 + 1000)
+        f.seek(at)
         b = f.read(1)
-        f.seek(seg0 + 4096 + 4096 + 1000)
+        f.seek(at)
         f.write(bytes([b[0] ^ 0xFF]))
     bad = run("kvtier", "pool", "scrub", demo_pool)
     assert bad.returncode == 1 and "checksum mismatch" in bad.stderr
