@@ -7,7 +7,7 @@ import os
 import sys
 
 from kvtier.daemon.errors import StoreError
-from kvtier.daemon.sizes import parse_size
+from kvtier.daemon.sizes import size_arg
 
 
 def default_state_dir() -> str:
@@ -23,8 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "save/lookup/load round trip")
     d.add_argument("--state-dir", default=None, help="where pool files live "
                    "(default: $KVTIER_STATE_DIR, or ./.state)")
-    d.add_argument("--pool-size", default="1G", type=parse_size)
-    d.add_argument("--segment-size", default="64M", type=parse_size)
+    d.add_argument("--pool-size", default="1G", type=size_arg)
+    d.add_argument("--segment-size", default="64M", type=size_arg)
     d.add_argument("--prompt-tokens", default=32768, type=int)
     return p
 

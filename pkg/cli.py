@@ -17,7 +17,7 @@ from rich.table import Table
 from kvtier.daemon.blockdev import FileDevice
 from kvtier.daemon.errors import StoreError
 from kvtier.daemon.pool import Pool
-from kvtier.daemon.sizes import format_size, parse_size
+from kvtier.daemon.sizes import format_size, size_arg
 
 
 def _pool_format(args: argparse.Namespace) -> int:
@@ -83,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     ps = pool.add_subparsers(dest="pool_cmd", required=True)
     f = ps.add_parser("format", help="create a new, empty pool (destroys what is there)")
     f.add_argument("path")
-    f.add_argument("--size", type=parse_size, default=None,
+    f.add_argument("--size", type=size_arg, default=None,
                    help="create the file with this size (omit for block devices)")
-    f.add_argument("--segment-size", type=parse_size, default=64 << 20)
+    f.add_argument("--segment-size", type=size_arg, default=64 << 20)
     f.set_defaults(fn=_pool_format)
     i = ps.add_parser("info", help="recover and describe a pool")
     i.add_argument("path")
