@@ -207,7 +207,7 @@ class Index:
 
     def _bits_for(self, n: int) -> int:
         bits = _MIN_SLOTS_LOG2
-        while (1 << bits) * (_MAX_LOAD * 0.85) < n:
+        while (1 << bits) * _MAX_LOAD < n:
             bits += 1
         return bits
 

@@ -572,7 +572,10 @@ class Pool:
         """Read the value (or frames [a, b) of it) into `dest`; returns what was read.
 
         Raises NotFound for a key that is absent, deleted, purged or expired, and
-        CorruptionError (never data) when checksums disagree.
+        CorruptionError (never data) when checksums disagree.  When `dest` reaches past
+        the value's last device block, bytes of `dest` beyond the value up to that block
+        boundary may be overwritten: that lets a whole-value read go straight from the
+        device into `dest` with no bounce copy.
         """
         out = as_bytes_view(dest)
         if out.readonly:
@@ -619,10 +622,12 @@ class Pool:
         if frames is None:
             # One vectored read: header, payload straight into `dest`, last block bounced.
             body = (payload_blocks - 1) * self.B if payload_blocks else 0
+            if out.nbytes >= payload_blocks * self.B:
+                body = payload_blocks * self.B  # the whole payload lands in `dest`
             if out.nbytes < body:
                 raise InvalidArgument(f"buffer of {out.nbytes} bytes too small for value "
                                       f"of more than {body} bytes")
-            tail = aligned_buffer(self.B) if payload_blocks else None
+            tail = aligned_buffer(self.B) if body < payload_blocks * self.B else None
             pieces: list[memoryview | int] = [hbuf, out[:body]]
             if tail is not None:
                 pieces.append(tail)
