@@ -71,7 +71,8 @@ def pool_throughput(path: str, vsize: int, total: int, qd: int) -> tuple[float, 
     """Sequential put then get throughput (bytes/s) with `qd` threads."""
     n = total // vsize
     seg = max(64 * MiB, 4 * vsize)
-    size = (n * (vsize + 8192) // seg + 8) * seg + MiB
+    per_seg = (seg - 4096) // (vsize + 8192)
+    size = (-(-n // per_seg) + 6) * seg + MiB  # + reserve: nothing gets evicted
     if os.path.exists(path):
         os.unlink(path)
     pool = Pool.format(FileDevice(path, create_size=size), segment_size=seg,
@@ -91,14 +92,18 @@ def pool_throughput(path: str, vsize: int, total: int, qd: int) -> tuple[float, 
     def run(fn: Callable[[int, memoryview], None]) -> float:
         nxt = iter(range(n))
         lock = threading.Lock()
+        failed: list[BaseException] = []
 
         def worker(t: int) -> None:
-            while True:
-                with lock:
-                    i = next(nxt, None)
-                if i is None:
-                    return
-                fn(i, bufs[t])
+            try:
+                while not failed:
+                    with lock:
+                        i = next(nxt, None)
+                    if i is None:
+                        return
+                    fn(i, bufs[t])
+            except BaseException as e:
+                failed.append(e)
 
         t0 = time.perf_counter()
         ths = [threading.Thread(target=worker, args=(t,)) for t in range(qd)]
@@ -106,6 +111,8 @@ def pool_throughput(path: str, vsize: int, total: int, qd: int) -> tuple[float, 
             th.start()
         for th in ths:
             th.join()
+        if failed:
+            raise failed[0]
         return n * vsize / (time.perf_counter() - t0)
 
     put = run(lambda i, b: pool.put("bench", "s", key(i), frames(b)) and None)

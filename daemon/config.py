@@ -1,0 +1,301 @@
+"""kvtierd configuration: a TOML file, validated at start.
+
+Every error names the file, the key (as a dotted path, e.g. `pool[1].segment_size`) and
+the problem.  With no file the embedded default is used: a DRAM tier plus one file pool
+under the state dir, and one tenant (`default`) whose token is kept in
+`<state_dir>/default.token` (created 0600 on first start).  docs/OPERATIONS.md lists
+every key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvtier.daemon.sizes import parse_size
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the key and the problem."""
+
+
+@dataclass
+class PoolConfig:
+    name: str
+    kind: str  # "file"
+    path: str
+    size: int
+    segment_size: int
+    direct: str = "auto"
+
+
+@dataclass
+class TenantConfig:
+    id: str
+    token_hash: str  # "scrypt$<n>$<r>$<p>$<salt hex>$<hash hex>"
+    allowed_uids: list[int] | None = None  # None: any uid
+
+    def check_token(self, token: str) -> bool:
+        return verify_token(token, self.token_hash)
+
+
+@dataclass
+class Limits:
+    arena_default: int = 256 << 20
+    arena_max: int = 1 << 30
+    ring_entries: int = 1024
+    max_clients: int = 256
+    inflight_per_client: int = 64
+    io_threads: int = 8
+
+
+@dataclass
+class Config:
+    state_dir: str
+    socket: str
+    ack: str = "media"  # "memory": ack once in DRAM; "media": once written to the pool
+    dram_size: int = 512 << 20
+    dram_segment_size: int = 16 << 20
+    pools: list[PoolConfig] = field(default_factory=list)
+    tenants: list[TenantConfig] = field(default_factory=list)
+    limits: Limits = field(default_factory=Limits)
+    admin_uids: list[int] = field(default_factory=lambda: [0])
+    metrics_address: str = "127.0.0.1"
+    metrics_port: int = 0  # 0: no metrics endpoint
+    source: str = "<embedded default>"
+
+    def tenant(self, tenant_id: str) -> TenantConfig | None:
+        for t in self.tenants:
+            if t.id == tenant_id:
+                return t
+        return None
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective configuration with secrets removed (for status and the FUSE tree)."""
+        return {
+            "source": self.source, "state_dir": self.state_dir, "socket": self.socket,
+            "ack": self.ack, "dram": {"size": self.dram_size,
+                                      "segment_size": self.dram_segment_size},
+            "pools": [vars(p) for p in self.pools],
+            "tenants": [{"id": t.id, "allowed_uids": t.allowed_uids, "token_hash": "<redacted>"}
+                        for t in self.tenants],
+            "limits": vars(self.limits), "admin_uids": self.admin_uids,
+            "metrics": {"address": self.metrics_address, "port": self.metrics_port},
+        }
+
+
+# -- tokens ------------------------------------------------------------------------------------
+
+_SCRYPT = (2**14, 8, 1)
+
+
+def hash_token(token: str) -> str:
+    """A salted scrypt hash of a tenant token, as stored in the config."""
+    n, r, p = _SCRYPT
+    salt = secrets.token_bytes(16)
+    h = hashlib.scrypt(token.encode(), salt=salt, n=n, r=r, p=p, dklen=32)
+    return f"scrypt${n}${r}${p}${salt.hex()}${h.hex()}"
+
+
+def verify_token(token: str, stored: str) -> bool:
+    try:
+        kind, n, r, p, salt, want = stored.split("$")
+        if kind != "scrypt":
+            return False
+        h = hashlib.scrypt(token.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r),
+                           p=int(p), dklen=32)
+    except ValueError:
+        return False
+    return hmac.compare_digest(h.hex(), want)
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+
+class _Reader:
+    """Typed access to a TOML table that reports errors with the key's dotted path."""
+
+    def __init__(self, source: str, table: dict[str, Any], path: str = "") -> None:
+        self.source, self.table, self.path = source, table, path
+        self.used: set[str] = set()
+
+    def _name(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def fail(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"config {self.source}: {self._name(key)}: {problem}")
+
+    def get(self, key: str, kind: type, default: Any = None, required: bool = False) -> Any:
+        self.used.add(key)
+        if key not in self.table:
+            if required:
+                raise self.fail(key, "is required")
+            return default
+        v = self.table[key]
+        if (kind is int and isinstance(v, bool)) or not isinstance(v, kind):
+            raise self.fail(key, f"must be {kind.__name__}, got {type(v).__name__} {v!r}")
+        return v
+
+    def size(self, key: str, default: int | None = None, required: bool = False) -> int:
+        self.used.add(key)
+        if key not in self.table:
+            if required or default is None:
+                raise self.fail(key, "is required")
+            return default
+        v = self.table[key]
+        try:
+            n = parse_size(v) if isinstance(v, str | int) and not isinstance(v, bool) else None
+        except ValueError as e:
+            raise self.fail(key, str(e)) from None
+        if n is None:
+            raise self.fail(key, f"must be a size like 64M, got {v!r}")
+        return n
+
+    def sub(self, key: str, value: Any, index: int | None = None) -> _Reader:
+        name = f"{key}[{index}]" if index is not None else key
+        if not isinstance(value, dict):
+            raise self.fail(name, "must be a table")
+        return _Reader(self.source, value, self._name(name))
+
+    def check_unknown(self) -> None:
+        extra = sorted(set(self.table) - self.used)
+        if extra:
+            raise self.fail(extra[0], "unknown key (typo?)")
+
+
+def default_state_dir() -> str:
+    env = os.environ.get("KVTIER_STATE_DIR")
+    if env:
+        return env
+    return "/var/lib/kvtier" if os.geteuid() == 0 else os.path.join(os.getcwd(), ".state")
+
+
+def default_config(state_dir: str | None = None) -> Config:
+    state = state_dir or default_state_dir()
+    return Config(
+        state_dir=state, socket=os.path.join(state, "kvtier.sock"),
+        pools=[PoolConfig("pool0", "file", os.path.join(state, "pool0.img"), 1 << 30, 64 << 20)],
+        tenants=[], source="<embedded default>")
+
+
+def ensure_default_tenant(cfg: Config) -> str:
+    """The embedded default's tenant `default`: its token lives in a 0600 file."""
+    path = os.path.join(cfg.state_dir, "default.token")
+    if not os.path.exists(path):
+        os.makedirs(cfg.state_dir, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(24) + "\n")
+    with open(path) as f:
+        token = f.read().strip()
+    if cfg.tenant("default") is None:
+        cfg.tenants.append(TenantConfig("default", hash_token(token), None))
+    return token
+
+
+def load_config(path: str) -> Config:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config {path}: no such file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config {path}: not valid TOML: {e}") from None
+    return parse_config(data, path)
+
+
+def parse_config(data: dict[str, Any], source: str) -> Config:
+    r = _Reader(source, data)
+    state = r.get("state_dir", str, default_state_dir())
+    cfg = Config(state_dir=state, socket=r.get("socket", str, os.path.join(state, "kvtier.sock")),
+                 source=source)
+    cfg.ack = r.get("ack", str, "media")
+    if cfg.ack not in ("memory", "media"):
+        raise r.fail("ack", f'must be "memory" or "media", got {cfg.ack!r}')
+    cfg.admin_uids = _uids(r, "admin_uids", [0]) or []
+    if "dram" in data:
+        d = r.sub("dram", data["dram"])
+        cfg.dram_size = d.size("size", cfg.dram_size)
+        cfg.dram_segment_size = d.size("segment_size", cfg.dram_segment_size)
+        d.check_unknown()
+        r.used.add("dram")
+    if cfg.dram_size < 8 * cfg.dram_segment_size:
+        raise r.fail("dram.size", f"must hold at least 8 segments of {cfg.dram_segment_size} "
+                                  f"bytes, got {cfg.dram_size}")
+    pools = r.get("pool", list, [])
+    names = set()
+    for i, p in enumerate(pools):
+        pr = r.sub("pool", p, i)
+        name = pr.get("name", str, f"pool{i}")
+        if name in names:
+            raise pr.fail("name", f"duplicate pool name {name!r}")
+        names.add(name)
+        kind = pr.get("kind", str, "file")
+        if kind != "file":
+            raise pr.fail("kind", f'unknown pool kind {kind!r} (this build supports "file")')
+        ppath = pr.get("path", str, required=True)
+        if not os.path.isabs(ppath):
+            ppath = os.path.join(state, ppath)
+        direct = pr.get("direct", str, "auto")
+        if direct not in ("auto", "on", "off"):
+            raise pr.fail("direct", f'must be "auto", "on" or "off", got {direct!r}')
+        cfg.pools.append(PoolConfig(name, kind, ppath, pr.size("size", 0),
+                                    pr.size("segment_size", 64 << 20), direct))
+        pr.check_unknown()
+    if not cfg.pools:
+        cfg.pools = default_config(state).pools
+    tenants = r.get("tenant", list, [])
+    for i, t in enumerate(tenants):
+        tr = r.sub("tenant", t, i)
+        tid = tr.get("id", str, required=True)
+        if not tid or len(tid.encode()) > 255 or "/" in tid:
+            raise tr.fail("id", f"must be 1..255 bytes without '/', got {tid!r}")
+        if cfg.tenant(tid):
+            raise tr.fail("id", f"duplicate tenant {tid!r}")
+        th = tr.get("token_hash", str, required=True)
+        if not th.startswith("scrypt$") or th.count("$") != 5:
+            raise tr.fail("token_hash", "must be a scrypt hash (make one with "
+                                        "`kvtier token hash`)")
+        uids = _uids(tr, "allowed_uids", None)
+        cfg.tenants.append(TenantConfig(tid, th, uids))
+        tr.check_unknown()
+    if "limits" in data:
+        lr = r.sub("limits", data["limits"])
+        lim = cfg.limits
+        lim.arena_default = lr.size("arena_default", lim.arena_default)
+        lim.arena_max = lr.size("arena_max", lim.arena_max)
+        for k in ("ring_entries", "max_clients", "inflight_per_client", "io_threads"):
+            v = lr.get(k, int, getattr(lim, k))
+            if v <= 0:
+                raise lr.fail(k, f"must be positive, got {v}")
+            setattr(lim, k, v)
+        if lim.ring_entries & (lim.ring_entries - 1):
+            raise lr.fail("ring_entries", f"must be a power of two, got {lim.ring_entries}")
+        if lim.arena_default > lim.arena_max:
+            raise lr.fail("arena_default", "must not exceed arena_max")
+        lr.check_unknown()
+        r.used.add("limits")
+    if "metrics" in data:
+        mr = r.sub("metrics", data["metrics"])
+        cfg.metrics_address = mr.get("address", str, cfg.metrics_address)
+        cfg.metrics_port = mr.get("port", int, 0)
+        if not 0 <= cfg.metrics_port <= 65535:
+            raise mr.fail("port", f"must be 0..65535, got {cfg.metrics_port}")
+        mr.check_unknown()
+        r.used.add("metrics")
+    r.check_unknown()
+    return cfg
+
+
+def _uids(r: _Reader, key: str, default: list[int] | None) -> list[int] | None:
+    v = r.get(key, list, default)
+    if v is None:
+        return None
+    if not all(isinstance(u, int) and not isinstance(u, bool) and u >= 0 for u in v):
+        raise r.fail(key, f"must be a list of non-negative integers, got {v!r}")
+    return list(v)
