@@ -27,7 +27,8 @@ import enum
 import threading
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +84,7 @@ class PoolOptions:
     checkpoint_every_bytes: int = 1 << 30  # bounds the recovery replay
     sync: bool = False  # fdatasync after every write (power-loss durability)
     evict: bool = True  # when full, evict LRU segments (a cache); False: PoolFullError
+    verify_reads: bool = True  # check frame CRCs on every read (DRAM tier: off)
 
 
 @dataclass(slots=True)
@@ -669,8 +671,48 @@ class Pool:
         for ln in fl:
             views.append(out[pos:pos + ln])
             pos += ln
-        record.verify_frames(h, first, views, where=where)
+        if self.opt.verify_reads:
+            record.verify_frames(h, first, views, where=where)
         return h, n, fl, bounced
+
+    @contextmanager
+    def borrow(self, tenant: str, key: bytes) -> Iterator[tuple[RecordHeader, list[memoryview]]]:
+        """Views of a value's frames in device memory, without copying (memfd pools).
+
+        The segment stays pinned (not cleaned, evicted or reused) until the block exits.
+        """
+        view_of = getattr(self.dev, "view", None)
+        if view_of is None:
+            raise InvalidArgument(f"{self.dev.name}: borrow() needs a memory-backed pool")
+        with self._lock:
+            row = self._live_row(tenant, key)
+            if row < 0:
+                raise NotFound(f"{tenant}/{key.hex()}: not found")
+            ix = self.index
+            loc, nblocks = int(ix.loc[row]), int(ix.blocks[row])
+            seg = int(self._seg_of_block(loc))
+            epoch = int(self.segs["epoch"][seg])
+            self.pins[seg] += 1
+        try:
+            buf = view_of(loc * self.B, nblocks * self.B)
+            where = f"{self.dev.name}: record {tenant}/{key.hex()}"
+            h = self._check_header(buf, where, tenant, key, epoch)
+            hb = record.header_blocks(h.nframes, h.tenant, h.session, self.B)
+            offs = h.frame_offsets()
+            base = hb * self.B
+            yield h, [buf[base + offs[i]:base + offs[i + 1]] for i in range(h.nframes)]
+        finally:
+            with self._lock:
+                self.pins[seg] -= 1
+
+    def pin_offset(self, offset: int) -> None:
+        """Keep the segment holding byte `offset` from being cleaned, evicted or reused."""
+        with self._lock:
+            self.pins[(offset - self.sb.data_offset) // self.sb.segment_size] += 1
+
+    def unpin_offset(self, offset: int) -> None:
+        with self._lock:
+            self.pins[(offset - self.sb.data_offset) // self.sb.segment_size] -= 1
 
     def _check_header(self, hbuf: memoryview, where: str, tenant: str, key: bytes,
                       epoch: int) -> RecordHeader:

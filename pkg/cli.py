@@ -1,20 +1,34 @@
 """`kvtier`: the admin command line.
 
+Talking to a running kvtierd (admin uid required):
+    kvtier status [--json]
+    kvtier ls [TENANT [SESSION]] [--json]
+    kvtier stat TENANT KEY-HEX
+    kvtier purge TENANT [SESSION]
+    kvtier demo                      a client round trip (tenant `default`)
+Offline, on a pool no daemon has open:
     kvtier pool format PATH --size 1G [--segment-size 64M]
     kvtier pool info PATH [--json]
     kvtier pool scrub PATH
+Config helpers:
+    kvtier token hash [TOKEN]        a token_hash line for a [[tenant]] (reads stdin if omitted)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from kvtier.client.admin import AdminClient
+from kvtier.client.errors import KvtierError
 from kvtier.daemon.blockdev import FileDevice
+from kvtier.daemon.config import default_state_dir, hash_token
 from kvtier.daemon.errors import StoreError
 from kvtier.daemon.pool import Pool
 from kvtier.daemon.sizes import format_size, size_arg
@@ -75,9 +89,134 @@ def _pool_scrub(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def default_socket() -> str:
+    env = os.environ.get("KVTIER_SOCKET")
+    if env:
+        return env
+    local = os.path.join(default_state_dir(), "kvtier.sock")
+    return local if os.path.exists(local) else "/run/kvtier/kvtier.sock"
+
+
+def _admin(args: argparse.Namespace, cmd: str, **kw: Any) -> Any:
+    with AdminClient(args.socket) as a:
+        return a.call(cmd, **kw)
+
+
+def _status(args: argparse.Namespace) -> int:
+    st = _admin(args, "status")
+    if args.json:
+        print(json.dumps(st))
+        return 0
+    d, t = st["daemon"], st["tiers"]
+    table = Table(title=f"kvtierd pid {d['pid']}", show_header=False)
+    table.add_row("socket", d["socket"])
+    table.add_row("metrics", f"http://127.0.0.1:{d['metrics_port']}/metrics"
+                  if d["metrics_port"] else "off")
+    table.add_row("uptime", f"{d['uptime_s']} s")
+    table.add_row("ack", st["ack"])
+    for tier in ("dram", "media"):
+        x = st[tier]
+        table.add_row(tier, f"{x['entries']} entries, {format_size(x['live_bytes'])} of "
+                      f"{format_size(x['capacity_bytes'])}")
+    table.add_row("gets", f"{t['dram_hits']} from DRAM, {t['pool_hits']} from media, "
+                  f"{t['misses']} misses")
+    table.add_row("write-behind", f"{t['writebehind_backlog']} pending, "
+                  f"{t['writebehind_flushed']} flushed")
+    table.add_row("clients", str(len(d["clients"])))
+    Console().print(table)
+    return 0
+
+
+def _ls(args: argparse.Namespace) -> int:
+    res = _admin(args, "ls", tenant=args.tenant, session=args.session)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    if args.session is None:
+        table = Table("session" if args.tenant else "tenant", "entries", "bytes")
+        for name, v in sorted(res.items()):
+            table.add_row(name, str(v["entries"]), format_size(v["bytes"]))
+    else:
+        table = Table("key", "bytes", "frames", "hits", "expiry")
+        for e in res:
+            table.add_row(e["key"], format_size(e["bytes"]), str(e["frames"]), str(e["hits"]),
+                          str(e["expiry"] or "never"))
+    Console().print(table)
+    return 0
+
+
+def _stat(args: argparse.Namespace) -> int:
+    print(json.dumps(_admin(args, "stat", tenant=args.tenant, key=args.key), indent=2))
+    return 0
+
+
+def _purge(args: argparse.Namespace) -> int:
+    res = _admin(args, "purge", tenant=args.tenant, session=args.session)
+    what = f"session {args.session} of tenant {args.tenant}" if args.session else \
+        f"tenant {args.tenant}"
+    print(f"purged {res['purged']} values of {what}")
+    return 0
+
+
+def _token_hash(args: argparse.Namespace) -> int:
+    token = args.token if args.token is not None else sys.stdin.readline().strip()
+    if not token:
+        print("kvtier: empty token", file=sys.stderr)
+        return 1
+    print(f'token_hash = "{hash_token(token)}"')
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from kvtier.demo_client import run_client_demo
+
+    token = args.token
+    if token is None:
+        path = os.path.join(args.state_dir or default_state_dir(), "default.token")
+        try:
+            with open(path) as f:
+                token = f.read().strip()
+        except OSError as e:
+            print(f"kvtier: cannot read the default tenant's token at {path}: {e.strerror}",
+                  file=sys.stderr)
+            return 1
+    return run_client_demo(args.socket, token, args.tenant, args.prompt_tokens)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvtier", description="kvtier admin tool")
+    p.add_argument("--socket", default=default_socket(),
+                   help="kvtierd's control socket (default: $KVTIER_SOCKET, "
+                        "./.state/kvtier.sock, /run/kvtier/kvtier.sock)")
     sub = p.add_subparsers(dest="cmd", required=True)
+    st = sub.add_parser("status", help="the daemon's state")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(fn=_status)
+    ls = sub.add_parser("ls", help="tenants, a tenant's sessions, or a session's values")
+    ls.add_argument("tenant", nargs="?")
+    ls.add_argument("session", nargs="?")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(fn=_ls)
+    sa = sub.add_parser("stat", help="one stored value")
+    sa.add_argument("tenant")
+    sa.add_argument("key", help="the key in hex")
+    sa.set_defaults(fn=_stat)
+    pu = sub.add_parser("purge", help="delete a tenant's or a session's values")
+    pu.add_argument("tenant")
+    pu.add_argument("session", nargs="?")
+    pu.set_defaults(fn=_purge)
+    tk = sub.add_parser("token", help="token helpers")
+    tks = tk.add_subparsers(dest="token_cmd", required=True)
+    th = tks.add_parser("hash", help="print a token_hash line for the config")
+    th.add_argument("token", nargs="?")
+    th.set_defaults(fn=_token_hash)
+    dm = sub.add_parser("demo", help="a client save/lookup/load round trip through kvtierd")
+    dm.add_argument("--tenant", default="default")
+    dm.add_argument("--token", default=None,
+                    help="the tenant's token (default: the embedded default's token file)")
+    dm.add_argument("--state-dir", default=None)
+    dm.add_argument("--prompt-tokens", type=int, default=16384)
+    dm.set_defaults(fn=_demo)
     pool = sub.add_parser("pool", help="work on a pool file or device directly "
                                        "(while no daemon has it open)")
     ps = pool.add_subparsers(dest="pool_cmd", required=True)
@@ -101,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args))
-    except (StoreError, ValueError) as e:
+    except (StoreError, ValueError, KvtierError) as e:
         print(f"kvtier: {e}", file=sys.stderr)
         return 1
 

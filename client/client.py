@@ -1,0 +1,384 @@
+"""`kvtier.client.Client`: the library inference processes use to talk to kvtierd.
+
+    with Client.connect("/run/kvtier/kvtier.sock", "tenant", token) as c:
+        c.put("session-1", key, [layer0, layer1], ttl_s=3600)
+        n = c.lookup(chain_keys)[0]             # longest stored prefix
+        with c.get_slot(key) as (view, frame_lengths):
+            ...                                 # bytes in the shared arena, no copy
+
+Thread-safe: any thread may call the sync methods; `submit()` is non-blocking and returns
+a `concurrent.futures.Future`.  One background thread reaps completions.  Values move
+through the client's own shared arena: data already in an arena slot is stored without a
+copy (`put_slot`), and `get_slot` leaves a value in the arena for the caller to use in
+place (e.g. a CUDA-registered arena copied straight to the GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import select
+import socket
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from kvtier.client.arena import ArenaAllocator, Slot
+from kvtier.client.errors import (
+    DisconnectedError,
+    HandshakeError,
+    KvtierError,
+    TimeoutError_,
+    error_for,
+)
+from kvtier.client.protocol import (
+    ALL_FRAMES,
+    CQE_SIZE,
+    FD_ORDER,
+    PROTOCOL_VERSION,
+    SQE_SIZE,
+    Completion,
+    CtrlParser,
+    Flag,
+    Msg,
+    Op,
+    ProtocolError,
+    Request,
+    Ring,
+    Status,
+    Tier,
+    decode_completion,
+    encode_ctrl,
+    ring_bytes,
+)
+
+DEFAULT_TIMEOUT = 60.0
+
+
+def _as_bytes(buf: Any) -> memoryview:
+    mv = memoryview(buf)
+    if not mv.c_contiguous:
+        raise ValueError("buffers must be C-contiguous")
+    return mv.cast("B") if (mv.format != "B" or mv.ndim != 1) else mv
+
+
+class Client:
+    def __init__(self, sock: socket.socket, hello: dict[str, Any], fds: list[int],
+                 timeout: float) -> None:
+        self._sock = sock
+        self.timeout = timeout
+        self.client_id: int = hello["client_id"]
+        self.arena_size: int = hello["arena_size"]
+        self.ring_entries: int = hello["ring_entries"]
+        fdmap = dict(zip(FD_ORDER, fds, strict=True))
+        try:
+            self._sq_map = mmap.mmap(fdmap["sq"], ring_bytes(self.ring_entries, SQE_SIZE))
+            self._cq_map = mmap.mmap(fdmap["cq"], ring_bytes(self.ring_entries, CQE_SIZE))
+            self._arena_map = mmap.mmap(fdmap["arena"], self.arena_size)
+        finally:
+            for name in ("sq", "cq", "arena"):
+                os.close(fdmap[name])
+        self._sq_efd = fdmap["sq_eventfd"]
+        self._cq_efd = fdmap["cq_eventfd"]
+        self.sq = Ring(memoryview(self._sq_map), SQE_SIZE)
+        self.cq = Ring(memoryview(self._cq_map), CQE_SIZE)
+        self.arena = memoryview(self._arena_map)
+        self.allocator = ArenaAllocator(self.arena)
+        self._lock = threading.Lock()
+        self._space = threading.Semaphore(self.ring_entries)
+        self._futures: dict[int, Future[Completion]] = {}
+        self._next_tag = 1
+        self._closed = False
+        self._error: KvtierError | None = None
+        self._reaper = threading.Thread(target=self._reap, name="kvtier-reaper", daemon=True)
+        self._reaper.start()
+
+    # -- connection ---------------------------------------------------------------------------
+
+    @classmethod
+    def connect(cls, socket_path: str, tenant: str, token: str, *,
+                arena_size: int = 64 << 20, ring_entries: int = 256,
+                timeout: float = DEFAULT_TIMEOUT) -> Client:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(socket_path)
+        except OSError as e:
+            sock.close()
+            raise DisconnectedError(f"cannot connect to kvtierd at {socket_path}: "
+                                    f"{e.strerror}") from e
+        try:
+            sock.sendall(encode_ctrl(Msg.HELLO, {
+                "version": PROTOCOL_VERSION, "tenant": tenant, "token": token,
+                "arena_size": arena_size, "ring_entries": ring_entries}))
+            parser = CtrlParser()
+            fds: list[int] = []
+            while True:
+                m = parser.next_message()
+                if m is not None:
+                    break
+                data, got, _flags, _addr = socket.recv_fds(sock, 65536, len(FD_ORDER))
+                fds.extend(got)
+                if not data:
+                    raise HandshakeError("kvtierd closed the connection during HELLO")
+                parser.feed(data)
+            msg, body = m
+            if msg == Msg.ERROR:
+                for fd in fds:
+                    os.close(fd)
+                raise HandshakeError(f"kvtierd refused the connection: {body.get('message')}")
+            if msg != Msg.HELLO_OK or len(fds) != len(FD_ORDER):
+                for fd in fds:
+                    os.close(fd)
+                raise HandshakeError(f"unexpected handshake reply {msg.name} with "
+                                     f"{len(fds)} descriptors")
+        except BaseException:
+            sock.close()
+            raise
+        sock.settimeout(None)
+        return cls(sock, body, fds, timeout)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            self._sock.sendall(encode_ctrl(Msg.BYE, {}))
+        except OSError:
+            pass
+        self._fail_all(DisconnectedError("client closed"))
+        os.eventfd_write(self._cq_efd, 1)  # wake the reaper
+        self._reaper.join(timeout=5)
+        self._sock.close()
+        for fd in (self._sq_efd, self._cq_efd):
+            os.close(fd)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- submission and completion ---------------------------------------------------------------
+
+    def submit(self, req: Request) -> Future[Completion]:
+        """Queue a request; the future resolves to its completion (any status)."""
+        if not self._space.acquire(timeout=self.timeout):
+            raise TimeoutError_("submission ring stayed full")
+        fut: Future[Completion] = Future()
+        with self._lock:
+            if self._closed or self._error:
+                self._space.release()
+                raise self._error or DisconnectedError("client is closed")
+            req.tag = self._next_tag
+            self._next_tag += 1
+            self._futures[req.tag] = fut
+            if not self.sq.try_push(req.encode()):
+                del self._futures[req.tag]
+                self._space.release()
+                raise KvtierError("submission ring full despite free credits")
+        os.eventfd_write(self._sq_efd, 1)
+        return fut
+
+    def _reap(self) -> None:
+        poller = select.poll()
+        poller.register(self._cq_efd, select.POLLIN)
+        poller.register(self._sock.fileno(), select.POLLIN | select.POLLHUP)
+        parser = CtrlParser()
+        while not self._closed:
+            for fd, ev in poller.poll(500):
+                if fd == self._cq_efd:
+                    try:
+                        os.eventfd_read(self._cq_efd)
+                    except BlockingIOError:
+                        pass
+                elif ev & (select.POLLIN | select.POLLHUP):
+                    try:
+                        data = self._sock.recv(65536)
+                    except OSError:
+                        data = b""
+                    reason = "kvtierd closed the connection"
+                    if data:
+                        parser.feed(data)
+                        m = parser.next_message()
+                        if m and m[0] == Msg.ERROR:
+                            reason = f"kvtierd dropped the connection: {m[1].get('message')}"
+                    self._drain()
+                    self._fail_all(DisconnectedError(reason))
+                    return
+            self._drain()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                raw = self.cq.try_pop()
+            except ProtocolError as e:
+                self._fail_all(DisconnectedError(f"completion ring corrupt: {e}"))
+                return
+            if raw is None:
+                return
+            comp = decode_completion(raw)
+            with self._lock:
+                fut = self._futures.pop(comp.tag, None)
+            self._space.release()
+            if fut is not None:
+                fut.set_result(comp)
+
+    def _fail_all(self, err: KvtierError) -> None:
+        with self._lock:
+            if self._error is None:
+                self._error = err
+            futs = list(self._futures.values())
+            self._futures.clear()
+        for f in futs:
+            if not f.done():
+                f.set_exception(err)
+
+    def _call(self, req: Request, what: str) -> Completion:
+        fut = self.submit(req)
+        try:
+            comp = fut.result(timeout=self.timeout)
+        except TimeoutError:
+            raise TimeoutError_(f"{what}: no completion within {self.timeout} s") from None
+        if comp.status != Status.OK:
+            raise error_for(comp.status, f"{what}: {Status(comp.status).name}")
+        return comp
+
+    # -- operations -------------------------------------------------------------------------------
+
+    def put(self, session: str, key: bytes, frames: Sequence[Any], *,
+            ttl_s: int = 0) -> Tier:
+        """Store a value (list of frames).  Frames are copied into an arena slot."""
+        views = [_as_bytes(f) for f in frames]
+        total = sum(v.nbytes for v in views)
+        slot = self.allocator.alloc(max(total, 1))
+        try:
+            pos = 0
+            for v in views:
+                slot.view[pos:pos + v.nbytes] = v
+                pos += v.nbytes
+            return self.put_slot(session, key, slot, [v.nbytes for v in views], ttl_s=ttl_s)
+        finally:
+            self.allocator.free(slot)
+
+    def put_slot(self, session: str, key: bytes, slot: Slot, frame_lengths: Sequence[int], *,
+                 ttl_s: int = 0) -> Tier:
+        """Store frames that are already laid out back to back in an arena slot (no copy)."""
+        return Tier(self._call(self.put_request(session, key, slot, frame_lengths, ttl_s),
+                               "put").flags)
+
+    def put_request(self, session: str, key: bytes, slot: Slot, frame_lengths: Sequence[int],
+                    ttl_s: int = 0) -> Request:
+        total = int(sum(frame_lengths))
+        if total > slot.size:
+            raise ValueError(f"frames of {total} bytes exceed the slot of {slot.size}")
+        req = Request(Op.PUT, 0, key=bytes(key), session=session, data_off=slot.offset,
+                      data_len=total, count=len(frame_lengths), ttl=ttl_s)
+        if len(frame_lengths) > 1:
+            table = slot.view[total:]
+            need = 8 * len(frame_lengths)
+            if table.nbytes < need:
+                raise ValueError(f"slot needs {need} spare bytes after the data for the frame "
+                                 f"table (allocate {total + need})")
+            np.frombuffer(table[:need], dtype="<u8")[:] = frame_lengths
+            req.aux_off = slot.offset + total
+        return req
+
+    @contextmanager
+    def get_slot(self, key: bytes, *, size: int | None = None, frames: tuple[int, int] | None
+                 = None, max_frames: int = 1024) -> Iterator[tuple[memoryview, list[int]]]:
+        """Read a value into an arena slot and lend it: (bytes, frame lengths) in place."""
+        cap = size or self.arena_size // 4
+        slot = self.allocator.alloc(cap + 8 * max_frames)
+        try:
+            comp = self._call(self.get_request(key, slot, cap, frames, max_frames), "get")
+            table = np.frombuffer(slot.view[cap:cap + 8 * max_frames], dtype="<u8")
+            fl = table[:min(comp.aux, max_frames)].tolist()
+            yield slot.view[:comp.result], fl
+        finally:
+            self.allocator.free(slot)
+
+    def get_request(self, key: bytes, slot: Slot, cap: int,
+                    frames: tuple[int, int] | None = None, max_frames: int = 0) -> Request:
+        a, b = frames if frames is not None else (0, ALL_FRAMES)
+        return Request(Op.GET, 0, key=bytes(key), data_off=slot.offset, data_len=cap,
+                       frame_a=a, frame_b=b, count=max_frames, aux_off=slot.offset + cap)
+
+    def get(self, key: bytes, *, frames: tuple[int, int] | None = None,
+            size: int | None = None) -> bytes:
+        """Convenience: the value as bytes (one copy out of the arena)."""
+        with self.get_slot(key, size=size, frames=frames) as (view, _):
+            return bytes(view)
+
+    def get_into(self, key: bytes, out: Any, *, frames: tuple[int, int] | None = None) -> int:
+        """Read a value into `out` (one copy out of the arena); returns bytes read."""
+        dst = _as_bytes(out)
+        with self.get_slot(key, size=dst.nbytes, frames=frames) as (view, _):
+            dst[:view.nbytes] = view
+            return view.nbytes
+
+    def lookup(self, keys: Sequence[bytes]) -> tuple[int, list[Tier]]:
+        """Longest stored prefix of a chained key list, and the tier of each key."""
+        if not keys:
+            return 0, []
+        klen = len(keys[0])
+        if any(len(k) != klen for k in keys):
+            raise ValueError("all keys of a lookup must have the same length")
+        n = len(keys)
+        slot = self.allocator.alloc(n * klen + n)
+        try:
+            slot.view[:n * klen] = b"".join(keys)
+            comp = self._call(Request(Op.LOOKUP, 0, flags=Flag.KEYLIST, key=bytes(klen),
+                                      count=n, data_off=slot.offset, data_len=n * klen,
+                                      aux_off=slot.offset + n * klen), "lookup")
+            tiers = [Tier(b) for b in bytes(slot.view[n * klen:n * klen + n])]
+            return comp.result, tiers
+        finally:
+            self.allocator.free(slot)
+
+    def delete(self, key: bytes) -> bool:
+        return bool(self._call(Request(Op.DELETE, 0, key=bytes(key)), "delete").result)
+
+    def purge_session(self, session: str) -> int:
+        return self._call(Request(Op.PURGE_SESSION, 0, session=session), "purge").result
+
+    def prefetch(self, keys: Sequence[bytes] = (), *, session: str | None = None,
+                 deadline_ms: int = 1000) -> tuple[int, bool]:
+        """Ask the daemon to promote keys (or a whole session) to DRAM before the deadline.
+
+        Returns (values promoted, whether the deadline was met).
+        """
+        if session is not None:
+            fut = self.submit(Request(Op.PREFETCH, 0, flags=Flag.SESSION, session=session,
+                                      ttl=deadline_ms))
+            comp = fut.result(timeout=self.timeout)
+        else:
+            klen = len(keys[0]) if keys else 16
+            slot = self.allocator.alloc(max(len(keys) * klen, 1))
+            try:
+                slot.view[:len(keys) * klen] = b"".join(keys)
+                comp = self.submit(Request(Op.PREFETCH, 0, flags=Flag.KEYLIST,
+                                           key=bytes(klen), count=len(keys),
+                                           data_off=slot.offset, data_len=len(keys) * klen,
+                                           ttl=deadline_ms)).result(timeout=self.timeout)
+            finally:
+                self.allocator.free(slot)
+        if comp.status not in (Status.OK, Status.DEADLINE):
+            raise error_for(comp.status, f"prefetch: {Status(comp.status).name}")
+        return comp.result, comp.status == Status.OK
+
+    def stats(self) -> dict[str, Any]:
+        slot = self.allocator.alloc(1 << 20)
+        try:
+            comp = self._call(Request(Op.STATS, 0, data_off=slot.offset, data_len=1 << 20),
+                              "stats")
+            result: dict[str, Any] = json.loads(bytes(slot.view[:comp.result]))
+            return result
+        finally:
+            self.allocator.free(slot)

@@ -1,0 +1,113 @@
+"""Prometheus metrics for kvtierd, served over HTTP on a localhost port.
+
+One `CollectorRegistry` per service (no global state).  Request metrics are recorded as
+requests complete; tier occupancy, hit counts and the write-behind backlog are read from
+the store at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from kvtier.daemon.tiers import TieredStore
+
+_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2,
+            0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class _StoreCollector(Collector):
+    def __init__(self, store: TieredStore, clients: Callable[[], int]) -> None:
+        self.store = store
+        self.clients = clients
+
+    def collect(self) -> Iterator[Any]:
+        st = self.store.stats()
+        occ = GaugeMetricFamily("kvtier_tier_live_bytes", "Live bytes per tier", labels=["tier"])
+        cap = GaugeMetricFamily("kvtier_tier_capacity_bytes", "Capacity per tier",
+                                labels=["tier"])
+        ent = GaugeMetricFamily("kvtier_tier_entries", "Stored values per tier", labels=["tier"])
+        for tier in ("dram", "media"):
+            occ.add_metric([tier], st[tier]["live_bytes"])
+            cap.add_metric([tier], st[tier]["capacity_bytes"])
+            ent.add_metric([tier], st[tier]["entries"])
+        yield occ
+        yield cap
+        yield ent
+        t = st["tiers"]
+        hits = CounterMetricFamily("kvtier_get_hits", "GETs by the tier that served them",
+                                   labels=["tier"])
+        hits.add_metric(["dram"], t["dram_hits"])
+        hits.add_metric(["media"], t["pool_hits"])
+        hits.add_metric(["miss"], t["misses"])
+        yield hits
+        yield GaugeMetricFamily("kvtier_writebehind_backlog",
+                                "Values acknowledged in DRAM, not yet on media",
+                                value=t["writebehind_backlog"])
+        yield CounterMetricFamily("kvtier_writebehind_flushed", "Values written behind",
+                                  value=t["writebehind_flushed"])
+        yield CounterMetricFamily("kvtier_promotions", "Values promoted to DRAM",
+                                  value=t["promotions"])
+        wa = GaugeMetricFamily("kvtier_write_amplification", "Media pool write amplification")
+        wa.add_metric([], st["media"]["write_amplification"])
+        yield wa
+        yield GaugeMetricFamily("kvtier_clients", "Connected clients", value=self.clients())
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.ops = Counter("kvtier_ops", "Requests by op and status", ["op", "status"],
+                           registry=r)
+        self.bytes = Counter("kvtier_bytes", "Payload bytes by op", ["op"], registry=r)
+        self.latency = Histogram("kvtier_op_latency_seconds", "Request latency by op and tier",
+                                 ["op", "tier"], buckets=_BUCKETS, registry=r)
+        self.connects = Counter("kvtier_connects", "Client connections accepted", registry=r)
+        self.drops = Counter("kvtier_client_drops", "Clients dropped for protocol abuse",
+                             registry=r)
+        self.auth_failures = Counter("kvtier_auth_failures", "Refused HELLOs", registry=r)
+
+    def bind(self, store: TieredStore, clients: Callable[[], int]) -> None:
+        self.registry.register(_StoreCollector(store, clients))
+
+    def record(self, op: str, status: str, tier: str, nbytes: int, seconds: float) -> None:
+        self.ops.labels(op, status).inc()
+        if nbytes:
+            self.bytes.labels(op).inc(nbytes)
+        self.latency.labels(op, tier).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+async def serve_metrics(metrics: Metrics, address: str, port: int, *,
+                        task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """A minimal HTTP/1.0 endpoint: any GET returns the Prometheus text format."""
+    listeners = await trio.open_tcp_listeners(port, host=address)
+    bound = listeners[0].socket.getsockname()[1]
+    task_status.started(bound)
+
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            with trio.move_on_after(5):
+                req = b""
+                while b"\r\n\r\n" not in req and len(req) < 8192:
+                    chunk = await stream.receive_some(4096)
+                    if not chunk:
+                        return
+                    req += chunk
+                if not req.startswith(b"GET "):
+                    await stream.send_all(b"HTTP/1.0 405 Method Not Allowed\r\n\r\n")
+                    return
+                body = await trio.to_thread.run_sync(metrics.render)
+                head = (b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+                await stream.send_all(head + body)
+
+    await trio.serve_listeners(handle, listeners)

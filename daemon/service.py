@@ -1,0 +1,461 @@
+"""kvtierd as a service: the trio main loop.
+
+One nursery owns everything: the control-socket listener, one task per connection, the
+write-behind and promotion workers, the sweeper/checkpointer, the metrics endpoint and
+the signal watcher.  Blocking engine calls go through `trio.to_thread` with one explicit
+limiter (`limits.io_threads`).  SIGTERM/SIGINT stop accepting, let requests in flight
+finish (bounded), flush write-behind, checkpoint the pools and remove the socket.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import logging
+import mmap
+import os
+import signal
+import socket
+import struct
+import time
+from typing import Any
+
+import trio
+
+from kvtier.client.protocol import (
+    CQE_SIZE,
+    FD_ORDER,
+    PROTOCOL_VERSION,
+    SQE_SIZE,
+    CtrlParser,
+    Msg,
+    ProtocolError,
+    encode_ctrl,
+    init_ring,
+    ring_bytes,
+)
+from kvtier.daemon.blockdev import FileDevice
+from kvtier.daemon.config import Config
+from kvtier.daemon.errors import FormatError, StoreError
+from kvtier.daemon.metrics import Metrics, serve_metrics
+from kvtier.daemon.pool import Pool, PoolOptions
+from kvtier.daemon.session import ClientSession, DropClient, SessionResources
+from kvtier.daemon.tiers import TieredStore
+
+log = logging.getLogger("kvtierd")
+
+HELLO_TIMEOUT_S = 10.0
+DRAIN_TIMEOUT_S = 5.0
+SWEEP_EVERY_S = 10.0
+CHECKPOINT_EVERY_S = 60.0
+_SO_PEERCRED = struct.Struct("3i")
+
+
+def open_media_pool(cfg: Config) -> Pool:
+    p = cfg.pools[0]
+    direct: bool | str = "auto" if p.direct == "auto" else p.direct == "on"
+    if os.path.exists(p.path):
+        try:
+            return Pool.open(FileDevice(p.path, direct=direct))
+        except FormatError:
+            if os.path.getsize(p.path) != 0:
+                raise
+    if not p.size:
+        raise StoreError(f"pool {p.name}: {p.path} does not exist and no size is configured "
+                         f"to create it")
+    os.makedirs(os.path.dirname(p.path) or ".", exist_ok=True)
+    return Pool.format(FileDevice(p.path, direct=direct, create_size=p.size),
+                       segment_size=p.segment_size, options=PoolOptions())
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd (Type=notify) about our state, if it is listening."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        try:
+            s.sendto(state.encode(), addr)
+        except OSError as e:
+            log.warning("sd_notify(%s) failed: %s", state, e)
+
+
+class Service:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.io_limiter = trio.CapacityLimiter(cfg.limits.io_threads)
+        self.sessions: dict[int, ClientSession] = {}
+        self._next_client = 1
+        self.started = time.time()
+        self.store: TieredStore | None = None
+        self._wake = trio.Event()
+        self._stopping = False
+        self.socket_path = cfg.socket
+        self.metrics_port = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.cfg
+        media = await trio.to_thread.run_sync(open_media_pool, cfg)
+        dram = await trio.to_thread.run_sync(TieredStore.create_dram, cfg.dram_size,
+                                             cfg.dram_segment_size)
+        token = trio.lowlevel.current_trio_token()
+        self.store = TieredStore(dram, media, ack=cfg.ack,
+                                 notify=lambda: token.run_sync_soon(self._wake.set))
+        self.metrics.bind(self.store, lambda: len(self.sessions))
+        listener = await self._listen()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._signals, nursery.cancel_scope)
+                nursery.start_soon(self._background_worker)
+                nursery.start_soon(self._maintenance)
+                if cfg.metrics_port:
+                    self.metrics_port = await nursery.start(
+                        serve_metrics, self.metrics, cfg.metrics_address, cfg.metrics_port)
+                nursery.start_soon(self._accept_loop, listener)
+                log.info("kvtierd ready: socket %s, media %s, dram %d MiB, ack=%s",
+                         self.socket_path, media.dev.name, cfg.dram_size >> 20, cfg.ack)
+                sd_notify("READY=1")
+                task_status.started(self)
+        finally:
+            sd_notify("STOPPING=1")
+            with trio.CancelScope(shield=True):
+                await self._shutdown(listener)
+
+    async def _listen(self) -> trio.socket.SocketType:
+        path = self.socket_path
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        if os.path.exists(path):
+            # A socket left by a crashed daemon: reuse the path only if nobody answers.
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)
+            else:
+                probe.close()
+                raise StoreError(f"{path}: another kvtierd is already listening there")
+            finally:
+                probe.close()
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.bind(path)
+        os.chmod(path, 0o666)  # tenants authenticate with tokens and uids, not file modes
+        sock.listen(128)
+        return sock
+
+    async def _shutdown(self, listener: trio.socket.SocketType) -> None:
+        listener.close()
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+        if self.store is not None:
+            store = self.store
+            with trio.move_on_after(60):
+                await trio.to_thread.run_sync(store.flush_all)
+            for pool in (store.media,):
+                await trio.to_thread.run_sync(pool.close)
+        log.info("kvtierd stopped")
+
+    async def _signals(self, scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+            async for sig in sigs:
+                log.info("signal %s: draining", signal.Signals(sig).name)
+                self._stopping = True
+                with trio.move_on_after(DRAIN_TIMEOUT_S):
+                    while any(s.ops_in_flight() for s in self.sessions.values()):
+                        await trio.sleep(0.01)
+                scope.cancel()
+                return
+
+    # -- background work ---------------------------------------------------------------------------
+
+    async def _background_worker(self) -> None:
+        """Write-behind and promotion: woken by the store, never blocking the loop."""
+        assert self.store is not None
+        store = self.store
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while True:
+                n = await trio.to_thread.run_sync(store.flush_some, 16,
+                                                  limiter=self.io_limiter)
+                m = await trio.to_thread.run_sync(store.promote_some, 8,
+                                                  limiter=self.io_limiter)
+                if not n and not m:
+                    break
+
+    async def _maintenance(self) -> None:
+        assert self.store is not None
+        store = self.store
+        last_ckpt = trio.current_time()
+        while True:
+            await trio.sleep(SWEEP_EVERY_S)
+            for pool in (store.dram, store.media):
+                await trio.to_thread.run_sync(pool.sweep, limiter=self.io_limiter)
+            if trio.current_time() - last_ckpt >= CHECKPOINT_EVERY_S:
+                await trio.to_thread.run_sync(store.media.checkpoint, limiter=self.io_limiter)
+                last_ckpt = trio.current_time()
+
+    # -- connections -------------------------------------------------------------------------------
+
+    async def _accept_loop(self, listener: trio.socket.SocketType) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    conn, _ = await listener.accept()
+                except OSError as e:
+                    if e.errno in (errno.EMFILE, errno.ENFILE):
+                        log.error("accept: %s; backing off", e)
+                        await trio.sleep(0.1)
+                        continue
+                    raise
+                nursery.start_soon(self._connection, conn)
+
+    async def _connection(self, conn: trio.socket.SocketType) -> None:
+        with conn:
+            pid, uid, _gid = _SO_PEERCRED.unpack(
+                conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _SO_PEERCRED.size))
+            parser = CtrlParser()
+            try:
+                with trio.fail_after(HELLO_TIMEOUT_S):
+                    msg, body = await _read_msg(conn, parser)
+                if msg == Msg.ADMIN:
+                    await self._admin(conn, parser, uid, body)
+                elif msg == Msg.HELLO:
+                    await self._client(conn, parser, pid, uid, body)
+                else:
+                    raise ProtocolError(f"expected HELLO or ADMIN, got {msg.name}")
+            except (ProtocolError, DropClient) as e:
+                log.warning("connection from pid %d uid %d dropped: %s", pid, uid, e)
+                await _send_error(conn, "protocol", str(e))
+            except trio.TooSlowError:
+                log.warning("connection from pid %d uid %d: no HELLO in time", pid, uid)
+            except (ConnectionError, EOFError):
+                pass
+
+    async def _client(self, conn: trio.socket.SocketType, parser: CtrlParser, pid: int,
+                      uid: int, hello: dict[str, Any]) -> None:
+        cfg, lim = self.cfg, self.cfg.limits
+        assert self.store is not None
+        if self._stopping:
+            await _send_error(conn, "shutting_down", "kvtierd is shutting down")
+            return
+        if hello.get("version") != PROTOCOL_VERSION:
+            await _send_error(conn, "version", f"protocol version {hello.get('version')!r} "
+                                               f"not supported (this daemon speaks "
+                                               f"{PROTOCOL_VERSION})")
+            return
+        tenant_id, token = hello.get("tenant"), hello.get("token")
+        tenant = cfg.tenant(tenant_id) if isinstance(tenant_id, str) else None
+        ok = tenant is not None and isinstance(token, str) and await trio.to_thread.run_sync(
+            tenant.check_token, token)
+        if not ok or tenant is None:
+            self.metrics.auth_failures.inc()
+            log.warning("auth failure: tenant %r from pid %d uid %d", tenant_id, pid, uid)
+            await _send_error(conn, "auth", "unknown tenant or wrong token")
+            return
+        if tenant.allowed_uids is not None and uid not in tenant.allowed_uids:
+            self.metrics.auth_failures.inc()
+            log.warning("uid %d not allowed for tenant %s (pid %d)", uid, tenant.id, pid)
+            await _send_error(conn, "auth", f"uid {uid} is not allowed for tenant {tenant.id}")
+            return
+        if len(self.sessions) >= lim.max_clients:
+            await _send_error(conn, "busy", f"too many clients ({lim.max_clients})")
+            return
+        arena_size = hello.get("arena_size") or lim.arena_default
+        entries = hello.get("ring_entries") or lim.ring_entries
+        if not isinstance(arena_size, int) or not 4096 <= arena_size <= lim.arena_max or \
+                arena_size % 4096:
+            await _send_error(conn, "limits", f"arena_size must be a multiple of 4096 in "
+                                              f"[4096, {lim.arena_max}], got {arena_size!r}")
+            return
+        if not isinstance(entries, int) or not 1 <= entries <= lim.ring_entries or \
+                entries & (entries - 1):
+            await _send_error(conn, "limits", f"ring_entries must be a power of two in "
+                                              f"[1, {lim.ring_entries}], got {entries!r}")
+            return
+        res, fds = _make_resources(arena_size, entries, f"kvtier-{tenant.id}")
+        client_id = self._next_client
+        self._next_client += 1
+        try:
+            await _send_fds(conn, encode_ctrl(Msg.HELLO_OK, {
+                "version": PROTOCOL_VERSION, "client_id": client_id, "arena_size": arena_size,
+                "ring_entries": entries, "sqe_size": SQE_SIZE, "cqe_size": CQE_SIZE,
+                "fds": list(FD_ORDER)}), fds)
+        finally:
+            for fd in fds[:3]:
+                os.close(fd)  # the maps keep the memory; the client has its own fds
+        session = ClientSession(client_id=client_id, tenant=tenant.id, uid=uid, pid=pid,
+                                store=self.store, res=res, ring_entries=entries,
+                                inflight=lim.inflight_per_client, limiter=self.io_limiter,
+                                record=self.metrics.record, stats=self.stats)
+        self.sessions[client_id] = session
+        self.metrics.connects.inc()
+        log.info("client %d connected: tenant %s pid %d uid %d arena %d MiB", client_id,
+                 tenant.id, pid, uid, arena_size >> 20)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch_control, conn, parser, nursery.cancel_scope)
+                await session.serve()
+        except DropClient as e:
+            log.warning("client %d (%s, pid %d) dropped: %s", client_id, tenant.id, pid, e)
+            self.metrics.drops.inc()
+            await _send_error(conn, "protocol", str(e))
+        finally:
+            del self.sessions[client_id]
+            res.close()
+            log.info("client %d disconnected after %d ops", client_id, session.ops)
+
+    # -- admin -------------------------------------------------------------------------------------
+
+    async def _admin(self, conn: trio.socket.SocketType, parser: CtrlParser, uid: int,
+                     first: dict[str, Any]) -> None:
+        if uid not in self.cfg.admin_uids:
+            log.warning("admin request from uid %d refused", uid)
+            await _send_error(conn, "denied", f"uid {uid} is not an admin")
+            return
+        body: dict[str, Any] | None = first
+        while body is not None:
+            try:
+                result = await trio.to_thread.run_sync(self._admin_cmd, body,
+                                                       limiter=self.io_limiter)
+                await _sendall(conn, encode_ctrl(Msg.ADMIN_OK, {"result": result}))
+            except (StoreError, ValueError, KeyError) as e:
+                await _sendall(conn, encode_ctrl(Msg.ERROR, {"code": "admin", "message": str(e)}))
+            try:
+                msg, body = await _read_msg(conn, parser)
+            except EOFError:
+                return
+            if msg != Msg.ADMIN:
+                return
+
+    def _admin_cmd(self, body: dict[str, Any]) -> Any:
+        assert self.store is not None
+        store = self.store
+        cmd = body.get("cmd")
+        if cmd == "status":
+            return self.stats()
+        if cmd == "ls":
+            tenant, session = body.get("tenant"), body.get("session")
+            if tenant is None:
+                out: dict[str, dict[str, int]] = {}
+                for e in store.media.entries():
+                    t = out.setdefault(e.tenant, {"entries": 0, "bytes": 0})
+                    t["entries"] += 1
+                    t["bytes"] += e.record_bytes
+                return out
+            entries = store.media.entries(tenant, session)
+            if session is None:
+                sess: dict[str, dict[str, int]] = {}
+                for e in entries:
+                    s = sess.setdefault(e.session, {"entries": 0, "bytes": 0})
+                    s["entries"] += 1
+                    s["bytes"] += e.record_bytes
+                return sess
+            return [{"key": e.key.hex(), "bytes": e.record_bytes, "frames": e.nframes,
+                     "created": e.created, "expiry": e.expiry, "hits": e.hits}
+                    for e in entries]
+        if cmd == "stat":
+            e = store.media.stat(body["tenant"], bytes.fromhex(body["key"]))
+            return {"tenant": e.tenant, "session": e.session, "key": e.key.hex(),
+                    "bytes": e.record_bytes, "frames": e.nframes, "created": e.created,
+                    "expiry": e.expiry, "atime": e.atime, "hits": e.hits,
+                    "in_dram": store.dram.contains(body["tenant"], bytes.fromhex(body["key"]))}
+        if cmd == "purge":
+            tenant = body["tenant"]
+            if body.get("session"):
+                return {"purged": store.purge_session(tenant, body["session"])}
+            return {"purged": store.purge_tenant(tenant)}
+        raise ValueError(f"unknown admin command {cmd!r}")
+
+    def stats(self) -> dict[str, Any]:
+        assert self.store is not None
+        st = self.store.stats()
+        st["daemon"] = {"pid": os.getpid(), "uptime_s": round(time.time() - self.started, 1),
+                        "socket": self.socket_path, "metrics_port": self.metrics_port,
+                        "clients": [{"id": s.id, "tenant": s.tenant, "pid": s.pid,
+                                     "uid": s.uid, "ops": s.ops, "errors": s.errors}
+                                    for s in self.sessions.values()],
+                        "config": self.cfg.source}
+        return st
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def _make_resources(arena_size: int, entries: int,
+                    name: str) -> tuple[SessionResources, list[int]]:
+    fds: list[int] = []
+    try:
+        sq_fd = os.memfd_create(f"{name}-sq", os.MFD_CLOEXEC)
+        fds.append(sq_fd)
+        cq_fd = os.memfd_create(f"{name}-cq", os.MFD_CLOEXEC)
+        fds.append(cq_fd)
+        arena_fd = os.memfd_create(f"{name}-arena", os.MFD_CLOEXEC)
+        fds.append(arena_fd)
+        os.ftruncate(sq_fd, ring_bytes(entries, SQE_SIZE))
+        os.ftruncate(cq_fd, ring_bytes(entries, CQE_SIZE))
+        os.ftruncate(arena_fd, arena_size)
+        sq_map = mmap.mmap(sq_fd, ring_bytes(entries, SQE_SIZE))
+        cq_map = mmap.mmap(cq_fd, ring_bytes(entries, CQE_SIZE))
+        arena_map = mmap.mmap(arena_fd, arena_size)
+        init_ring(memoryview(sq_map), entries, SQE_SIZE)
+        init_ring(memoryview(cq_map), entries, CQE_SIZE)
+        sq_efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        fds.append(sq_efd)
+        cq_efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        fds.append(cq_efd)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return SessionResources(sq_map, cq_map, arena_map, sq_efd, cq_efd), fds
+
+
+async def _read_msg(conn: trio.socket.SocketType, parser: CtrlParser) -> tuple[Msg, dict[str, Any]]:
+    while True:
+        m = parser.next_message()
+        if m is not None:
+            return m
+        data = await conn.recv(65536)
+        if not data:
+            raise EOFError
+        parser.feed(data)
+
+
+async def _watch_control(conn: trio.socket.SocketType, parser: CtrlParser,
+                         scope: trio.CancelScope) -> None:
+    """The control socket after HELLO: EOF or BYE ends the session."""
+    try:
+        while True:
+            msg, _ = await _read_msg(conn, parser)
+            if msg == Msg.BYE:
+                break
+    except (EOFError, ConnectionError, ProtocolError):
+        pass
+    scope.cancel()
+
+
+async def _sendall(conn: trio.socket.SocketType, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = await conn.send(view)
+        view = view[n:]
+
+
+async def _send_fds(conn: trio.socket.SocketType, data: bytes, fds: list[int]) -> None:
+    await conn.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                 array.array("i", fds).tobytes())])
+
+
+async def _send_error(conn: trio.socket.SocketType, code: str, message: str) -> None:
+    try:
+        await _sendall(conn, encode_ctrl(Msg.ERROR, {"code": code, "message": message}))
+    except OSError:
+        pass
+

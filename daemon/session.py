@@ -1,0 +1,292 @@
+"""One connected client: its rings, its arena, and the execution of its requests.
+
+Everything a client sends is validated against *its own* arena before any byte moves:
+ranges past the arena, bad ops, bad key lengths and malformed tables get an error
+completion; a client that corrupts its ring counters, floods past its ring size or stops
+draining completions is dropped.  Store calls run in worker threads under the daemon's
+I/O limiter; no payload is copied into Python objects on the way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import trio
+
+from kvtier.client.protocol import (
+    ALL_FRAMES,
+    CQE_SIZE,
+    SQE_SIZE,
+    Completion,
+    Flag,
+    Op,
+    ProtocolError,
+    Request,
+    Ring,
+    Status,
+    Tier,
+    decode_request,
+)
+from kvtier.daemon.errors import (
+    CorruptionError,
+    DeviceError,
+    InvalidArgument,
+    NotFound,
+    PoolFullError,
+    StoreError,
+    ValueTooLargeError,
+)
+from kvtier.daemon.tiers import TieredStore
+
+log = logging.getLogger("kvtierd.session")
+
+CQ_FULL_TIMEOUT_S = 30.0
+
+
+class DropClient(Exception):
+    """The client broke the protocol; it is disconnected."""
+
+
+@dataclass
+class SessionResources:
+    sq_map: mmap.mmap
+    cq_map: mmap.mmap
+    arena_map: mmap.mmap
+    sq_efd: int
+    cq_efd: int
+
+    def close(self) -> None:
+        for fd in (self.sq_efd, self.cq_efd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        for m in (self.sq_map, self.cq_map, self.arena_map):
+            try:
+                m.close()
+            except BufferError:
+                pass  # a view is still alive somewhere; the mapping goes with the process
+
+
+def _status_of(e: BaseException) -> Status:
+    if isinstance(e, NotFound):
+        return Status.NOT_FOUND
+    if isinstance(e, ValueTooLargeError):
+        return Status.TOO_LARGE
+    if isinstance(e, PoolFullError):
+        return Status.NO_SPACE
+    if isinstance(e, CorruptionError):
+        return Status.CORRUPT
+    if isinstance(e, DeviceError):
+        return Status.IO_ERROR
+    if isinstance(e, InvalidArgument | ValueError):
+        return Status.INVALID
+    return Status.INTERNAL
+
+
+class ClientSession:
+    def __init__(self, *, client_id: int, tenant: str, uid: int, pid: int,
+                 store: TieredStore, res: SessionResources, ring_entries: int,
+                 inflight: int, limiter: trio.CapacityLimiter,
+                 record: Callable[[str, str, str, int, float], None],
+                 stats: Callable[[], dict[str, Any]]) -> None:
+        self.id = client_id
+        self.tenant = tenant
+        self.uid = uid
+        self.pid = pid
+        self.store = store
+        self.res = res
+        self.sq = Ring(memoryview(res.sq_map), SQE_SIZE)
+        self.cq = Ring(memoryview(res.cq_map), CQE_SIZE)
+        self.arena = memoryview(res.arena_map)
+        self.ring_entries = ring_entries
+        self._max_inflight = min(inflight, ring_entries)
+        self._slots = trio.Semaphore(self._max_inflight)
+        self._limiter = limiter
+        self._record = record
+        self._stats = stats
+        self.ops = 0
+        self.errors = 0
+
+    def ops_in_flight(self) -> int:
+        return self._max_inflight - self._slots.value
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Consume the submission ring until cancelled; raises DropClient on abuse."""
+        async with trio.open_nursery() as nursery:
+            while True:
+                await trio.lowlevel.wait_readable(self.res.sq_efd)
+                try:
+                    os.eventfd_read(self.res.sq_efd)
+                except BlockingIOError:
+                    pass
+                while True:
+                    try:
+                        raw = self.sq.try_pop()
+                    except ProtocolError as e:
+                        raise DropClient(str(e)) from None
+                    if raw is None:
+                        break
+                    await self._slots.acquire()
+                    nursery.start_soon(self._run_one, raw)
+
+    async def _run_one(self, raw: bytes) -> None:
+        t0 = time.perf_counter()
+        op_name, tier = "invalid", Tier.NONE
+        try:
+            try:
+                req = decode_request(raw)
+            except ProtocolError as e:
+                tag = int.from_bytes(raw[8:16], "little")
+                comp = Completion(tag, Status.INVALID)
+                log.warning("client %d (%s): bad entry: %s", self.id, self.tenant, e)
+            else:
+                op_name = Op(req.op).name.lower() if req.op in Op._value2member_map_ else "bad"
+                comp = await self._execute(req)
+                tier = Tier(comp.flags) if comp.flags in (0, 1, 2) else Tier.NONE
+            self.ops += 1
+            if comp.status != Status.OK:
+                self.errors += 1
+            self._record(op_name, Status(comp.status).name.lower(), tier.name.lower(),
+                         comp.result if comp.status == Status.OK else 0,
+                         time.perf_counter() - t0)
+            await self._complete(comp)
+        finally:
+            self._slots.release()
+
+    async def _complete(self, comp: Completion) -> None:
+        data = comp.encode()
+        deadline = trio.current_time() + CQ_FULL_TIMEOUT_S
+        while True:
+            try:
+                pushed = self.cq.try_push(data)
+            except ProtocolError as e:
+                raise DropClient(str(e)) from None
+            if pushed:
+                break
+            if trio.current_time() > deadline:
+                raise DropClient("completion ring full: the client stopped draining it")
+            await trio.sleep(0.0005)
+        os.eventfd_write(self.res.cq_efd, 1)
+
+    # -- validation helpers ------------------------------------------------------------------------
+
+    def _range(self, off: int, length: int, what: str) -> memoryview:
+        if off < 0 or length < 0 or off + length > self.arena.nbytes:
+            raise InvalidArgument(f"{what} range [{off}, {off + length}) outside the arena "
+                                  f"of {self.arena.nbytes} bytes")
+        return self.arena[off:off + length]
+
+    def _key(self, req: Request) -> bytes:
+        if len(req.key) not in (16, 32):
+            raise InvalidArgument(f"key must be 16 or 32 bytes, got {len(req.key)}")
+        return req.key
+
+    def _keylist(self, req: Request) -> list[bytes]:
+        if not req.flags & Flag.KEYLIST:
+            return [self._key(req)]
+        klen = len(req.key) if req.key else 0
+        klen = klen or 16
+        if req.count <= 0 or req.count > 1 << 20:
+            raise InvalidArgument(f"key count {req.count} out of range")
+        raw = bytes(self._range(req.data_off, req.count * klen, "key list"))
+        return [raw[i * klen:(i + 1) * klen] for i in range(req.count)]
+
+    async def _thread(self, fn: Callable[[], Any]) -> Any:
+        return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+
+    # -- operations --------------------------------------------------------------------------------
+
+    async def _execute(self, req: Request) -> Completion:
+        try:
+            return await self._dispatch(req)
+        except (StoreError, ValueError) as e:
+            st = _status_of(e)
+            if st in (Status.CORRUPT, Status.IO_ERROR, Status.INTERNAL):
+                log.error("client %d (%s): %s", self.id, self.tenant, e)
+            return Completion(req.tag, st)
+
+    async def _dispatch(self, req: Request) -> Completion:
+        t = self.tenant
+        if req.op == Op.NOP:
+            return Completion(req.tag, Status.OK)
+        if req.op == Op.PUT:
+            key = self._key(req)
+            if not req.session:
+                raise InvalidArgument("PUT needs a session name")
+            data = self._range(req.data_off, req.data_len, "data")
+            views = self._frames(req, data)
+            ttl = float(req.ttl) if req.ttl else None
+            tier = await self._thread(lambda: self.store.put(t, req.session, key, views,
+                                                             ttl_s=ttl))
+            return Completion(req.tag, Status.OK, int(tier), req.data_len)
+        if req.op == Op.GET:
+            key = self._key(req)
+            dest = self._range(req.data_off, req.data_len, "destination")
+            rng = None if req.frame_b == ALL_FRAMES else (req.frame_a, req.frame_b)
+            r, tier = await self._thread(lambda: self.store.get_into(t, key, dest, frames=rng))
+            if req.count:
+                table = self._range(req.aux_off, req.count * 8, "frame table")
+                fl = np.frombuffer(table, dtype="<u8")
+                n = min(req.count, len(r.frame_lengths))
+                fl[:n] = r.frame_lengths[:n]
+            return Completion(req.tag, Status.OK, int(tier), r.nbytes, len(r.frame_lengths))
+        if req.op == Op.LOOKUP:
+            keys = self._keylist(req)
+            out = self._range(req.aux_off, len(keys), "tier list")
+            prefix, tiers = await self._thread(lambda: self.store.lookup(t, keys))
+            out[:] = tiers.tobytes()
+            return Completion(req.tag, Status.OK, 0, prefix, len(keys))
+        if req.op == Op.DELETE:
+            keys = self._keylist(req)
+            n = await self._thread(lambda: sum(self.store.delete(t, k) for k in keys))
+            return Completion(req.tag, Status.OK, 0, n)
+        if req.op == Op.PURGE_SESSION:
+            if not req.session:
+                raise InvalidArgument("PURGE_SESSION needs a session name")
+            n = await self._thread(lambda: self.store.purge_session(t, req.session))
+            return Completion(req.tag, Status.OK, 0, n)
+        if req.op == Op.PREFETCH:
+            if req.flags & Flag.SESSION:
+                if not req.session:
+                    raise InvalidArgument("PREFETCH of a session needs its name")
+                keys = await self._thread(lambda: self.store.session_keys(t, req.session))
+            else:
+                keys = self._keylist(req)
+            deadline = (req.ttl or 1000) / 1000.0
+            n, met = await self._thread(lambda: self.store.prefetch(t, keys, deadline))
+            return Completion(req.tag, Status.OK if met else Status.DEADLINE, 0, n, int(met))
+        if req.op == Op.STATS:
+            dest = self._range(req.data_off, req.data_len, "destination")
+            st = await self._thread(self._stats)
+            blob = json.dumps(st, default=str).encode()
+            if len(blob) > dest.nbytes:
+                return Completion(req.tag, Status.BUFFER_TOO_SMALL, 0, len(blob))
+            dest[:len(blob)] = blob
+            return Completion(req.tag, Status.OK, 0, len(blob))
+        return Completion(req.tag, Status.BAD_OP)
+
+    def _frames(self, req: Request, data: memoryview) -> list[memoryview]:
+        if req.count <= 1:
+            return [data]
+        if req.count > 65535:
+            raise InvalidArgument(f"{req.count} frames; a value has at most 65535")
+        table = np.frombuffer(self._range(req.aux_off, req.count * 8, "frame table"),
+                              dtype="<u8").astype(np.int64)
+        if (table < 0).any() or int(table.sum()) != data.nbytes:
+            raise InvalidArgument("frame lengths do not add up to the data length")
+        out, pos = [], 0
+        for n in table.tolist():
+            out.append(data[pos:pos + n])
+            pos += n
+        return out

@@ -1,0 +1,291 @@
+"""The tier stack: a DRAM tier (a pool on a memfd) in front of a media pool.
+
+* PUT, `ack = "media"`: the value is written to the media pool, then cached in DRAM; the
+  put is acknowledged once the media write returned.
+* PUT, `ack = "memory"`: the value is written to DRAM and acknowledged; a write-behind
+  task copies it to the media pool (straight from DRAM memory, no intermediate copy).
+  Until then its DRAM segment is pinned, so DRAM pressure cannot evict it.  If DRAM is
+  full of unflushed data the put falls back to a direct media write (backpressure).
+* GET: DRAM first (one memcpy into the caller's buffer); on a miss the media pool reads
+  straight into the caller's buffer and the value is promoted to DRAM (whole-value reads
+  from the caller's buffer; frame-range reads by a background promotion).
+* LOOKUP reports per key which tier holds it.  DELETE and PURGE act on both tiers and
+  cancel pending write-behind, so a flush can never resurrect what was deleted.
+
+All methods are synchronous and thread-safe; the daemon calls them from worker threads.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from kvtier.client.protocol import Tier
+from kvtier.daemon.blockdev import MemDevice, aligned_buffer
+from kvtier.daemon.errors import NotFound, PoolFullError, ValueTooLargeError
+from kvtier.daemon.pool import Buffer, GetResult, Pool, PoolOptions
+
+
+@dataclass
+class _Pending:
+    tenant: str
+    session: str
+    key: bytes
+    offset: int  # record offset in the DRAM pool (its segment is pinned)
+    superseded: bool = False  # a newer put of the key will be flushed instead
+    deleted: bool = False  # a delete or purge removed the key
+
+
+@dataclass
+class TierCounters:
+    dram_hits: int = 0
+    pool_hits: int = 0
+    misses: int = 0
+    promotions: int = 0
+    writebehind_flushed: int = 0
+    writebehind_bytes: int = 0
+    writebehind_fallbacks: int = 0  # ack=memory puts written straight to media
+    prefetched: int = 0
+    by_op: dict[str, int] = field(default_factory=dict)
+
+
+class TieredStore:
+    def __init__(self, dram: Pool, media: Pool, *, ack: str = "media",
+                 notify: Callable[[], None] | None = None) -> None:
+        if ack not in ("memory", "media"):
+            raise ValueError(f"ack must be 'memory' or 'media', got {ack!r}")
+        self.dram = dram
+        self.media = media
+        self.ack = ack
+        self.notify = notify or (lambda: None)
+        self._mu = threading.Lock()
+        self._pending: dict[tuple[str, bytes], _Pending] = {}
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._promote: collections.deque[tuple[str, bytes]] = collections.deque()
+        self.counters = TierCounters()
+
+    @classmethod
+    def create_dram(cls, size: int, segment_size: int) -> Pool:
+        return Pool.format(MemDevice(size, name="kvtier-dram"), segment_size=segment_size,
+                           options=PoolOptions(verify_reads=False,
+                                               checkpoint_every_bytes=1 << 62))
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def put(self, tenant: str, session: str, key: bytes, frames: Sequence[Buffer], *,
+            ttl_s: float | None = None) -> Tier:
+        """Store a value; returns the tier that holds it when the put is acknowledged."""
+        if self.ack == "memory":
+            try:
+                r = self.dram.put(tenant, session, key, frames, ttl_s=ttl_s)
+            except (PoolFullError, ValueTooLargeError):
+                self.counters.writebehind_fallbacks += 1
+            else:
+                self.dram.pin_offset(r.offset)
+                item = _Pending(tenant, session, bytes(key), r.offset)
+                with self._mu:
+                    old = self._pending.get((tenant, item.key))
+                    if old is not None:
+                        old.superseded = True
+                    self._pending[(tenant, item.key)] = item
+                    self._queue.append(item)
+                self.notify()
+                return Tier.DRAM
+        self.media.put(tenant, session, key, frames, ttl_s=ttl_s)
+        try:
+            self.dram.put(tenant, session, key, frames, ttl_s=ttl_s)
+        except (PoolFullError, ValueTooLargeError):
+            pass  # the DRAM copy is a cache; the media copy is what was acknowledged
+        return Tier.POOL
+
+    def writebehind_backlog(self) -> int:
+        with self._mu:
+            return len(self._queue)
+
+    def flush_some(self, max_items: int = 16) -> int:
+        """Write up to `max_items` pending DRAM values to the media pool; returns how many."""
+        done = 0
+        while done < max_items:
+            with self._mu:
+                if not self._queue:
+                    break
+                item = self._queue.popleft()
+            self._flush(item)
+            done += 1
+        return done
+
+    def flush_all(self) -> None:
+        while self.flush_some(1024):
+            pass
+
+    def _flush(self, item: _Pending) -> None:
+        try:
+            if item.superseded or item.deleted:
+                return
+            try:
+                with self.dram.borrow(item.tenant, item.key) as (h, frames):
+                    if h.expiry_us and h.expiry_us / 1e6 <= self.media.clock():
+                        return
+                    self.media.put(item.tenant, h.session, item.key, frames,
+                                   expiry_s=h.expiry_us / 1e6 if h.expiry_us else None,
+                                   key_generation=h.key_generation)
+                    self.counters.writebehind_bytes += h.payload_len
+            except NotFound:
+                return  # deleted, purged or expired meanwhile
+            with self._mu:
+                if item.deleted:
+                    # A delete or purge ran while we wrote: make sure it wins on media too.
+                    self.media.delete(item.tenant, item.key)
+            self.counters.writebehind_flushed += 1
+        finally:
+            with self._mu:
+                if self._pending.get((item.tenant, item.key)) is item:
+                    del self._pending[(item.tenant, item.key)]
+            self.dram.unpin_offset(item.offset)
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def get_into(self, tenant: str, key: bytes, dest: Buffer, *,
+                 frames: tuple[int, int] | None = None) -> tuple[GetResult, Tier]:
+        try:
+            r = self.dram.get_into(tenant, key, dest, frames=frames)
+            self.counters.dram_hits += 1
+            return r, Tier.DRAM
+        except NotFound:
+            pass
+        try:
+            r = self.media.get_into(tenant, key, dest, frames=frames)
+        except NotFound:
+            self.counters.misses += 1
+            raise
+        self.counters.pool_hits += 1
+        if frames is None:
+            self._promote_from(tenant, key, dest, r)
+        else:
+            with self._mu:
+                self._promote.append((tenant, bytes(key)))
+            self.notify()
+        return r, Tier.POOL
+
+    def _promote_from(self, tenant: str, key: bytes, dest: Buffer, r: GetResult) -> None:
+        try:
+            info = self.media.stat(tenant, key)
+        except NotFound:
+            return
+        mv = memoryview(dest).cast("B")
+        views, pos = [], 0
+        for n in r.frame_lengths:
+            views.append(mv[pos:pos + n])
+            pos += n
+        ttl = info.expiry - self.media.clock() if info.expiry else None
+        if ttl is not None and ttl <= 0:
+            return
+        try:
+            self.dram.put(tenant, info.session, key, views, ttl_s=ttl,
+                          key_generation=info.key_generation)
+            self.counters.promotions += 1
+        except (PoolFullError, ValueTooLargeError):
+            pass
+
+    def promote(self, tenant: str, key: bytes) -> bool:
+        """Copy a value from the media pool into DRAM (prefetch); False if not on media."""
+        if self.dram.contains(tenant, key):
+            return True
+        try:
+            info = self.media.stat(tenant, key)
+        except NotFound:
+            return False
+        buf = aligned_buffer(info.record_bytes)
+        try:
+            r = self.media.get_into(tenant, key, buf)
+        except NotFound:
+            return False
+        self._promote_from(tenant, key, buf, r)
+        return True
+
+    def promote_some(self, max_items: int = 8) -> int:
+        done = 0
+        while done < max_items:
+            with self._mu:
+                if not self._promote:
+                    break
+                tenant, key = self._promote.popleft()
+            self.promote(tenant, key)
+            done += 1
+        return done
+
+    def prefetch(self, tenant: str, keys: Sequence[bytes], deadline_s: float) -> tuple[int, bool]:
+        """Promote `keys` to DRAM, most urgent first; returns (promoted, made deadline)."""
+        t_end = time.monotonic() + deadline_s
+        n = 0
+        for k in keys:
+            if self.promote(tenant, k):
+                n += 1
+        self.counters.prefetched += n
+        return n, time.monotonic() <= t_end
+
+    def session_keys(self, tenant: str, session: str) -> list[bytes]:
+        return [e.key for e in self.media.entries(tenant, session)]
+
+    def lookup(self, tenant: str, keys: Sequence[bytes]) -> tuple[int, npt.NDArray[np.uint8]]:
+        """Longest present prefix and the tier holding each key (0 none, 1 DRAM, 2 pool)."""
+        in_dram = self.dram.lookup_many(tenant, keys)
+        in_pool = self.media.lookup_many(tenant, keys)
+        tiers = np.where(in_dram, np.uint8(Tier.DRAM),
+                         np.where(in_pool, np.uint8(Tier.POOL), np.uint8(Tier.NONE)))
+        missing = np.flatnonzero(tiers == 0)
+        return (int(missing[0]) if len(missing) else len(keys)), tiers.astype(np.uint8)
+
+    # -- deletes ---------------------------------------------------------------------------
+
+    def delete(self, tenant: str, key: bytes) -> bool:
+        with self._mu:
+            item = self._pending.pop((tenant, bytes(key)), None)
+            if item is not None:
+                item.deleted = True
+            a = self.dram.delete(tenant, key)
+            b = self.media.delete(tenant, key)
+        return a or b
+
+    def purge_session(self, tenant: str, session: str) -> int:
+        with self._mu:
+            for k, item in list(self._pending.items()):
+                if item.tenant == tenant and item.session == session:
+                    item.deleted = True
+                    del self._pending[k]
+            a = self.dram.purge_session(tenant, session)
+            b = self.media.purge_session(tenant, session)
+        return max(a, b)
+
+    def purge_tenant(self, tenant: str) -> int:
+        with self._mu:
+            for k, item in list(self._pending.items()):
+                if item.tenant == tenant:
+                    item.deleted = True
+                    del self._pending[k]
+            a = self.dram.purge_tenant(tenant)
+            b = self.media.purge_tenant(tenant)
+        return max(a, b)
+
+    # -- introspection ---------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        c = self.counters
+        return {
+            "ack": self.ack,
+            "dram": self.dram.stats(),
+            "media": self.media.stats(),
+            "tiers": {"dram_hits": c.dram_hits, "pool_hits": c.pool_hits, "misses": c.misses,
+                      "promotions": c.promotions, "prefetched": c.prefetched,
+                      "writebehind_backlog": self.writebehind_backlog(),
+                      "writebehind_flushed": c.writebehind_flushed,
+                      "writebehind_bytes": c.writebehind_bytes,
+                      "writebehind_fallbacks": c.writebehind_fallbacks},
+        }
