@@ -40,3 +40,7 @@ class NotFound(StoreError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "not found"
+
+
+class BufferTooSmall(InvalidArgument):
+    """The caller's buffer cannot hold what was asked for."""

@@ -40,6 +40,7 @@ from kvtier.daemon import checkpoint as ckpt
 from kvtier.daemon import record
 from kvtier.daemon.blockdev import BlockDevice, aligned_buffer, as_bytes_view
 from kvtier.daemon.errors import (
+    BufferTooSmall,
     CorruptionError,
     FormatError,
     InvalidArgument,
@@ -627,7 +628,7 @@ class Pool:
             if out.nbytes >= payload_blocks * self.B:
                 body = payload_blocks * self.B  # the whole payload lands in `dest`
             if out.nbytes < body:
-                raise InvalidArgument(f"buffer of {out.nbytes} bytes too small for value "
+                raise BufferTooSmall(f"buffer of {out.nbytes} bytes too small for value "
                                       f"of more than {body} bytes")
             tail = aligned_buffer(self.B) if body < payload_blocks * self.B else None
             pieces: list[memoryview | int] = [hbuf, out[:body]]
@@ -637,7 +638,7 @@ class Pool:
             h = self._check_header(hbuf, where, tenant, key, epoch)
             n = h.payload_len
             if n > out.nbytes:
-                raise InvalidArgument(f"buffer of {out.nbytes} bytes too small for value of "
+                raise BufferTooSmall(f"buffer of {out.nbytes} bytes too small for value of "
                                       f"{n} bytes")
             if tail is not None:
                 out[body:n] = tail[:n - body]
@@ -654,7 +655,7 @@ class Pool:
             lo, hi = offs[a], offs[b]
             n = hi - lo
             if n > out.nbytes:
-                raise InvalidArgument(f"buffer of {out.nbytes} bytes too small for frames "
+                raise BufferTooSmall(f"buffer of {out.nbytes} bytes too small for frames "
                                       f"[{a}, {b}) of {n} bytes")
             start = loc * self.B + hb * self.B + lo
             aligned_start = start - start % self.B

@@ -36,6 +36,7 @@ from kvtier.client.protocol import (
     decode_request,
 )
 from kvtier.daemon.errors import (
+    BufferTooSmall,
     CorruptionError,
     DeviceError,
     InvalidArgument,
@@ -79,6 +80,8 @@ class SessionResources:
 def _status_of(e: BaseException) -> Status:
     if isinstance(e, NotFound):
         return Status.NOT_FOUND
+    if isinstance(e, BufferTooSmall):
+        return Status.BUFFER_TOO_SMALL
     if isinstance(e, ValueTooLargeError):
         return Status.TOO_LARGE
     if isinstance(e, PoolFullError):

@@ -73,7 +73,8 @@ class TieredStore:
 
     @classmethod
     def create_dram(cls, size: int, segment_size: int) -> Pool:
-        return Pool.format(MemDevice(size, name="kvtier-dram"), segment_size=segment_size,
+        return Pool.format(MemDevice(size, name="kvtier-dram", populate=True),
+                           segment_size=segment_size,
                            options=PoolOptions(verify_reads=False,
                                                checkpoint_every_bytes=1 << 62))
 

@@ -41,6 +41,11 @@ ensure_venv() {
         echo "$want" >"$stamp"
     else
         # Editable (strict) installs link files; new modules need a refresh.
-        "$VENV/bin/python" -m pip install -q --no-deps -e "$REPO" --config-settings editable_mode=strict >/dev/null
+        local out
+        if ! out=$("$VENV/bin/python" -m pip install -q --no-deps -e "$REPO" \
+                   --config-settings editable_mode=strict 2>&1); then
+            echo "$out" >&2
+            return 1
+        fi
     fi
 }

@@ -34,3 +34,13 @@ def clock() -> FakeClock:
 @pytest.fixture
 def pool_path(tmp_path: Path) -> Iterator[str]:
     yield str(tmp_path / "pool.img")
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    from harness import Daemon
+
+    d = Daemon(tmp_path)
+    yield d
+    if d.proc is not None:
+        d.stop()

@@ -1,0 +1,235 @@
+"""kvtierd as a process: handshake, every op through the ring, tiers, admin, shutdown."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import urllib.request
+
+import numpy as np
+import pytest
+from harness import TOKENS, Daemon
+
+from kvtier.client.client import Client
+from kvtier.client.errors import (
+    BufferTooSmallError,
+    HandshakeError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    ValueTooLargeError,
+)
+from kvtier.client.protocol import PROTOCOL_VERSION, CtrlParser, Msg, Tier, encode_ctrl
+
+
+def k(i: int, n: int = 16) -> bytes:
+    return hashlib.sha256(b"%d" % i).digest()[:n]
+
+
+def connect(d: Daemon, tenant: str = "alice", **kw: object) -> Client:
+    return Client.connect(d.socket, tenant, TOKENS[tenant], arena_size=16 << 20,
+                          **kw)  # type: ignore[arg-type]
+
+
+def test_round_trip_of_every_op(daemon: Daemon) -> None:
+    daemon.start()
+    with connect(daemon) as c:
+        frames = [np.full(100_000, i, np.uint8) for i in range(3)]
+        assert c.put("s1", k(1), frames) == Tier.POOL  # ack=media
+        with c.get_slot(k(1)) as (view, fl):
+            assert fl == [100_000] * 3
+            assert bytes(view) == b"".join(f.tobytes() for f in frames)
+        assert c.get(k(1), frames=(1, 2)) == frames[1].tobytes()
+        out = bytearray(300_000)
+        assert c.get_into(k(1), out) == 300_000
+        chain = [k(i) for i in range(10)]
+        for key in chain[:6]:
+            c.put("s1", key, [b"x" * 5000])
+        n, tiers = c.lookup(chain)
+        assert n == 6 and tiers[:6] == [Tier.DRAM] * 6 and tiers[6:] == [Tier.NONE] * 4
+        assert c.delete(chain[3]) and not c.delete(chain[3])
+        assert c.lookup(chain)[0] == 3
+        with pytest.raises(NotFoundError):
+            c.get(chain[3])
+        c.put("s2", k(100), [b"y" * 10])
+        c.put("s2", k(101), [b"y" * 10])
+        assert c.purge_session("s2") == 2
+        assert c.lookup([k(100)])[0] == 0
+        st = c.stats()
+        assert st["media"]["entries"] == 5 and st["daemon"]["clients"]
+        n, met = c.prefetch([k(1)], deadline_ms=2000)
+        assert n == 1 and met
+
+
+def test_tenants_are_isolated(daemon: Daemon) -> None:
+    daemon.start()
+    with connect(daemon, "alice") as a, connect(daemon, "bob") as b:
+        a.put("s", k(7), [b"alice's"])
+        with pytest.raises(NotFoundError):
+            b.get(k(7))
+        assert b.lookup([k(7)])[0] == 0
+        assert not b.delete(k(7))
+        assert b.purge_session("s") == 0
+        assert a.get(k(7)) == b"alice's"
+
+
+def test_media_miss_is_promoted_to_dram(daemon: Daemon) -> None:
+    daemon.start()
+    with connect(daemon) as c:
+        c.put("s", k(1), [b"z" * 50_000])
+    daemon.stop()
+    daemon.start()  # DRAM is empty after a restart; the media pool recovered
+    with connect(daemon) as c:
+        assert c.lookup([k(1)])[1] == [Tier.POOL]
+        assert c.get(k(1)) == b"z" * 50_000
+        assert c.lookup([k(1)])[1] == [Tier.DRAM]
+
+
+def test_ack_memory_writes_behind_and_survives_sigterm(tmp_path) -> None:
+    d = Daemon(tmp_path, ack="memory").start()
+    try:
+        with connect(d) as c:
+            for i in range(40):
+                assert c.put("s", k(i), [np.full(60_000, i % 251, np.uint8)]) == Tier.DRAM
+        assert d.stop(signal.SIGTERM) == 0  # drains write-behind, checkpoints
+        d.start()
+        with connect(d) as c:
+            for i in range(40):
+                assert c.lookup([k(i)])[1] == [Tier.POOL]
+                assert c.get(k(i)) == bytes([i % 251]) * 60_000
+    finally:
+        d.stop()
+
+
+def test_bad_tokens_uids_versions_and_limits_are_refused(tmp_path) -> None:
+    d = Daemon(tmp_path, tenants={"alice": {}, "carol": {"allowed_uids": [424242]}}).start()
+    try:
+        with pytest.raises(HandshakeError, match="wrong token"):
+            Client.connect(d.socket, "alice", "nope")
+        with pytest.raises(HandshakeError, match="wrong token"):
+            Client.connect(d.socket, "mallory", "x")
+        with pytest.raises(HandshakeError, match=f"uid {os.geteuid()} is not allowed"):
+            Client.connect(d.socket, "carol", "carol-secret")
+        with pytest.raises(HandshakeError, match="arena_size"):
+            Client.connect(d.socket, "alice", TOKENS["alice"], arena_size=1 << 40)
+        with pytest.raises(HandshakeError, match="ring_entries"):
+            Client.connect(d.socket, "alice", TOKENS["alice"], ring_entries=3)
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(d.socket)
+        s.sendall(encode_ctrl(Msg.HELLO, {"version": 99, "tenant": "alice",
+                                          "token": TOKENS["alice"]}))
+        p = CtrlParser()
+        while (m := p.next_message()) is None:
+            p.feed(s.recv(4096))
+        assert m[0] == Msg.ERROR and "version 99" in m[1]["message"]
+        s.close()
+        with connect(d) as c:  # and the daemon still serves
+            c.put("s", k(1), [b"ok"])
+        assert "auth failure" in d.log.read_text()
+    finally:
+        d.stop()
+
+
+def test_admin_needs_an_admin_uid(tmp_path) -> None:
+    d = Daemon(tmp_path, extra="")
+    d.write_config()
+    cfg = d.config.read_text().replace(f"admin_uids = [{os.geteuid()}]", "admin_uids = [4242]")
+    d.config.write_text(cfg)
+    d.proc = None
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    d.proc = subprocess.Popen([str(Path(sys.executable).parent / "kvtierd"), "run", "--config",
+                               str(d.config)], stderr=open(d.log, "ab"))
+    try:
+        for _ in range(200):
+            if os.path.exists(d.socket):
+                break
+            time.sleep(0.05)
+        time.sleep(0.2)
+        with pytest.raises(PermissionDeniedError, match="not an admin"):
+            d.admin("status")
+    finally:
+        d.stop()
+
+
+def test_admin_commands(daemon: Daemon) -> None:
+    daemon.start()
+    with connect(daemon) as c:
+        c.put("sess-a", k(1), [b"1" * 1000])
+        c.put("sess-b", k(2), [b"2" * 1000])
+    assert daemon.admin("ls")["alice"]["entries"] == 2
+    assert set(daemon.admin("ls", tenant="alice")) == {"sess-a", "sess-b"}
+    keys = daemon.admin("ls", tenant="alice", session="sess-a")
+    assert [e["key"] for e in keys] == [k(1).hex()]
+    assert daemon.admin("stat", tenant="alice", key=k(2).hex())["session"] == "sess-b"
+    assert daemon.admin("purge", tenant="alice", session="sess-a") == {"purged": 1}
+    assert daemon.admin("ls")["alice"]["entries"] == 1
+
+
+def test_errors_come_back_as_exceptions(daemon: Daemon) -> None:
+    daemon.extra = ""
+    daemon.segment_size = "8M"
+    daemon.start()
+    with connect(daemon) as c:
+        with pytest.raises(ValueTooLargeError):
+            c.put("s", k(1), [bytes(9 << 20)])
+        with pytest.raises(InvalidRequestError):
+            c.put("s", b"short", [b"x"])
+        c.put("s", k(2), [bytes(100_000)])
+        with pytest.raises(BufferTooSmallError), c.get_slot(k(2), size=1000):
+            pass
+        c.put("s", k(3), [b"still fine"])
+        assert c.get(k(3)) == b"still fine"
+
+
+def test_metrics_endpoint(tmp_path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = Daemon(tmp_path, extra=f"[metrics]\nport = {port}\n").start()
+    try:
+        with connect(d) as c:
+            c.put("s", k(1), [b"m" * 4096])
+            c.get(k(1))
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        body = text.decode()
+        assert 'kvtier_ops_total{op="put",status="ok"} 1.0' in body
+        assert 'kvtier_op_latency_seconds_bucket{le=' in body
+        assert 'kvtier_tier_live_bytes{tier="dram"}' in body
+        assert "kvtier_writebehind_backlog" in body
+    finally:
+        d.stop()
+
+
+def test_config_errors_name_the_key(tmp_path) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+    cfg = tmp_path / "bad.toml"
+    kvtierd = str(Path(sys.executable).parent / "kvtierd")
+    cases = {
+        'ack = "sometimes"\n': "ack: must be",
+        '[[pool]]\npath = "x"\nsize = "lots"\n': "pool[0].size: not a size",
+        '[[tenant]]\nid = "a"\n': "tenant[0].token_hash: is required",
+        '[limits]\nring_entries = 1000\n': "limits.ring_entries: must be a power of two",
+        'colour = "blue"\n': "colour: unknown key",
+        '[dram]\nsize = "1M"\n': "dram.size: must hold at least 8 segments",
+        "not toml = = =\n": "not valid TOML",
+    }
+    for text, want in cases.items():
+        cfg.write_text(text)
+        r = subprocess.run([kvtierd, "check-config", "--config", str(cfg)], capture_output=True,
+                           text=True)
+        assert r.returncode == 1 and want in r.stderr, (text, r.stderr)
+        assert "Traceback" not in r.stderr
+    r = subprocess.run([kvtierd, "run", "--config", str(tmp_path / "missing.toml")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "no such file" in r.stderr
+
+
+def test_version_is_checked_in_hello() -> None:
+    assert PROTOCOL_VERSION == 1
