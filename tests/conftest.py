@@ -5,6 +5,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from harness import Daemon
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(

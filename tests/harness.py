@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtier.client.admin import AdminClient
+from kvtier.client.errors import PermissionDeniedError
 from kvtier.daemon.config import hash_token
 
 BIN = Path(sys.executable).parent
@@ -36,6 +37,7 @@ class Daemon:
     segment_size: str = "8M"
     dram_size: str = "64M"
     dram_segment: str = "4M"
+    admin_uids: list[int] | None = None
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -51,8 +53,9 @@ class Daemon:
         return self.dir / "kvtierd.log"
 
     def write_config(self) -> None:
+        admins = self.admin_uids if self.admin_uids is not None else [os.geteuid()]
         lines = [f'state_dir = "{self.dir}"', f'socket = "{self.socket}"', f'ack = "{self.ack}"',
-                 f"admin_uids = [{os.geteuid()}]", "",
+                 f"admin_uids = {admins}", "",
                  "[dram]", f'size = "{self.dram_size}"', f'segment_size = "{self.dram_segment}"',
                  "", "[[pool]]", 'name = "p0"', 'path = "pool0.img"',
                  f'size = "{self.pool_size}"', f'segment_size = "{self.segment_size}"', ""]
@@ -81,6 +84,8 @@ class Daemon:
                 with AdminClient(self.socket, timeout=2) as a:
                     a.call("status")
                 return self
+            except PermissionDeniedError:
+                return self  # serving; we are just not an admin
             except Exception:
                 time.sleep(0.05)
         raise RuntimeError("kvtierd did not become ready:\n" + self.log.read_text())
