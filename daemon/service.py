@@ -237,6 +237,9 @@ class Service:
                 log.warning("connection from pid %d uid %d: no HELLO in time", pid, uid)
             except (ConnectionError, EOFError):
                 pass
+            except Exception:
+                # Whatever one connection does, it must not take the others down.
+                log.exception("connection from pid %d uid %d failed", pid, uid)
 
     async def _client(self, conn: trio.socket.SocketType, parser: CtrlParser, pid: int,
                       uid: int, hello: dict[str, Any]) -> None:
@@ -302,10 +305,12 @@ class Service:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_watch_control, conn, parser, nursery.cancel_scope)
                 await session.serve()
-        except DropClient as e:
-            log.warning("client %d (%s, pid %d) dropped: %s", client_id, tenant.id, pid, e)
+        except* DropClient as group:
+            reason = str(_leaf(group))
+            log.warning("client %d (%s, pid %d) dropped: %s", client_id, tenant.id, pid,
+                        reason)
             self.metrics.drops.inc()
-            await _send_error(conn, "protocol", str(e))
+            await _send_error(conn, "protocol", reason)
         finally:
             del self.sessions[client_id]
             res.close()
@@ -439,6 +444,13 @@ async def _watch_control(conn: trio.socket.SocketType, parser: CtrlParser,
     except (EOFError, ConnectionError, ProtocolError):
         pass
     scope.cancel()
+
+
+def _leaf(e: BaseException) -> BaseException:
+    """The first real exception inside (possibly nested) exception groups."""
+    while isinstance(e, BaseExceptionGroup):
+        e = e.exceptions[0]
+    return e
 
 
 async def _sendall(conn: trio.socket.SocketType, data: bytes) -> None:
