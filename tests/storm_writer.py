@@ -14,7 +14,6 @@ import numpy as np
 from kvtier.client.client import Client
 from kvtier.client.errors import KvtierError
 
-
 MAX_PUTS = 400
 
 
