@@ -299,18 +299,24 @@ class MemDevice:
         _check_range(self, offset, length)
         return self._mv[offset:offset + length]
 
+    # numpy copies release the GIL for large buffers (a memoryview assignment does not).
+
     def readv_into(self, offset: int, bufs: Sequence[memoryview]) -> None:
         _check_range(self, offset, sum(b.nbytes for b in bufs))
         for b in bufs:
             n = b.nbytes
-            b[:] = self._mv[offset:offset + n]
+            if n:
+                np.copyto(np.frombuffer(b, np.uint8),
+                          np.frombuffer(self._mv, np.uint8, n, offset))
             offset += n
 
     def writev(self, offset: int, bufs: Sequence[memoryview]) -> None:
         _check_range(self, offset, sum(b.nbytes for b in bufs))
+        dev = np.frombuffer(self._mv, np.uint8)
         for b in bufs:
             n = b.nbytes
-            self._mv[offset:offset + n] = b
+            if n:
+                np.copyto(dev[offset:offset + n], np.frombuffer(b, np.uint8))
             offset += n
 
     def flush(self) -> None:

@@ -72,15 +72,22 @@ class Metrics:
         self.drops = Counter("kvtier_client_drops", "Clients dropped for protocol abuse",
                              registry=r)
         self.auth_failures = Counter("kvtier_auth_failures", "Refused HELLOs", registry=r)
+        self._children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
 
     def bind(self, store: TieredStore, clients: Callable[[], int]) -> None:
         self.registry.register(_StoreCollector(store, clients))
 
     def record(self, op: str, status: str, tier: str, nbytes: int, seconds: float) -> None:
-        self.ops.labels(op, status).inc()
+        children = self._children.get((op, status, tier))
+        if children is None:  # labels() costs microseconds: resolve each label set once
+            children = (self.ops.labels(op, status), self.bytes.labels(op),
+                        self.latency.labels(op, tier))
+            self._children[(op, status, tier)] = children
+        ops, nb, lat = children
+        ops.inc()
         if nbytes:
-            self.bytes.labels(op).inc(nbytes)
-        self.latency.labels(op, tier).observe(seconds)
+            nb.inc(nbytes)
+        lat.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -617,6 +617,10 @@ class Pool:
                      frames: tuple[int, int] | None, loc: int, nblocks: int, nframes: int,
                      session: str, epoch: int) -> tuple[RecordHeader, int, list[int], int]:
         """The I/O half of a get (no lock held; the segment is pinned)."""
+        view_of = getattr(self.dev, "view", None)
+        if view_of is not None:
+            return self._read_record_mem(view_of, tenant, key, out, frames, loc, nblocks,
+                                         epoch)
         hb = record.header_blocks(nframes, tenant, session, self.B)
         where = f"{self.dev.name}: record {tenant}/{key.hex()} at {loc * self.B}"
         hbuf = aligned_buffer(hb * self.B)
@@ -714,6 +718,37 @@ class Pool:
     def unpin_offset(self, offset: int) -> None:
         with self._lock:
             self.pins[(offset - self.sb.data_offset) // self.sb.segment_size] -= 1
+
+    def _read_record_mem(self, view_of: Callable[[int, int], memoryview], tenant: str,
+                         key: bytes, out: memoryview, frames: tuple[int, int] | None,
+                         loc: int, nblocks: int,
+                         epoch: int) -> tuple[RecordHeader, int, list[int], int]:
+        """A get from a memory-backed pool: the header is parsed in place and the payload
+        (or frame range) is one memcpy into `out`."""
+        rec = view_of(loc * self.B, nblocks * self.B)
+        where = f"{self.dev.name}: record {tenant}/{key.hex()} at {loc * self.B}"
+        h = self._check_header(rec, where, tenant, key, epoch)
+        hb = record.header_blocks(h.nframes, h.tenant, h.session, self.B)
+        offs = h.frame_offsets()
+        first, last = (0, h.nframes) if frames is None else frames
+        if not 0 <= first <= last <= h.nframes:
+            raise InvalidArgument(f"frame range [{first}, {last}) outside 0..{h.nframes}")
+        lo, hi = offs[first], offs[last]
+        n = hi - lo
+        if n > out.nbytes:
+            raise BufferTooSmall(f"buffer of {out.nbytes} bytes too small for {n} bytes")
+        if n:
+            base = hb * self.B
+            np.copyto(np.frombuffer(out, np.uint8, n),
+                      np.frombuffer(rec, np.uint8, n, base + lo))
+        fl = [int(x) for x in h.frame_lengths[first:last]]
+        if self.opt.verify_reads:
+            views, pos = [], 0
+            for ln in fl:
+                views.append(out[pos:pos + ln])
+                pos += ln
+            record.verify_frames(h, first, views, where=where)
+        return h, n, fl, 0
 
     def _check_header(self, hbuf: memoryview, where: str, tenant: str, key: bytes,
                       epoch: int) -> RecordHeader:
