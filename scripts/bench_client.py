@@ -70,8 +70,9 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([str(BIN / "kvtierd"), "run", "--config", self.cfg],
-                                     stderr=open(os.path.join(self.work, "log"), "ab"))
+        with open(os.path.join(self.work, "log"), "ab") as log:  # the child keeps its copy
+            self.proc = subprocess.Popen([str(BIN / "kvtierd"), "run", "--config", self.cfg],
+                                         stderr=log)
         for _ in range(600):
             try:
                 with AdminClient(self.sock, timeout=2) as a:
