@@ -1,0 +1,42 @@
+"""The README's way in: kvtierd on its embedded default, a demo client, sd_notify."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def test_embedded_default_with_demo_client_and_sd_notify(tmp_path: Path) -> None:
+    notify = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify))
+    listener.settimeout(60)
+    env = dict(os.environ, KVTIER_STATE_DIR=str(tmp_path), KVTIER_METRICS_PORT="0",
+               NOTIFY_SOCKET=str(notify))
+    d = subprocess.Popen([str(BIN / "kvtierd")], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert listener.recv(100) == b"READY=1"
+        assert (tmp_path / "kvtier.sock").exists()
+        token = tmp_path / "default.token"
+        assert token.stat().st_mode & 0o777 == 0o600
+        r = subprocess.run([str(BIN / "kvtier"), "--socket", str(tmp_path / "kvtier.sock"),
+                            "demo", "--state-dir", str(tmp_path), "--prompt-tokens", "2048"],
+                           capture_output=True, text=True, timeout=120, env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "all bytes match" in r.stdout and "8/10 chunks" in r.stdout
+        st = subprocess.run([str(BIN / "kvtier"), "--socket", str(tmp_path / "kvtier.sock"),
+                             "status"], capture_output=True, text=True, timeout=60, env=env)
+        assert st.returncode == 0 and "8 entries" in st.stdout
+    finally:
+        d.send_signal(signal.SIGTERM)
+        _, err = d.communicate(timeout=60)
+    assert d.returncode == 0, err
+    assert listener.recv(100) == b"STOPPING=1"
+    assert not (tmp_path / "kvtier.sock").exists()
+    assert "kvtierd stopped" in err
