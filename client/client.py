@@ -254,7 +254,7 @@ class Client:
         reaper thread completes.  The spin saves two thread hand-offs on short requests."""
         spin_until = time.perf_counter() + SPIN_S
         while not fut.done() and time.perf_counter() < spin_until:
-            if self.cq.used() and self._drain_lock.acquire(blocking=False):
+            if self.cq.nonempty_hint() and self._drain_lock.acquire(blocking=False):
                 try:
                     self._drain()
                 finally:

@@ -144,11 +144,21 @@ class Ring:
         return int(self._ctl[_TAIL])
 
     def used(self) -> int:
-        """Entries published and not yet consumed; ProtocolError if the peer lied."""
-        n = (self.tail - self.head) & 0xFFFFFFFF
+        """Entries published and not yet consumed; ProtocolError if the peer lied.
+
+        For the producer or the consumer only.  `head` is read before `tail`: the peer can
+        only advance its counter meanwhile, which over-counts (producer's view) or is
+        exact (consumer's view), never wraps.
+        """
+        h = self.head
+        n = (self.tail - h) & 0xFFFFFFFF
         if n > self.entries:
             raise ProtocolError(f"ring counters corrupt (head {self.head}, tail {self.tail})")
         return n
+
+    def nonempty_hint(self) -> bool:
+        """Whether entries seem pending; for threads that only look (never raises)."""
+        return self.tail != self.head
 
     def _slot(self, i: int) -> memoryview:
         off = RING_HEADER + (i & self._mask) * self.entry_size

@@ -61,6 +61,7 @@ class Config:
     ack: str = "media"  # "memory": ack once in DRAM; "media": once written to the pool
     dram_size: int = 512 << 20
     dram_segment_size: int = 16 << 20
+    dram_populate: bool = True  # fault the DRAM tier in at start (fast first writes)
     pools: list[PoolConfig] = field(default_factory=list)
     tenants: list[TenantConfig] = field(default_factory=list)
     limits: Limits = field(default_factory=Limits)
@@ -80,7 +81,8 @@ class Config:
         return {
             "source": self.source, "state_dir": self.state_dir, "socket": self.socket,
             "ack": self.ack, "dram": {"size": self.dram_size,
-                                      "segment_size": self.dram_segment_size},
+                                      "segment_size": self.dram_segment_size,
+                                      "populate": self.dram_populate},
             "pools": [vars(p) for p in self.pools],
             "tenants": [{"id": t.id, "allowed_uids": t.allowed_uids, "token_hash": "<redacted>"}
                         for t in self.tenants],
@@ -222,6 +224,7 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
         d = r.sub("dram", data["dram"])
         cfg.dram_size = d.size("size", cfg.dram_size)
         cfg.dram_segment_size = d.size("segment_size", cfg.dram_segment_size)
+        cfg.dram_populate = d.get("populate", bool, True)
         d.check_unknown()
         r.used.add("dram")
     if cfg.dram_size < 8 * cfg.dram_segment_size:

@@ -102,7 +102,7 @@ class Service:
         cfg = self.cfg
         media = await trio.to_thread.run_sync(open_media_pool, cfg)
         dram = await trio.to_thread.run_sync(TieredStore.create_dram, cfg.dram_size,
-                                             cfg.dram_segment_size)
+                                             cfg.dram_segment_size, cfg.dram_populate)
         token = trio.lowlevel.current_trio_token()
         self.store = TieredStore(dram, media, ack=cfg.ack,
                                  notify=lambda: token.run_sync_soon(self._wake.set))

@@ -50,6 +50,7 @@ from kvtier.daemon.tiers import TieredStore
 log = logging.getLogger("kvtierd.session")
 
 CQ_FULL_TIMEOUT_S = 30.0
+INLINE_MAX = 256 * 1024  # DRAM GETs up to this size complete on the event loop
 
 
 class DropClient(Exception):
@@ -155,6 +156,8 @@ class ClientSession:
         op = raw[0]
         if op not in (Op.NOP, Op.GET):
             return False
+        if op == Op.GET and int.from_bytes(raw[24:32], "little") > INLINE_MAX:
+            return False  # large copies run in parallel worker threads (numpy drops the GIL)
         t0 = time.perf_counter()
         try:
             req = decode_request(raw)

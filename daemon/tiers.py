@@ -72,8 +72,8 @@ class TieredStore:
         self.counters = TierCounters()
 
     @classmethod
-    def create_dram(cls, size: int, segment_size: int) -> Pool:
-        return Pool.format(MemDevice(size, name="kvtier-dram", populate=True),
+    def create_dram(cls, size: int, segment_size: int, populate: bool = True) -> Pool:
+        return Pool.format(MemDevice(size, name="kvtier-dram", populate=populate),
                            segment_size=segment_size,
                            options=PoolOptions(verify_reads=False,
                                                checkpoint_every_bytes=1 << 62))

@@ -2,10 +2,14 @@
 
 Keys come from a working set of SLOTS keys, overwritten again and again, so segments
 fill with dead versions and the cleaner and checkpoints run while the child is killed.
-Prints one line per acknowledged operation, flushed before the next one starts:
+Before each operation it prints what it is about to do, and after it returns it prints
+the acknowledgement, each line flushed:
+    WILL <PUT|DEL> <key-hex> / WILL PURGE <session>
     PUT <key-hex> <seed> <size> <session>   the put returned
     DEL <key-hex>                           the delete returned
     PURGE <session>                         the purge returned
+So the one operation that may have happened without its acknowledgement being printed is
+the last WILL line (if no acknowledgement follows it).
 A value starts with its seed and size, so any value found can be checked.
 """
 
@@ -47,17 +51,23 @@ def main() -> None:
         key = slot_key(slot)
         size = int(rng.choice([3000, 40_000, 200_000, 700_000]))
         session = f"s{slot % 5}"
+        out.write(f"WILL PUT {key.hex()} {session}\n")
+        out.flush()
         pool.put("crash", session, key, np.array_split(value(seed, size), 3))
         out.write(f"PUT {key.hex()} {seed} {size} {session}\n")
         out.flush()
         r = rng.random()
         if r < 0.08:
             k = slot_key(int(rng.integers(SLOTS)))
+            out.write(f"WILL DEL {k.hex()}\n")
+            out.flush()
             pool.delete("crash", k)
             out.write(f"DEL {k.hex()}\n")
             out.flush()
         elif r < 0.09:
             s = f"s{int(rng.integers(5))}"
+            out.write(f"WILL PURGE {s}\n")
+            out.flush()
             pool.purge_session("crash", s)
             out.write(f"PURGE {s}\n")
             out.flush()

@@ -1,0 +1,451 @@
+"""The GPU data path: KV chunks between a model's cache and kvtierd (extra `gpu`).
+
+Layout: a chunk is `chunk_tokens` tokens; its value has one frame per layer, each frame
+K and V of that layer for those tokens: `[2, kv_heads, chunk_tokens, head_dim]` in the
+model's dtype.  Keys are chained (kvtier.client.keys), so a prompt's longest stored
+prefix is one LOOKUP.
+
+* `register_arena` pins the client's shared arena with `cudaHostRegister`: copies between
+  the arena and the GPU run at pinned-memory speed, and the daemon reads media straight
+  into that same memory.
+* `KVSaver` packs the cache on the GPU (one kernel per layer), copies one chunk at a time
+  into double-buffered arena slots (D2H on a side stream) and PUTs each chunk while the
+  next one is copied.
+* `KVLoader` loads a stored prefix in *layer-group-major* order: the daemon fills arena
+  slots with frames [l0, l1) of each chunk (many requests in flight), each slot is copied
+  to a GPU staging tensor on a side stream, and when a group's chunks are all in, its
+  layers are reorganised into the cache's per-layer tensors and a CUDA event is recorded.
+  `attach_layer_waits` makes decoder layer L wait (on the GPU) only for its group's event,
+  so the first layers compute while later layers are still arriving.
+* `build_cache` / `resume` connect this to Hugging Face transformers' `DynamicCache`.
+
+torch is imported here only; the rest of kvtier.client works without it.  On a CPU-only
+machine the same code runs with plain copies (streams and events become no-ops).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kvtier.client.arena import Slot
+from kvtier.client.client import Client
+from kvtier.client.errors import KvtierError, error_for
+from kvtier.client.keys import chunk_keys, model_fingerprint
+from kvtier.client.protocol import Completion, Status
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    chunk_tokens: int = 256
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty(0, dtype=self.dtype).element_size()
+
+    @property
+    def frame_bytes(self) -> int:
+        return 2 * self.num_kv_heads * self.chunk_tokens * self.head_dim * self.itemsize
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self.num_layers * self.frame_bytes
+
+    def fingerprint(self, model_name: str) -> bytes:
+        return model_fingerprint(model_name, dtype=str(self.dtype), num_layers=self.num_layers,
+                                 num_kv_heads=self.num_kv_heads, head_dim=self.head_dim)
+
+    @classmethod
+    def from_config(cls, cfg: Any, dtype: torch.dtype, chunk_tokens: int = 256) -> KVLayout:
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return cls(cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", heads), head_dim,
+                   dtype, chunk_tokens)
+
+
+# -- pinned arena ------------------------------------------------------------------------------
+
+
+def register_arena(client: Client) -> bool:
+    """cudaHostRegister the client's arena (no-op without CUDA). Returns True if pinned."""
+    if not torch.cuda.is_available() or getattr(client, "_cuda_registered", False):
+        return bool(getattr(client, "_cuda_registered", False))
+    ptr = torch.frombuffer(client.arena, dtype=torch.uint8).data_ptr()
+    err = torch.cuda.cudart().cudaHostRegister(ptr, client.arena.nbytes, 0)
+    if int(err) != 0:
+        raise KvtierError(f"cudaHostRegister of the arena failed: {err}")
+    client._cuda_registered = True  # type: ignore[attr-defined]
+    client._cuda_ptr = ptr  # type: ignore[attr-defined]
+    return True
+
+
+def unregister_arena(client: Client) -> None:
+    if getattr(client, "_cuda_registered", False):
+        torch.cuda.cudart().cudaHostUnregister(client._cuda_ptr)  # type: ignore[attr-defined]
+        client._cuda_registered = False  # type: ignore[attr-defined]
+
+
+def _slot_tensor(slot: Slot, nbytes: int) -> torch.Tensor:
+    return torch.frombuffer(slot.view[:nbytes], dtype=torch.uint8)
+
+
+def _check(comp: Completion, what: str) -> Completion:
+    if comp.status != Status.OK:
+        raise error_for(comp.status, f"{what}: {Status(comp.status).name}")
+    return comp
+
+
+# -- reading and writing a transformers cache ---------------------------------------------------
+
+
+def cache_layer(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, V) of one layer, each [batch, kv_heads, seq, head_dim], across cache versions."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return layers[layer].keys, layers[layer].values
+    if hasattr(cache, "key_cache"):
+        return cache.key_cache[layer], cache.value_cache[layer]
+    k, v = cache[layer]
+    return k, v
+
+
+def build_cache(per_layer: Sequence[tuple[torch.Tensor, torch.Tensor]], config: Any = None) -> Any:
+    """A transformers DynamicCache holding the given per-layer (K, V) tensors."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config) if config is not None else DynamicCache()
+    for i, (k, v) in enumerate(per_layer):
+        # update() would torch.cat the tensors (a copy, on the current stream, possibly
+        # before a side stream filled them): initialise with nothing, then attach them.
+        cache.update(k[..., :0, :], v[..., :0, :], i)
+        layers = getattr(cache, "layers", None)
+        if layers is not None:
+            layers[i].keys, layers[i].values = k, v
+        else:  # transformers < 4.56 keeps two lists
+            cache.key_cache[i] = k
+            cache.value_cache[i] = v
+    return cache
+
+
+# -- saving ------------------------------------------------------------------------------------
+
+
+@dataclass
+class SaveReport:
+    chunks: int = 0
+    skipped: int = 0  # already stored
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+class KVSaver:
+    def __init__(self, client: Client, layout: KVLayout, fingerprint: bytes, *,
+                 slots: int = 2) -> None:
+        self.client = client
+        self.layout = layout
+        self.fingerprint = fingerprint
+        n = layout.chunk_bytes
+        self.slots = [client.allocator.alloc(n + 8 * layout.num_layers) for _ in range(slots)]
+        register_arena(client)
+
+    def close(self) -> None:
+        for s in self.slots:
+            self.client.allocator.free(s)
+        self.slots = []
+
+    def save(self, session: str, token_ids: Sequence[int] | torch.Tensor, cache: Any, *,
+             ttl_s: int = 0) -> SaveReport:
+        """Store every full chunk of `token_ids` whose KV is in `cache` (and not stored)."""
+        t0 = time.perf_counter()
+        lay = self.layout
+        ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)
+        keys = chunk_keys(ids, self.fingerprint, chunk_tokens=lay.chunk_tokens)
+        rep = SaveReport()
+        if not keys:
+            return rep
+        k0, _ = cache_layer(cache, 0)
+        n = min(len(keys), k0.shape[2] // lay.chunk_tokens)
+        have, _ = self.client.lookup(keys[:n])
+        rep.skipped = have
+        todo = range(have, n)
+        if not todo:
+            rep.seconds = time.perf_counter() - t0
+            return rep
+        dev = k0.device
+        T, H, D = lay.chunk_tokens, lay.num_kv_heads, lay.head_dim
+        # Pack [chunks, layers, 2, heads, T, D] on the device: one copy per layer and K/V.
+        packed = torch.empty((len(todo), lay.num_layers, 2, H, T, D), dtype=lay.dtype,
+                             device=dev)
+        lo, hi = have * T, n * T
+        for li in range(lay.num_layers):
+            k, v = cache_layer(cache, li)
+            for j, src in enumerate((k, v)):
+                packed[:, li, j] = src[0, :, lo:hi].reshape(H, len(todo), T, D).transpose(0, 1)
+        cuda = dev.type == "cuda"
+        stream = torch.cuda.Stream(device=dev) if cuda else None
+        if cuda:
+            assert stream is not None
+            stream.wait_stream(torch.cuda.current_stream(dev))
+        pending: list[Future[Completion] | None] = [None] * len(self.slots)
+        for j, c in enumerate(todo):
+            s = j % len(self.slots)
+            if pending[s] is not None:
+                _check(self.client._wait(pending[s]), "put")  # type: ignore[arg-type]
+            slot = self.slots[s]
+            dst = _slot_tensor(slot, lay.chunk_bytes)
+            src = packed[j].reshape(-1).view(torch.uint8)
+            if cuda:
+                assert stream is not None
+                with torch.cuda.stream(stream):
+                    dst.copy_(src, non_blocking=True)
+                    ev = torch.cuda.Event()
+                    ev.record(stream)
+                ev.synchronize()
+            else:
+                dst.copy_(src)
+            req = self.client.put_request(session, keys[c], slot,
+                                          [lay.frame_bytes] * lay.num_layers, ttl_s=ttl_s)
+            pending[s] = self.client.submit(req)
+            rep.chunks += 1
+            rep.bytes += lay.chunk_bytes
+        for f in pending:
+            if f is not None:
+                _check(self.client._wait(f), "put")
+        del packed
+        rep.seconds = time.perf_counter() - t0
+        return rep
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadReport:
+    chunks: int = 0
+    tokens: int = 0
+    bytes: int = 0
+    lookup_s: float = 0.0
+    seconds: float = 0.0  # lookup until the last layer's data is on the device
+    tiers: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds else 0.0
+
+
+class KVLoader:
+    """Loads stored prefixes into device tensors, layer group by layer group."""
+
+    def __init__(self, client: Client, layout: KVLayout, fingerprint: bytes, *,
+                 layer_groups: int = 2, inflight: int = 16) -> None:
+        if not 1 <= layer_groups <= layout.num_layers:
+            raise ValueError(f"layer_groups must be in 1..{layout.num_layers}")
+        self.client = client
+        self.layout = layout
+        self.fingerprint = fingerprint
+        L = layout.num_layers
+        bounds = [round(g * L / layer_groups) for g in range(layer_groups + 1)]
+        self.groups = [(bounds[g], bounds[g + 1]) for g in range(layer_groups)]
+        self.group_of = [g for g, (a, b) in enumerate(self.groups) for _ in range(a, b)]
+        biggest = max(b - a for a, b in self.groups) * layout.frame_bytes
+        self.slot_bytes = biggest
+        self.slots = [client.allocator.alloc(biggest) for _ in range(inflight)]
+        register_arena(client)
+        self.events: list[Any] = []
+        self._staging: torch.Tensor | None = None
+
+    def close(self) -> None:
+        for s in self.slots:
+            self.client.allocator.free(s)
+        self.slots = []
+
+    def lookup(self, token_ids: Sequence[int] | torch.Tensor) -> tuple[list[bytes], int, list[Any]]:
+        ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)
+        keys = chunk_keys(ids, self.fingerprint, chunk_tokens=self.layout.chunk_tokens)
+        if not keys:
+            return [], 0, []
+        hit, tiers = self.client.lookup(keys)
+        return keys, hit, tiers
+
+    def load(self, token_ids: Sequence[int] | torch.Tensor, device: torch.device | str,
+             ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], LoadReport]:
+        """Per-layer (K, V) tensors [1, heads, n*T, D] on `device` for the stored prefix.
+
+        Returns immediately after issuing the last copy on CUDA: `self.events[g]` marks
+        group g's layers ready (use `attach_layer_waits`, or `wait_all`).
+        """
+        rep = LoadReport()
+        t0 = time.perf_counter()
+        keys, hit, tiers = self.lookup(token_ids)
+        rep.lookup_s = time.perf_counter() - t0
+        for t in tiers[:hit]:
+            rep.tiers[t.name.lower()] = rep.tiers.get(t.name.lower(), 0) + 1
+        lay = self.layout
+        dev = torch.device(device)
+        n = hit
+        T, H, D, L = lay.chunk_tokens, lay.num_kv_heads, lay.head_dim, lay.num_layers
+        out = [(torch.empty((1, H, n * T, D), dtype=lay.dtype, device=dev),
+                torch.empty((1, H, n * T, D), dtype=lay.dtype, device=dev)) for _ in range(L)]
+        cuda = dev.type == "cuda"
+        self.events = []
+        if n == 0:
+            rep.seconds = time.perf_counter() - t0
+            return out, rep
+        stream = torch.cuda.Stream(device=dev) if cuda else None
+        if cuda:
+            assert stream is not None
+            stream.wait_stream(torch.cuda.current_stream(dev))
+        # staging[c, l] = frame l of chunk c, exactly as stored: [2, H, T, D]
+        staging = torch.empty((n, L, 2, H, T, D), dtype=lay.dtype, device=dev)
+        staging_bytes = staging.view(n, L, -1).view(torch.uint8)
+        work = [(g, c) for g in range(len(self.groups)) for c in range(n)]
+        q: list[tuple[int, int, int, Future[Completion]]] = []  # group, chunk, slot, future
+        slot_free: list[Any] = [None] * len(self.slots)  # CUDA event: slot's H2D finished
+        nxt = 0
+        done_in_group = [0] * len(self.groups)
+
+        def issue() -> None:
+            nonlocal nxt
+            while nxt < len(work) and len(q) < len(self.slots):
+                g, c = work[nxt]
+                s = nxt % len(self.slots)
+                if slot_free[s] is not None:
+                    slot_free[s].synchronize()  # the slot's last H2D copy has read it
+                a, b = self.groups[g]
+                req = self.client.get_request(keys[c], self.slots[s], (b - a) * lay.frame_bytes,
+                                              (a, b), 0)
+                q.append((g, c, s, self.client.submit(req)))
+                nxt += 1
+
+        issue()
+        while q:
+            g, c, s, fut = q.pop(0)
+            comp = _check(self.client._wait(fut), "get")
+            a, b = self.groups[g]
+            nbytes = (b - a) * lay.frame_bytes
+            if comp.result != nbytes:
+                raise KvtierError(f"chunk {c} layers [{a}, {b}): got {comp.result} bytes, "
+                                  f"expected {nbytes}")
+            src = _slot_tensor(self.slots[s], nbytes)
+            dst = staging_bytes[c, a:b].reshape(-1)
+            if cuda:
+                assert stream is not None
+                with torch.cuda.stream(stream):
+                    dst.copy_(src, non_blocking=True)
+                    ev = torch.cuda.Event()
+                    ev.record(stream)
+                slot_free[s] = ev
+            else:
+                dst.copy_(src)
+            rep.bytes += nbytes
+            done_in_group[g] += 1
+            if done_in_group[g] == n:
+                self._reorganise(staging, out, a, b, stream)
+            issue()
+        rep.chunks = n
+        rep.tokens = n * T
+        self._staging = staging  # freed by wait_all() once the device is done with it
+        rep.seconds = time.perf_counter() - t0
+        return out, rep
+
+    def _reorganise(self, staging: torch.Tensor, out: list[tuple[torch.Tensor, torch.Tensor]],
+                    a: int, b: int, stream: Any) -> None:
+        n, _, _, H, T, D = staging.shape
+
+        def run() -> None:
+            for li in range(a, b):
+                for j in range(2):
+                    out[li][j][0].view(H, n, T, D).copy_(staging[:, li, j].transpose(0, 1))
+
+        if stream is not None:
+            with torch.cuda.stream(stream):
+                run()
+                ev = torch.cuda.Event()
+                ev.record(stream)
+            for li in range(a, b):
+                for j in range(2):
+                    out[li][j].record_stream(torch.cuda.current_stream(staging.device))
+            self.events.append(ev)
+        else:
+            run()
+            self.events.append(None)
+
+    def wait_all(self) -> None:
+        for ev in self.events:
+            if ev is not None:
+                torch.cuda.current_stream().wait_event(ev)
+        self._staging = None
+
+    def attach_layer_waits(self, layers: Sequence[torch.nn.Module]) -> Callable[[], None]:
+        """Make each decoder layer wait (on the GPU) for its own group's data only.
+
+        Returns a function that removes the hooks.
+        """
+        handles = []
+        for li, layer in enumerate(layers):
+            def hook(_mod: Any, _args: Any, li: int = li) -> None:
+                g = self.group_of[li]
+                if g < len(self.events) and self.events[g] is not None:
+                    torch.cuda.current_stream().wait_event(self.events[g])
+            handles.append(layer.register_forward_pre_hook(hook))
+
+        def remove() -> None:
+            for h in handles:
+                h.remove()
+        return remove
+
+
+# -- transformers integration --------------------------------------------------------------------
+
+
+def decoder_layers(model: Any) -> Sequence[torch.nn.Module]:
+    base = getattr(model, "model", model)
+    layers: Sequence[torch.nn.Module] = base.layers
+    return layers
+
+
+@dataclass
+class ResumeResult:
+    cache: Any
+    prefix_tokens: int  # tokens whose KV came from kvtier
+    load: LoadReport
+
+
+def resume(model: Any, loader: KVLoader, token_ids: torch.Tensor) -> ResumeResult:
+    """Load the longest stored prefix of `token_ids` into a DynamicCache for `model`.
+
+    The cache's layers fill asynchronously on CUDA; hooks on the decoder layers make each
+    layer wait only for its own data.  Call `.cache` with model(..., past_key_values=...)
+    or model.generate(..., past_key_values=...) on the *remaining* tokens (generate slices
+    them itself).  The hooks stay until `loader.wait_all()` is called.
+    """
+    device = next(model.parameters()).device
+    per_layer, rep = loader.load(token_ids.reshape(-1), device)
+    if device.type == "cuda" and rep.chunks:
+        remove = loader.attach_layer_waits(decoder_layers(model))
+        loader._remove_hooks = remove  # type: ignore[attr-defined]
+    cache = build_cache(per_layer, getattr(model, "config", None))
+    return ResumeResult(cache, rep.tokens, rep)
+
+
+def finish_resume(loader: KVLoader) -> None:
+    """After the first forward that used a resumed cache: drop hooks and staging memory."""
+    remove = getattr(loader, "_remove_hooks", None)
+    if remove is not None:
+        remove()
+        loader._remove_hooks = None  # type: ignore[attr-defined]
+    loader.wait_all()
+
+
+__all__ = ["KVLayout", "KVLoader", "KVSaver", "LoadReport", "ResumeResult", "SaveReport",
+           "build_cache", "cache_layer", "decoder_layers", "finish_resume", "register_arena",
+           "resume", "unregister_arena"]
