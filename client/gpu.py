@@ -131,8 +131,8 @@ def build_cache(per_layer: Sequence[tuple[torch.Tensor, torch.Tensor]], config: 
         if layers is not None:
             layers[i].keys, layers[i].values = k, v
         else:  # transformers < 4.56 keeps two lists
-            cache.key_cache[i] = k
-            cache.value_cache[i] = v
+            legacy: Any = cache
+            legacy.key_cache[i], legacy.value_cache[i] = k, v
     return cache
 
 
