@@ -37,6 +37,11 @@ ensure_venv() {
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
         log "installing kvtier[$extras] into .venv"
         "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+        if [[ "$extras" == *gpu* ]] && ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+            # The CPU build (tests run the GPU path's logic on CPU tensors); a machine with
+            # CUDA can install a CUDA build of torch instead before running this.
+            "$VENV/bin/python" -m pip install -q "torch==${KVTIER_TORCH_VERSION:-2.13.0}"
+        fi
         "$VENV/bin/python" -m pip install -q -e "$REPO[$extras]" --config-settings editable_mode=strict
         echo "$want" >"$stamp"
     else

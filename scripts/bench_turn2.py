@@ -1,0 +1,402 @@
+#!/usr/bin/env python3
+"""Turn-2 time-to-first-token: load the KV cache through kvtierd instead of recomputing it.
+
+    scripts/bench_turn2.py [--model qwen2.5-7b|llama-3.1-8b|tiny] [--model-path DIR]
+                           [--contexts 8192,32768,65536,131072] [--quick] [--json] [--out DIR]
+
+For each context length: turn 1 prefills a random prompt and saves its KV through a real
+kvtierd (ack = memory, written behind to the file pool).  Turn 2 is the same prompt plus
+64 new tokens:
+  (a) baseline: recompute the whole prompt (chunked prefill);
+  (b) kvtier, DRAM tier: LOOKUP, load the stored prefix layer group by layer group into
+      the GPU (through the CUDA-registered arena), prefill only the new tokens;
+  (c) kvtier, file pool: the daemon restarted (DRAM empty), so the prefix comes from the
+      pool file with O_DIRECT (no page cache).
+Reported per length: TTFT, end-to-end latency with 32 generated tokens, KV bytes, load
+GB/s, speedups (a)/(b) and (a)/(c), the max |logit difference| against (a) and whether
+the greedy tokens are identical; plus the disk's own O_DIRECT read bandwidth.
+
+Models are built from their published configs with random weights (no downloads);
+`--model-path` loads real local weights.  `tiny` runs on the CPU (CI).  Writes
+`turn2.json` and `turn2.png` (log-scale TTFT vs context, speedups annotated) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from kvtier.client.admin import AdminClient
+from kvtier.client.client import Client
+from kvtier.client.gpu import KVLayout, KVLoader, KVSaver, finish_resume, resume
+from kvtier.daemon.config import hash_token
+
+MiB, GiB = 1 << 20, 1 << 30
+TOKEN = "turn2-token"
+
+
+def model_config(name: str) -> Any:
+    import transformers as tf
+
+    if name == "qwen2.5-7b":
+        return tf.Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                              num_hidden_layers=28, num_attention_heads=28,
+                              num_key_value_heads=4, max_position_embeddings=131072,
+                              rope_theta=1e7, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    if name == "llama-3.1-8b":
+        return tf.LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                              num_hidden_layers=32, num_attention_heads=32,
+                              num_key_value_heads=8, max_position_embeddings=131072,
+                              rope_theta=500000.0, rms_norm_eps=1e-5,
+                              rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                            "original_max_position_embeddings": 8192})
+    if name == "tiny":
+        return tf.Qwen2Config(vocab_size=1000, hidden_size=128, intermediate_size=256,
+                              num_hidden_layers=4, num_attention_heads=4,
+                              num_key_value_heads=2, max_position_embeddings=8192,
+                              rope_theta=10000.0)
+    raise SystemExit(f"bench_turn2: unknown model {name!r}")
+
+
+def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Any:
+    import transformers as tf
+
+    if args.model_path:
+        return tf.AutoModelForCausalLM.from_pretrained(
+            args.model_path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    cfg = model_config(args.model)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = tf.AutoModelForCausalLM.from_config(cfg, dtype=dtype,
+                                                    attn_implementation="sdpa")
+    return model.eval()
+
+
+class Daemon:
+    def __init__(self, work: str, dram: int, pool: int, segment: int) -> None:
+        self.sock = os.path.join(work, "kvtier.sock")
+        self.cfg = os.path.join(work, "kvtier.toml")
+        self.log = os.path.join(work, "kvtierd.log")
+        self.pool_path = os.path.join(work, "pool0.img")
+        Path(self.cfg).write_text(
+            f'state_dir = "{work}"\nsocket = "{self.sock}"\nack = "memory"\n'
+            f"admin_uids = [{os.geteuid()}]\n"
+            f"[dram]\nsize = {dram}\nsegment_size = {segment}\npopulate = false\n"
+            f'[[pool]]\npath = "pool0.img"\nsize = {pool}\nsegment_size = {segment}\n'
+            f'[[tenant]]\nid = "bench"\ntoken_hash = "{hash_token(TOKEN)}"\n'
+            f"[limits]\narena_max = {2 * GiB}\nio_threads = {min(16, os.cpu_count() or 4)}\n"
+            f"inflight_per_client = 64\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "kvtier.daemon.main", "run",
+                                          "--config", self.cfg], stderr=log)
+        for _ in range(1200):
+            try:
+                with AdminClient(self.sock, timeout=2) as a:
+                    a.call("status")
+                return
+            except Exception:
+                if self.proc.poll() is not None:
+                    raise SystemExit("kvtierd exited:\n" + Path(self.log).read_text()[-2000:])
+                time.sleep(0.05)
+        raise SystemExit("kvtierd did not become ready")
+
+    def backlog(self) -> int:
+        with AdminClient(self.sock) as a:
+            return int(a.call("status")["tiers"]["writebehind_backlog"])
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(600)
+            self.proc = None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prefill(model: Any, ids: torch.Tensor, cache: Any, chunk: int) -> torch.Tensor:
+    """Chunked prefill of `ids` into `cache`; returns the last position's logits (fp32)."""
+    base = model.model
+    hidden = None
+    for s in range(0, ids.shape[1], chunk):
+        hidden = base(ids[:, s:s + chunk], past_key_values=cache, use_cache=True
+                      ).last_hidden_state
+    assert hidden is not None
+    return model.lm_head(hidden[:, -1:]).float()[:, -1]
+
+
+def decode(model: Any, logits: torch.Tensor, cache: Any, n: int) -> list[int]:
+    toks = []
+    tok = logits.argmax(-1, keepdim=True)
+    for _ in range(n):
+        toks.append(int(tok))
+        out = model(tok, past_key_values=cache, use_cache=True)
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+    return toks
+
+
+def disk_read_bandwidth(path: str, nbytes: int) -> float:
+    """O_DIRECT sequential read rate of the pool file (16 MiB reads)."""
+    import mmap
+
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+    try:
+        buf = mmap.mmap(-1, 16 * MiB)
+        size = min(nbytes, os.fstat(fd).st_size - 16 * MiB)
+        t0 = time.perf_counter()
+        off = MiB  # segments start after the superblock zone
+        while off < size:
+            os.preadv(fd, [buf], off)
+            off += 16 * MiB
+        return off / (time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+
+
+def h2d_rates(d: Daemon, arena: int, device: torch.device) -> dict[str, float]:
+    """Host-to-device copy rate from the CUDA-registered client arena vs pageable memory."""
+    from kvtier.client.gpu import register_arena
+
+    n = min(1 * GiB, arena // 2)
+    out: dict[str, float] = {}
+    dst = torch.empty(n, dtype=torch.uint8, device=device)
+    with Client.connect(d.sock, "bench", TOKEN, arena_size=arena) as c:
+        register_arena(c)
+        pinned = torch.frombuffer(c.arena[:n], dtype=torch.uint8)
+        pageable = torch.empty(n, dtype=torch.uint8)
+        pageable.fill_(1)
+        for name, src in (("registered_arena", pinned), ("pageable", pageable)):
+            dst.copy_(src, non_blocking=True)
+            torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(5):
+                dst.copy_(src, non_blocking=True)
+            torch.cuda.synchronize(device)
+            out[f"h2d_{name}_bytes_per_s"] = round(5 * n / (time.perf_counter() - t0))
+        del pinned
+    return out
+
+
+def plot(results: list[dict[str, Any]], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ctx = [r["context_tokens"] for r in results]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.plot(ctx, [r["ttft_baseline_s"] for r in results], "o-", label="recompute (baseline)")
+    ax.plot(ctx, [r["ttft_dram_s"] for r in results], "s-", label="kvtier, DRAM tier")
+    if all("ttft_file_s" in r for r in results):
+        ax.plot(ctx, [r["ttft_file_s"] for r in results], "^-", label="kvtier, file pool")
+    for r in results:
+        ax.annotate(f"{r['speedup_dram']:.0f}x", (r["context_tokens"], r["ttft_dram_s"]),
+                    textcoords="offset points", xytext=(0, -14), ha="center", fontsize=9)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel("turn-2 time to first token (s)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen2.5-7b")
+    ap.add_argument("--model-path", default=None)
+    ap.add_argument("--contexts", default="8192,32768,65536,131072")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--gen-tokens", type=int, default=32)
+    ap.add_argument("--prefill-chunk", type=int, default=16384)
+    ap.add_argument("--layer-groups", type=int, default=2)
+    ap.add_argument("--inflight", type=int, default=16)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--skip-file-pool", action="store_true")
+    ap.add_argument("--quick", action="store_true",
+                    help="the tiny model on short contexts (CPU, under a minute)")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--dir", default=None, help="where kvtierd keeps its files")
+    args = ap.parse_args()
+    if args.quick:
+        args.model, args.contexts, args.prefill_chunk = "tiny", "512,2048", 1024
+    console = Console(stderr=args.json)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    contexts = [int(x) for x in args.contexts.split(",")]
+    model = build_model(args, device, dtype)
+    layout = KVLayout.from_config(model.config, dtype)
+    fp = layout.fingerprint(args.model_path or args.model)
+    kv_max = max(contexts) // layout.chunk_tokens * layout.chunk_bytes
+    total = sum(c // layout.chunk_tokens * layout.chunk_bytes for c in contexts)
+    seg = 256 * MiB if kv_max > 4 * GiB else 64 * MiB
+    work = tempfile.mkdtemp(prefix="kvtier-turn2-", dir=args.dir or os.getcwd())
+    d = Daemon(work, dram=max(int(kv_max * 1.5), 32 * seg), pool=int(total * 1.3) + 16 * seg,
+               segment=seg)
+    results: list[dict[str, Any]] = []
+    rng = torch.Generator().manual_seed(1234)
+    arena = max(256 * MiB, 2 * layout.chunk_bytes + args.inflight * layout.chunk_bytes + 64 * MiB)
+    h2d: dict[str, float] = {}
+    try:
+        d.start()
+        if device.type == "cuda":
+            h2d = h2d_rates(d, arena, device)
+            console.print(f"H2D: registered arena {h2d['h2d_registered_arena_bytes_per_s'] / 1e9:.1f}"
+                          f" GB/s, pageable {h2d['h2d_pageable_bytes_per_s'] / 1e9:.1f} GB/s")
+        with Progress(console=console, transient=True) as prog:
+            task = prog.add_task(f"turn 2 on {args.model}", total=len(contexts) * 4)
+            for ctx in contexts:
+                r: dict[str, Any] = {"context_tokens": ctx}
+                prompt = torch.randint(0, model.config.vocab_size, (1, ctx), generator=rng)
+                new = torch.randint(0, model.config.vocab_size, (1, args.new_tokens),
+                                    generator=rng)
+                full = torch.cat([prompt, new], dim=1).to(device)
+                prompt = prompt.to(device)
+                from transformers import DynamicCache
+
+                # Turn 1: prefill and save through kvtierd.
+                with torch.no_grad():
+                    cache = DynamicCache(config=model.config)
+                    prefill(model, prompt, cache, args.prefill_chunk)
+                sync(device)
+                with Client.connect(d.sock, "bench", TOKEN, arena_size=arena) as c:
+                    saver = KVSaver(c, layout, fp)
+                    srep = saver.save(f"ctx{ctx}", prompt[0], cache)
+                    saver.close()
+                del cache
+                r["kv_bytes"] = srep.bytes
+                r["save_s"] = round(srep.seconds, 4)
+                r["save_bytes_per_s"] = round(srep.bytes / srep.seconds) if srep.seconds else 0
+                t0 = time.perf_counter()
+                while d.backlog():
+                    time.sleep(0.05)
+                r["writebehind_s"] = round(time.perf_counter() - t0, 3)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                prog.advance(task)
+
+                # (a) baseline: recompute everything.
+                with torch.no_grad():
+                    sync(device)
+                    t0 = time.perf_counter()
+                    cache = DynamicCache(config=model.config)
+                    logits_a = prefill(model, full, cache, args.prefill_chunk)
+                    sync(device)
+                    r["ttft_baseline_s"] = round(time.perf_counter() - t0, 4)
+                    toks_a = decode(model, logits_a, cache, args.gen_tokens)
+                    sync(device)
+                    r["e2e_baseline_s"] = round(time.perf_counter() - t0, 4)
+                del cache
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                prog.advance(task)
+
+                def via_kvtier(tag: str) -> None:
+                    with Client.connect(d.sock, "bench", TOKEN, arena_size=arena) as c:
+                        loader = KVLoader(c, layout, fp, layer_groups=args.layer_groups,
+                                          inflight=args.inflight)
+                        with torch.no_grad():
+                            sync(device)
+                            t0 = time.perf_counter()
+                            res = resume(model, loader, full[0])
+                            logits = prefill(model, full[:, res.prefix_tokens:], res.cache,
+                                             args.prefill_chunk)
+                            sync(device)
+                            ttft = time.perf_counter() - t0
+                            finish_resume(loader)
+                            toks = decode(model, logits, res.cache, args.gen_tokens)
+                            sync(device)
+                            e2e = time.perf_counter() - t0
+                        loader.close()
+                    r[f"ttft_{tag}_s"] = round(ttft, 4)
+                    r[f"e2e_{tag}_s"] = round(e2e, 4)
+                    r[f"prefix_tokens_{tag}"] = res.prefix_tokens
+                    r[f"load_{tag}_s"] = round(res.load.seconds, 4)
+                    r[f"load_{tag}_bytes_per_s"] = round(res.load.bytes / res.load.seconds) \
+                        if res.load.seconds else 0
+                    r[f"load_{tag}_tiers"] = res.load.tiers
+                    r[f"max_abs_logit_diff_{tag}"] = float((logits - logits_a).abs().max())
+                    r[f"greedy_tokens_identical_{tag}"] = toks == toks_a
+                    r[f"speedup_{tag}"] = round(r["ttft_baseline_s"] / ttft, 2)
+                    del res
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+
+                via_kvtier("dram")
+                prog.advance(task)
+                if not args.skip_file_pool:
+                    d.stop()  # flushes and checkpoints; DRAM is gone
+                    d.start()
+                    via_kvtier("file")
+                prog.advance(task)
+                results.append(r)
+                console.print(f"{args.model} {ctx} tokens: baseline {r['ttft_baseline_s']:.3f} s,"
+                              f" DRAM {r['ttft_dram_s']:.3f} s ({r['speedup_dram']}x)"
+                              + (f", file {r['ttft_file_s']:.3f} s ({r['speedup_file']}x)"
+                                 if "ttft_file_s" in r else ""))
+        # Only the written part of the pool: unwritten (fallocated) extents read as zeros
+        # without touching the disk.
+        disk = disk_read_bandwidth(d.pool_path, min(4 * GiB, total)) \
+            if os.path.exists(d.pool_path) else 0
+    finally:
+        d.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    out = {"model": args.model_path or args.model, "device": str(device),
+           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "dtype": str(dtype), "layer_groups": args.layer_groups, "inflight": args.inflight,
+           "disk_read_bytes_per_s": round(disk), **h2d, "results": results}
+    os.makedirs(args.out, exist_ok=True)
+    Path(args.out, "turn2.json").write_text(json.dumps(out, indent=1))
+    plot(results, os.path.join(args.out, "turn2.png"),
+         f"turn-2 TTFT, {out['model']} on {out['gpu']}")
+    t = Table(title=f"turn-2 TTFT: {out['model']} ({out['gpu']})")
+    for col in ("context", "KV", "recompute s", "DRAM s", "x", "file s", "x", "load GB/s",
+                "max |dlogit|", "same tokens"):
+        t.add_column(col, justify="right")
+    for r in results:
+        t.add_row(str(r["context_tokens"]), f"{r['kv_bytes'] / GiB:.2f} GiB",
+                  f"{r['ttft_baseline_s']:.3f}", f"{r['ttft_dram_s']:.3f}",
+                  f"{r['speedup_dram']}", f"{r.get('ttft_file_s', float('nan')):.3f}",
+                  f"{r.get('speedup_file', float('nan'))}",
+                  f"{r['load_dram_bytes_per_s'] / 1e9:.1f}",
+                  f"{r['max_abs_logit_diff_dram']:.3g}",
+                  str(r["greedy_tokens_identical_dram"]))
+    console.print(t)
+    console.print(f"disk O_DIRECT read: {disk / 1e9:.2f} GB/s; wrote {args.out}/turn2.json, "
+                  f"{args.out}/turn2.png")
+    if args.json:
+        flat = {k: v for k, v in out.items() if k != "results"}
+        for r in results:
+            for k, v in r.items():
+                if k != "context_tokens":
+                    flat[f"{k}_{r['context_tokens']}"] = v
+        print(json.dumps(flat))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

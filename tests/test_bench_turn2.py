@@ -1,0 +1,33 @@
+"""scripts/bench_turn2.py --quick: the whole turn-2 flow on the CPU with a tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_turn2_quick(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_turn2.py"), "--quick",
+                        "--json", "--out", str(tmp_path / "out"), "--dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    fig = json.loads(r.stdout.strip().splitlines()[-1])
+    for ctx in (512, 2048):
+        for tier in ("dram", "file"):
+            assert fig[f"prefix_tokens_{tier}_{ctx}"] == ctx
+            assert fig[f"greedy_tokens_identical_{tier}_{ctx}"] is True
+            assert fig[f"max_abs_logit_diff_{tier}_{ctx}"] < 1e-4
+            assert fig[f"speedup_{tier}_{ctx}"] > 0
+        assert fig[f"load_dram_tiers_{ctx}"] == {"dram": ctx // 256}
+        assert fig[f"load_file_tiers_{ctx}"] == {"pool": ctx // 256}
+    assert (tmp_path / "out" / "turn2.png").stat().st_size > 10_000
+    doc = json.loads((tmp_path / "out" / "turn2.json").read_text())
+    assert len(doc["results"]) == 2

@@ -1,0 +1,109 @@
+"""The GPU data path's logic on CPU tensors: save after prefill, resume, same logits.
+
+A tiny model of a real architecture (Qwen2) with random weights; a real kvtierd.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from harness import TOKENS, Daemon  # noqa: E402
+
+from kvtier.client.client import Client  # noqa: E402
+from kvtier.client.gpu import (  # noqa: E402
+    KVLayout,
+    KVLoader,
+    KVSaver,
+    cache_layer,
+    finish_resume,
+    resume,
+)
+
+T = 16  # chunk tokens (small, for a small model)
+
+
+@pytest.fixture(scope="module")
+def model():  # type: ignore[no-untyped-def]
+    cfg = transformers.Qwen2Config(vocab_size=500, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=2048,
+                                   rope_theta=10000.0)
+    torch.manual_seed(0)
+    return transformers.Qwen2ForCausalLM(cfg).eval()
+
+
+def _prefill(model, ids):  # type: ignore[no-untyped-def]
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+    return out.past_key_values, out.logits
+
+
+def test_save_then_resume_gives_the_same_logits(daemon: Daemon, model) -> None:  # type: ignore[no-untyped-def]
+    daemon.start()
+    layout = KVLayout.from_config(model.config, torch.float32, chunk_tokens=T)
+    fp = layout.fingerprint("tiny-qwen2")
+    g = torch.Generator().manual_seed(1)
+    turn1 = torch.randint(0, 500, (1, 5 * T + 3), generator=g)  # 5 full chunks + 3 tokens
+    with Client.connect(daemon.socket, "alice", TOKENS["alice"], arena_size=16 << 20) as c:
+        cache, _ = _prefill(model, turn1)
+        saver = KVSaver(c, layout, fp)
+        rep = saver.save("conv-1", turn1[0], cache)
+        assert rep.chunks == 5 and rep.bytes == 5 * layout.chunk_bytes
+        assert saver.save("conv-1", turn1[0], cache).skipped == 5  # idempotent
+        saver.close()
+
+        # Turn 2: the conversation continues; the stored prefix is 5 chunks.
+        turn2 = torch.cat([turn1, torch.randint(0, 500, (1, 9), generator=g)], dim=1)
+        with torch.no_grad():
+            want = model(turn2).logits[:, -1]
+        for groups in (1, 3):
+            loader = KVLoader(c, layout, fp, layer_groups=groups, inflight=4)
+            res = resume(model, loader, turn2[0])
+            assert res.prefix_tokens == 5 * T and res.load.chunks == 5
+            k0, _ = cache_layer(res.cache, 0)
+            assert torch.equal(k0, cache_layer(cache, 0)[0][:, :, :5 * T])
+            with torch.no_grad():
+                got = model(turn2[:, res.prefix_tokens:], past_key_values=res.cache).logits[:, -1]
+            finish_resume(loader)
+            loader.close()
+            assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_partial_hit_and_greedy_generation_match(daemon: Daemon, model) -> None:  # type: ignore[no-untyped-def]
+    daemon.start()
+    layout = KVLayout.from_config(model.config, torch.float32, chunk_tokens=T)
+    fp = layout.fingerprint("tiny-qwen2")
+    g = torch.Generator().manual_seed(2)
+    shared = torch.randint(0, 500, (1, 2 * T), generator=g)
+    a = torch.cat([shared, torch.randint(0, 500, (1, 3 * T), generator=g)], dim=1)
+    b = torch.cat([shared, torch.randint(0, 500, (1, 2 * T + 5), generator=g)], dim=1)
+    with Client.connect(daemon.socket, "alice", TOKENS["alice"], arena_size=16 << 20) as c:
+        cache, _ = _prefill(model, a)
+        KVSaver(c, layout, fp).save("conv-a", a[0], cache)
+        loader = KVLoader(c, layout, fp, layer_groups=2, inflight=3)
+        res = resume(model, loader, b[0])  # only the shared system prompt matches
+        assert res.prefix_tokens == 2 * T
+        with torch.no_grad():
+            out = model.generate(b, past_key_values=res.cache, max_new_tokens=8,
+                                 do_sample=False)
+            ref = model.generate(b, max_new_tokens=8, do_sample=False)
+        finish_resume(loader)
+        assert torch.equal(out, ref)
+        # Another tenant sees nothing of it.
+    with Client.connect(daemon.socket, "bob", TOKENS["bob"], arena_size=16 << 20) as c2:
+        other = KVLoader(c2, layout, fp)
+        assert resume(model, other, b[0]).prefix_tokens == 0
+
+
+def test_a_different_model_shape_never_hits(daemon: Daemon, model) -> None:  # type: ignore[no-untyped-def]
+    daemon.start()
+    layout = KVLayout.from_config(model.config, torch.float32, chunk_tokens=T)
+    ids = torch.randint(0, 500, (1, 3 * T))
+    with Client.connect(daemon.socket, "alice", TOKENS["alice"], arena_size=16 << 20) as c:
+        cache, _ = _prefill(model, ids)
+        KVSaver(c, layout, layout.fingerprint("tiny-qwen2")).save("s", ids[0], cache)
+        other = KVLoader(c, layout, layout.fingerprint("another-model"))
+        assert other.lookup(ids[0])[1] == 0
