@@ -114,7 +114,8 @@ class Daemon:
                 return
             except Exception:
                 if self.proc.poll() is not None:
-                    raise SystemExit("kvtierd exited:\n" + Path(self.log).read_text()[-2000:])
+                    raise SystemExit("kvtierd exited:\n"
+                                     + Path(self.log).read_text()[-2000:]) from None
                 time.sleep(0.05)
         raise SystemExit("kvtierd did not become ready")
 
@@ -197,6 +198,41 @@ def h2d_rates(d: Daemon, arena: int, device: torch.device) -> dict[str, float]:
     return out
 
 
+def via_kvtier(tag: str, d: Daemon, model: Any, layout: KVLayout, fp: bytes,
+               args: argparse.Namespace, full: torch.Tensor, logits_a: torch.Tensor,
+               toks_a: list[int], r: dict[str, Any], arena: int, device: torch.device) -> None:
+    """Turn 2 through kvtier: resume from the stored prefix, prefill the rest."""
+    with Client.connect(d.sock, "bench", TOKEN, arena_size=arena) as c:
+        loader = KVLoader(c, layout, fp, layer_groups=args.layer_groups,
+                          inflight=args.inflight)
+        with torch.no_grad():
+            sync(device)
+            t0 = time.perf_counter()
+            res = resume(model, loader, full[0])
+            logits = prefill(model, full[:, res.prefix_tokens:], res.cache,
+                             args.prefill_chunk)
+            sync(device)
+            ttft = time.perf_counter() - t0
+            finish_resume(loader)
+            toks = decode(model, logits, res.cache, args.gen_tokens)
+            sync(device)
+            e2e = time.perf_counter() - t0
+        loader.close()
+    r[f"ttft_{tag}_s"] = round(ttft, 4)
+    r[f"e2e_{tag}_s"] = round(e2e, 4)
+    r[f"prefix_tokens_{tag}"] = res.prefix_tokens
+    r[f"load_{tag}_s"] = round(res.load.seconds, 4)
+    r[f"load_{tag}_bytes_per_s"] = round(res.load.bytes / res.load.seconds) \
+        if res.load.seconds else 0
+    r[f"load_{tag}_tiers"] = res.load.tiers
+    r[f"max_abs_logit_diff_{tag}"] = float((logits - logits_a).abs().max())
+    r[f"greedy_tokens_identical_{tag}"] = toks == toks_a
+    r[f"speedup_{tag}"] = round(r["ttft_baseline_s"] / ttft, 2)
+    del res
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def plot(results: list[dict[str, Any]], path: str, title: str) -> None:
     import matplotlib
 
@@ -265,8 +301,9 @@ def main() -> int:
         d.start()
         if device.type == "cuda":
             h2d = h2d_rates(d, arena, device)
-            console.print(f"H2D: registered arena {h2d['h2d_registered_arena_bytes_per_s'] / 1e9:.1f}"
-                          f" GB/s, pageable {h2d['h2d_pageable_bytes_per_s'] / 1e9:.1f} GB/s")
+            reg, pag = h2d["h2d_registered_arena_bytes_per_s"], h2d["h2d_pageable_bytes_per_s"]
+            console.print(f"H2D: registered arena {reg / 1e9:.1f} GB/s, pageable "
+                          f"{pag / 1e9:.1f} GB/s")
         with Progress(console=console, transient=True) as prog:
             task = prog.add_task(f"turn 2 on {args.model}", total=len(contexts) * 4)
             for ctx in contexts:
@@ -315,43 +352,14 @@ def main() -> int:
                     torch.cuda.empty_cache()
                 prog.advance(task)
 
-                def via_kvtier(tag: str) -> None:
-                    with Client.connect(d.sock, "bench", TOKEN, arena_size=arena) as c:
-                        loader = KVLoader(c, layout, fp, layer_groups=args.layer_groups,
-                                          inflight=args.inflight)
-                        with torch.no_grad():
-                            sync(device)
-                            t0 = time.perf_counter()
-                            res = resume(model, loader, full[0])
-                            logits = prefill(model, full[:, res.prefix_tokens:], res.cache,
-                                             args.prefill_chunk)
-                            sync(device)
-                            ttft = time.perf_counter() - t0
-                            finish_resume(loader)
-                            toks = decode(model, logits, res.cache, args.gen_tokens)
-                            sync(device)
-                            e2e = time.perf_counter() - t0
-                        loader.close()
-                    r[f"ttft_{tag}_s"] = round(ttft, 4)
-                    r[f"e2e_{tag}_s"] = round(e2e, 4)
-                    r[f"prefix_tokens_{tag}"] = res.prefix_tokens
-                    r[f"load_{tag}_s"] = round(res.load.seconds, 4)
-                    r[f"load_{tag}_bytes_per_s"] = round(res.load.bytes / res.load.seconds) \
-                        if res.load.seconds else 0
-                    r[f"load_{tag}_tiers"] = res.load.tiers
-                    r[f"max_abs_logit_diff_{tag}"] = float((logits - logits_a).abs().max())
-                    r[f"greedy_tokens_identical_{tag}"] = toks == toks_a
-                    r[f"speedup_{tag}"] = round(r["ttft_baseline_s"] / ttft, 2)
-                    del res
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-
-                via_kvtier("dram")
+                via_kvtier("dram", d, model, layout, fp, args, full, logits_a, toks_a, r, arena,
+                           device)
                 prog.advance(task)
                 if not args.skip_file_pool:
                     d.stop()  # flushes and checkpoints; DRAM is gone
                     d.start()
-                    via_kvtier("file")
+                    via_kvtier("file", d, model, layout, fp, args, full, logits_a, toks_a, r,
+                               arena, device)
                 prog.advance(task)
                 results.append(r)
                 console.print(f"{args.model} {ctx} tokens: baseline {r['ttft_baseline_s']:.3f} s,"
