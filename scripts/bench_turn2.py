@@ -291,8 +291,11 @@ def main() -> int:
     total = sum(c // layout.chunk_tokens * layout.chunk_bytes for c in contexts)
     seg = 256 * MiB if kv_max > 4 * GiB else 64 * MiB
     work = tempfile.mkdtemp(prefix="kvtier-turn2-", dir=args.dir or os.getcwd())
-    d = Daemon(work, dram=max(int(kv_max * 1.5), 32 * seg), pool=int(total * 1.3) + 16 * seg,
-               segment=seg)
+    def segments(nbytes: float) -> int:
+        return int(-(-nbytes // seg)) * seg
+
+    d = Daemon(work, dram=max(segments(kv_max * 1.5), 32 * seg),
+               pool=segments(total * 1.3) + 16 * seg + MiB, segment=seg)
     results: list[dict[str, Any]] = []
     rng = torch.Generator().manual_seed(1234)
     arena = max(256 * MiB, 2 * layout.chunk_bytes + args.inflight * layout.chunk_bytes + 64 * MiB)
