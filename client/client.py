@@ -22,7 +22,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any
@@ -101,6 +101,7 @@ class Client:
         self._next_tag = 1
         self._closed = False
         self._error: KvtierError | None = None
+        self._close_hooks: list[Callable[[], None]] = []
         self._reaper = threading.Thread(target=self._reap, name="kvtier-reaper", daemon=True)
         self._reaper.start()
 
@@ -149,11 +150,18 @@ class Client:
         sock.settimeout(None)
         return cls(sock, body, fds, timeout)
 
+    def on_close(self, fn: Callable[[], None]) -> None:
+        """Run `fn` when the client closes, before its shared memory is released
+        (e.g. cudaHostUnregister of the arena)."""
+        self._close_hooks.append(fn)
+
     def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+        for fn in reversed(self._close_hooks):
+            fn()
         try:
             self._sock.sendall(encode_ctrl(Msg.BYE, {}))
         except OSError:

@@ -85,6 +85,8 @@ def register_arena(client: Client) -> bool:
         raise KvtierError(f"cudaHostRegister of the arena failed: {err}")
     client._cuda_registered = True  # type: ignore[attr-defined]
     client._cuda_ptr = ptr  # type: ignore[attr-defined]
+    # Unmapping registered memory behind the driver's back breaks later CUDA calls.
+    client.on_close(lambda: unregister_arena(client))
     return True
 
 
