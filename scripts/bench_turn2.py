@@ -285,6 +285,9 @@ def main() -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     contexts = [int(x) for x in args.contexts.split(",")]
     model = build_model(args, device, dtype)
+    if device.type == "cuda":  # create the cuBLAS handle now, before any host registration
+        (torch.ones(64, 64, device=device, dtype=dtype) @ torch.ones(64, 64, device=device,
+                                                                     dtype=dtype)).sum().item()
     layout = KVLayout.from_config(model.config, dtype)
     fp = layout.fingerprint(args.model_path or args.model)
     kv_max = max(contexts) // layout.chunk_tokens * layout.chunk_bytes
