@@ -292,8 +292,8 @@ def main() -> int:
     ap.add_argument("--prefill-chunk", type=int, default=0,
                     help="prefill at most this many tokens per forward (0: all at once, "
                          "which lets SDPA use its causal flash kernel)")
-    ap.add_argument("--layer-groups", type=int, default=2)
-    ap.add_argument("--inflight", type=int, default=16)
+    ap.add_argument("--layer-groups", type=int, default=1)
+    ap.add_argument("--inflight", type=int, default=32)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-file-pool", action="store_true")
     ap.add_argument("--quick", action="store_true",
