@@ -100,6 +100,19 @@ def _slot_tensor(slot: Slot, nbytes: int) -> torch.Tensor:
     return torch.frombuffer(slot.view[:nbytes], dtype=torch.uint8)
 
 
+def _copy(dst: torch.Tensor, src: torch.Tensor, stream: Any) -> Any:
+    """dst <- src: on `stream` without blocking (returns the event that marks it done), or
+    synchronously when there is no stream (CPU)."""
+    if stream is None:
+        dst.copy_(src)
+        return None
+    with torch.cuda.stream(stream):
+        dst.copy_(src, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record(stream)
+    return ev
+
+
 def _check(comp: Completion, what: str) -> Completion:
     if comp.status != Status.OK:
         raise error_for(comp.status, f"{what}: {Status(comp.status).name}")
@@ -203,17 +216,10 @@ class KVSaver:
             if pending[s] is not None:
                 _check(self.client._wait(pending[s]), "put")  # type: ignore[arg-type]
             slot = self.slots[s]
-            dst = _slot_tensor(slot, lay.chunk_bytes)
-            src = packed[j].reshape(-1).view(torch.uint8)
-            if cuda:
-                assert stream is not None
-                with torch.cuda.stream(stream):
-                    dst.copy_(src, non_blocking=True)
-                    ev = torch.cuda.Event()
-                    ev.record(stream)
-                ev.synchronize()
-            else:
-                dst.copy_(src)
+            ev = _copy(_slot_tensor(slot, lay.chunk_bytes), packed[j].reshape(-1).view(torch.uint8),
+                       stream)
+            if ev is not None:
+                ev.synchronize()  # the PUT below reads the slot
             req = self.client.put_request(session, keys[c], slot,
                                           [lay.frame_bytes] * lay.num_layers, ttl_s=ttl_s)
             pending[s] = self.client.submit(req)
@@ -337,17 +343,8 @@ class KVLoader:
             if comp.result != nbytes:
                 raise KvtierError(f"chunk {c} layers [{a}, {b}): got {comp.result} bytes, "
                                   f"expected {nbytes}")
-            src = _slot_tensor(self.slots[s], nbytes)
-            dst = staging_bytes[c, a:b].reshape(-1)
-            if cuda:
-                assert stream is not None
-                with torch.cuda.stream(stream):
-                    dst.copy_(src, non_blocking=True)
-                    ev = torch.cuda.Event()
-                    ev.record(stream)
-                slot_free[s] = ev
-            else:
-                dst.copy_(src)
+            slot_free[s] = _copy(staging_bytes[c, a:b].reshape(-1),
+                                 _slot_tensor(self.slots[s], nbytes), stream)
             rep.bytes += nbytes
             done_in_group[g] += 1
             if done_in_group[g] == n:

@@ -27,68 +27,28 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_daemon import TOKEN, BenchDaemon
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from kvtier.client.admin import AdminClient
 from kvtier.client.client import Client
 from kvtier.daemon.blockdev import FileDevice, aligned_buffer
-from kvtier.daemon.config import hash_token
 from kvtier.daemon.pool import Pool
 
 MiB = 1 << 20
-TOKEN = "bench-token"
-BIN = Path(sys.executable).parent
 
 
 def key(i: int) -> bytes:
     return hashlib.blake2b(b"%d" % i, digest_size=16).digest()
-
-
-class Daemon:
-    def __init__(self, work: str, dram: int, pool: int) -> None:
-        self.work = work
-        self.sock = os.path.join(work, "kvtier.sock")
-        self.cfg = os.path.join(work, "kvtier.toml")
-        Path(self.cfg).write_text(
-            f'state_dir = "{work}"\nsocket = "{self.sock}"\nack = "media"\n'
-            f"admin_uids = [{os.geteuid()}]\n[dram]\nsize = {dram}\nsegment_size = {64 * MiB}\n"
-            f'[[pool]]\npath = "pool0.img"\nsize = {pool}\nsegment_size = {64 * MiB}\n'
-            f'[[tenant]]\nid = "bench"\ntoken_hash = "{hash_token(TOKEN)}"\n'
-            f"[limits]\narena_max = {1 << 30}\n")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(os.path.join(self.work, "log"), "ab") as log:  # the child keeps its copy
-            self.proc = subprocess.Popen([str(BIN / "kvtierd"), "run", "--config", self.cfg],
-                                         stderr=log)
-        for _ in range(600):
-            try:
-                with AdminClient(self.sock, timeout=2) as a:
-                    a.call("status")
-                return
-            except Exception:
-                if self.proc.poll() is not None:
-                    raise SystemExit("kvtierd failed to start; see " + self.work) from None
-                time.sleep(0.05)
-        raise SystemExit("kvtierd did not become ready")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(120)
-            self.proc = None
 
 
 def memcpy_rate(size: int, footprint: int, seconds: float) -> float:
@@ -214,7 +174,7 @@ def main() -> int:
     secs = 1.5 if args.quick else 5.0
     pool_vals = 24 if args.quick else 64  # values per size for the file-pool pass
     fig: dict[str, Any] = {"quick": args.quick}
-    d = Daemon(work, dram=(768 if args.quick else 1536) * MiB, pool=4096 * MiB)
+    d = BenchDaemon(work, dram=(768 if args.quick else 1536) * MiB, pool=4096 * MiB)
     redis_srv: Redis | None = None
     try:
         with Progress(console=console, transient=True) as prog:

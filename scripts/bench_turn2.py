@@ -27,8 +27,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,17 +34,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_daemon import TOKEN, BenchDaemon
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from kvtier.client.admin import AdminClient
 from kvtier.client.client import Client
 from kvtier.client.gpu import KVLayout, KVLoader, KVSaver, finish_resume, resume
-from kvtier.daemon.config import hash_token
 
 MiB, GiB = 1 << 20, 1 << 30
-TOKEN = "turn2-token"
 
 
 def model_config(name: str) -> Any:
@@ -85,49 +81,6 @@ def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         model = tf.AutoModelForCausalLM.from_config(cfg, dtype=dtype,
                                                     attn_implementation="sdpa")
     return model.eval()
-
-
-class Daemon:
-    def __init__(self, work: str, dram: int, pool: int, segment: int) -> None:
-        self.sock = os.path.join(work, "kvtier.sock")
-        self.cfg = os.path.join(work, "kvtier.toml")
-        self.log = os.path.join(work, "kvtierd.log")
-        self.pool_path = os.path.join(work, "pool0.img")
-        Path(self.cfg).write_text(
-            f'state_dir = "{work}"\nsocket = "{self.sock}"\nack = "memory"\n'
-            f"admin_uids = [{os.geteuid()}]\n"
-            f"[dram]\nsize = {dram}\nsegment_size = {segment}\npopulate = false\n"
-            f'[[pool]]\npath = "pool0.img"\nsize = {pool}\nsegment_size = {segment}\n'
-            f'[[tenant]]\nid = "bench"\ntoken_hash = "{hash_token(TOKEN)}"\n'
-            f"[limits]\narena_max = {2 * GiB}\nio_threads = {min(16, os.cpu_count() or 4)}\n"
-            f"inflight_per_client = 64\n")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "kvtier.daemon.main", "run",
-                                          "--config", self.cfg], stderr=log)
-        for _ in range(1200):
-            try:
-                with AdminClient(self.sock, timeout=2) as a:
-                    a.call("status")
-                return
-            except Exception:
-                if self.proc.poll() is not None:
-                    raise SystemExit("kvtierd exited:\n"
-                                     + Path(self.log).read_text()[-2000:]) from None
-                time.sleep(0.05)
-        raise SystemExit("kvtierd did not become ready")
-
-    def backlog(self) -> int:
-        with AdminClient(self.sock) as a:
-            return int(a.call("status")["tiers"]["writebehind_backlog"])
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(600)
-            self.proc = None
 
 
 def sync(device: torch.device) -> None:
@@ -175,7 +128,7 @@ def disk_read_bandwidth(path: str, nbytes: int) -> float:
         os.close(fd)
 
 
-def h2d_rates(d: Daemon, arena: int, device: torch.device) -> dict[str, float]:
+def h2d_rates(d: BenchDaemon, arena: int, device: torch.device) -> dict[str, float]:
     """Host-to-device copy rate from the CUDA-registered client arena vs pageable memory."""
     from kvtier.client.gpu import register_arena
 
@@ -199,7 +152,7 @@ def h2d_rates(d: Daemon, arena: int, device: torch.device) -> dict[str, float]:
     return out
 
 
-def warm_up(model: Any, layout: KVLayout, fp: bytes, d: Daemon, arena: int,
+def warm_up(model: Any, layout: KVLayout, fp: bytes, d: BenchDaemon, arena: int,
             device: torch.device, args: argparse.Namespace) -> None:
     """One untimed save/load/prefill pass: CUDA context, kernels, allocator, streams."""
     from transformers import DynamicCache
@@ -220,7 +173,7 @@ def warm_up(model: Any, layout: KVLayout, fp: bytes, d: Daemon, arena: int,
     sync(device)
 
 
-def via_kvtier(tag: str, d: Daemon, model: Any, layout: KVLayout, fp: bytes,
+def via_kvtier(tag: str, d: BenchDaemon, model: Any, layout: KVLayout, fp: bytes,
                args: argparse.Namespace, full: torch.Tensor, logits_a: torch.Tensor,
                toks_a: list[int], r: dict[str, Any], arena: int, device: torch.device) -> None:
     """Turn 2 through kvtier: resume from the stored prefix, prefill the rest."""
@@ -321,8 +274,9 @@ def main() -> int:
     def segments(nbytes: float) -> int:
         return int(-(-nbytes // seg)) * seg
 
-    d = Daemon(work, dram=max(segments(kv_max * 1.5), 32 * seg),
-               pool=segments(total * 1.3) + 16 * seg + MiB, segment=seg)
+    d = BenchDaemon(work, dram=max(segments(kv_max * 1.5), 32 * seg),
+                    pool=segments(total * 1.3) + 16 * seg + MiB, segment=seg, ack="memory",
+                    populate=False, arena_max=2 * GiB, io_threads=min(16, os.cpu_count() or 4))
     results: list[dict[str, Any]] = []
     rng = torch.Generator().manual_seed(1234)
     arena = max(256 * MiB, 2 * layout.chunk_bytes + args.inflight * layout.chunk_bytes + 64 * MiB)
