@@ -179,7 +179,7 @@ class Pool:
         self.pins = np.zeros(n, dtype=np.int64)  # I/Os in flight per segment
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)
-        # (tenant, k0, k1) -> (LSN of the newest put in flight, session); LSN -1: cancelled
+        # (tenant, k0, k1) -> (LSN of the newest put in flight, session)
         self._inflight: dict[tuple[int, int, int], tuple[int, int]] = {}
         self._n_inflight = 0
         self.index = Index()
@@ -498,12 +498,13 @@ class Pool:
 
     def _cancel_inflight(self, t: int, key: tuple[int, int] | None = None,
                          session: int | None = None) -> None:
-        """A delete or purge supersedes puts of the same keys that are still in flight."""
+        """A delete or purge supersedes puts of the same keys that are still in flight:
+        forgetting them here means they find themselves superseded when they commit."""
         for ik, (_lsn, sid) in list(self._inflight.items()):
             if ik[0] != t or (key is not None and ik[1:] != key) or \
                     (session is not None and sid != session):
                 continue
-            self._inflight[ik] = (-1, sid)
+            del self._inflight[ik]
 
     def _index_put(self, tenant: str, session: str, key: bytes, seg: int, at: int,
                    nblocks: int, nframes: int, keygen: int, exp: int, now: int) -> bool:

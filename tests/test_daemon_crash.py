@@ -31,12 +31,15 @@ def test_sigkill_daemon_during_put_storm(tmp_path: Path) -> None:
                                      "alice", TOKENS["alice"], str(w), str(r)],
                                     stdout=subprocess.PIPE, text=True, env=env)
                    for w in range(WRITERS)]
-        time.sleep(rnd.uniform(0.3, 1.0))
+        # Start the clock once every writer is storming (imports and connects take a
+        # while on a loaded machine); keep each first acknowledgement.
+        first = [w.stdout.readline() if w.stdout else "" for w in writers]
+        time.sleep(rnd.uniform(0.2, 0.8))
         d.stop(signal.SIGKILL)
         n_round = 0
-        for w in writers:
+        for w, line0 in zip(writers, first, strict=True):
             out, _ = w.communicate(timeout=60)
-            for line in out.splitlines():
+            for line in (line0 + out).splitlines():
                 _, khex, seed, size = line.split()
                 acked[khex] = (int(seed), int(size))
                 n_round += 1
