@@ -56,6 +56,21 @@ def load(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def limit_malloc_arenas(n: int = 2) -> None:
+    """Cap glibc's malloc arenas.  By default every worker thread may get its own arena,
+    and the daemon's resident memory then creeps up with each new one; a couple of
+    shared arenas keep it flat at no measurable cost for this workload."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            ctypes.CDLL(name).mallopt(-8, n)  # M_ARENA_MAX
+        except (OSError, AttributeError):
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cmd = args.cmd or "run"
@@ -74,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                             format="%(asctime)s %(name)s %(levelname)s %(message)s",
                             stream=sys.stderr)
         cfg = load(args)
+        limit_malloc_arenas()
         import trio
 
         from kvtier.daemon.service import Service
