@@ -6,6 +6,7 @@ Talking to a running kvtierd (admin uid required):
     kvtier stat TENANT KEY-HEX
     kvtier purge TENANT [SESSION]
     kvtier demo                      a client round trip (tenant `default`)
+    kvtier bench [--size 2M]         put/get throughput and 4 KiB latency
 Offline, on a pool no daemon has open:
     kvtier pool format PATH --size 1G [--segment-size 64M]
     kvtier pool info PATH [--json]
@@ -167,19 +168,77 @@ def _token_hash(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    """Put/get throughput and 4 KiB GET latency through the running daemon."""
+    import time
+
+    import numpy as np
+
+    from kvtier.client.client import Client
+
+    token = _token(args)
+    if token is None:
+        return 1
+    size, seconds = args.size, args.seconds
+    with Client.connect(args.socket, args.tenant, token, arena_size=max(64 << 20,
+                                                                        4 * size)) as c:
+        val = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
+        slot = c.allocator.alloc(size + 64)
+        slot.view[:size] = val.tobytes()
+        keys = [np.random.default_rng(i).bytes(16) for i in range(64)]
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 2:
+            c.put_slot("kvtier-bench", keys[n % len(keys)], slot, [size], ttl_s=600)
+            n += 1
+        put = n * size / (time.perf_counter() - t0)
+        stored = min(n, len(keys))
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 2:
+            c._call(c.get_request(keys[n % stored], slot, size), "get")
+            n += 1
+        get = n * size / (time.perf_counter() - t0)
+        c.allocator.free(slot)
+        c.put("kvtier-bench", b"\1" * 16, [bytes(4096)], ttl_s=600)
+        lat = []
+        for _ in range(2000):
+            t1 = time.perf_counter()
+            c.get(b"\1" * 16)
+            lat.append(time.perf_counter() - t1)
+        c.purge_session("kvtier-bench")
+    p50, p99 = np.percentile(lat, 50) * 1e6, np.percentile(lat, 99) * 1e6
+    if args.json:
+        print(json.dumps({"value_bytes": size, "put_bytes_per_s": round(put),
+                          "get_bytes_per_s": round(get), "get_4k_p50_us": round(p50, 1),
+                          "get_4k_p99_us": round(p99, 1)}))
+        return 0
+    table = Table(title=f"kvtier bench ({format_size(size)} values, tenant {args.tenant})",
+                  show_header=False)
+    table.add_row("put", f"{put / 1e9:.2f} GB/s")
+    table.add_row("get", f"{get / 1e9:.2f} GB/s")
+    table.add_row("4 KiB get", f"p50 {p50:.0f} us, p99 {p99:.0f} us")
+    Console().print(table)
+    return 0
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    if args.token is not None:
+        return str(args.token)
+    path = os.path.join(args.state_dir or default_state_dir(), "default.token")
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError as e:
+        print(f"kvtier: cannot read the default tenant's token at {path}: {e.strerror}",
+              file=sys.stderr)
+        return None
+
+
 def _demo(args: argparse.Namespace) -> int:
     from kvtier.demo_client import run_client_demo
 
-    token = args.token
+    token = _token(args)
     if token is None:
-        path = os.path.join(args.state_dir or default_state_dir(), "default.token")
-        try:
-            with open(path) as f:
-                token = f.read().strip()
-        except OSError as e:
-            print(f"kvtier: cannot read the default tenant's token at {path}: {e.strerror}",
-                  file=sys.stderr)
-            return 1
+        return 1
     return run_client_demo(args.socket, token, args.tenant, args.prompt_tokens)
 
 
@@ -217,6 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--state-dir", default=None)
     dm.add_argument("--prompt-tokens", type=int, default=16384)
     dm.set_defaults(fn=_demo)
+    bn = sub.add_parser("bench", help="put/get throughput and 4 KiB latency through kvtierd")
+    bn.add_argument("--tenant", default="default")
+    bn.add_argument("--token", default=None)
+    bn.add_argument("--state-dir", default=None)
+    bn.add_argument("--size", type=size_arg, default=2 << 20)
+    bn.add_argument("--seconds", type=float, default=4.0)
+    bn.add_argument("--json", action="store_true")
+    bn.set_defaults(fn=_bench)
     pool = sub.add_parser("pool", help="work on a pool file or device directly "
                                        "(while no daemon has it open)")
     ps = pool.add_subparsers(dest="pool_cmd", required=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -33,6 +34,14 @@ def test_embedded_default_with_demo_client_and_sd_notify(tmp_path: Path) -> None
         st = subprocess.run([str(BIN / "kvtier"), "--socket", str(tmp_path / "kvtier.sock"),
                              "status"], capture_output=True, text=True, timeout=60, env=env)
         assert st.returncode == 0 and "8 entries" in st.stdout
+        bn = subprocess.run([str(BIN / "kvtier"), "--socket", str(tmp_path / "kvtier.sock"),
+                             "bench", "--state-dir", str(tmp_path), "--size", "1M",
+                             "--seconds", "1", "--json"], capture_output=True, text=True,
+                            timeout=120, env=env)
+        assert bn.returncode == 0, bn.stderr
+        fig = json.loads(bn.stdout.strip().splitlines()[-1])
+        assert fig["put_bytes_per_s"] > 0 and fig["get_bytes_per_s"] > 0
+        assert 0 < fig["get_4k_p50_us"] <= fig["get_4k_p99_us"]
     finally:
         d.send_signal(signal.SIGTERM)
         _, err = d.communicate(timeout=60)
