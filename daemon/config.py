@@ -52,6 +52,7 @@ class Limits:
     max_clients: int = 256
     inflight_per_client: int = 64
     io_threads: int = 8
+    stalled_client_timeout_s: float = 30.0  # drop a client whose completion ring stays full
 
 
 @dataclass
@@ -277,6 +278,12 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
             if v <= 0:
                 raise lr.fail(k, f"must be positive, got {v}")
             setattr(lim, k, v)
+        lr.used.add("stalled_client_timeout_s")
+        stall = lr.table.get("stalled_client_timeout_s", lim.stalled_client_timeout_s)
+        if isinstance(stall, bool) or not isinstance(stall, int | float) or stall <= 0:
+            raise lr.fail("stalled_client_timeout_s", f"must be a positive number of "
+                                                      f"seconds, got {stall!r}")
+        lim.stalled_client_timeout_s = float(stall)
         if lim.ring_entries & (lim.ring_entries - 1):
             raise lr.fail("ring_entries", f"must be a power of two, got {lim.ring_entries}")
         if lim.arena_default > lim.arena_max:

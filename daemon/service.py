@@ -296,7 +296,8 @@ class Service:
         session = ClientSession(client_id=client_id, tenant=tenant.id, uid=uid, pid=pid,
                                 store=self.store, res=res, ring_entries=entries,
                                 inflight=lim.inflight_per_client, limiter=self.io_limiter,
-                                record=self.metrics.record, stats=self.stats)
+                                record=self.metrics.record, stats=self.stats,
+                                stalled_timeout_s=lim.stalled_client_timeout_s)
         self.sessions[client_id] = session
         self.metrics.connects.inc()
         log.info("client %d connected: tenant %s pid %d uid %d arena %d MiB", client_id,

@@ -101,7 +101,8 @@ class ClientSession:
                  store: TieredStore, res: SessionResources, ring_entries: int,
                  inflight: int, limiter: trio.CapacityLimiter,
                  record: Callable[[str, str, str, int, float], None],
-                 stats: Callable[[], dict[str, Any]]) -> None:
+                 stats: Callable[[], dict[str, Any]],
+                 stalled_timeout_s: float = CQ_FULL_TIMEOUT_S) -> None:
         self.id = client_id
         self.tenant = tenant
         self.uid = uid
@@ -117,6 +118,7 @@ class ClientSession:
         self._limiter = limiter
         self._record = record
         self._stats = stats
+        self._stalled_timeout_s = stalled_timeout_s
         self.ops = 0
         self.errors = 0
 
@@ -230,7 +232,7 @@ class ClientSession:
 
     async def _complete(self, comp: Completion) -> None:
         data = comp.encode()
-        deadline = trio.current_time() + CQ_FULL_TIMEOUT_S
+        deadline = trio.current_time() + self._stalled_timeout_s
         while True:
             try:
                 pushed = self.cq.try_push(data)

@@ -203,6 +203,8 @@ def test_config_errors_name_the_key(tmp_path) -> None:
         '[[pool]]\npath = "x"\nsize = "lots"\n': "pool[0].size: not a size",
         '[[tenant]]\nid = "a"\n': "tenant[0].token_hash: is required",
         '[limits]\nring_entries = 1000\n': "limits.ring_entries: must be a power of two",
+        '[limits]\nstalled_client_timeout_s = -1\n': "stalled_client_timeout_s: must be a "
+                                                   "positive number",
         'colour = "blue"\n': "colour: unknown key",
         '[dram]\nsize = "1M"\n': "dram.size: must hold at least 8 segments",
         "not toml = = =\n": "not valid TOML",

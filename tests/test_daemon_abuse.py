@@ -211,3 +211,42 @@ def test_fuzz_ring_entries_against_a_live_daemon(tmp_path: Path) -> None:
         state["c"].close()  # type: ignore[attr-defined]
         good.c.close()
         assert d.stop() == 0
+
+
+def test_a_flood_of_submissions_is_absorbed(live) -> None:  # type: ignore[no-untyped-def]
+    d, good = live
+    with Client.connect(d.socket, "bob", TOKENS["bob"], arena_size=ARENA,
+                        ring_entries=64) as c:
+        futs = [c.submit(Request(Op.NOP, 0)) for _ in range(5000)]  # as fast as it can
+        assert all(c._wait(f).status == Status.OK for f in futs)
+        good.check()
+
+
+def test_a_client_that_stops_draining_completions_is_dropped(tmp_path: Path) -> None:
+    d = Daemon(tmp_path, extra="[limits]\nstalled_client_timeout_s = 1.0\n").start()
+    good = Good(d)
+    try:
+        c = Client.connect(d.socket, "bob", TOKENS["bob"], arena_size=ARENA, ring_entries=16)
+        c._closed = True  # stop the reaper: nobody drains the completion ring any more
+        time.sleep(0.7)
+        for i in range(16):  # fill the submission ring; the completion ring fills behind it
+            assert c.sq.try_push(Request(Op.NOP, i + 1).encode())
+        os.eventfd_write(c._sq_efd, 1)
+        time.sleep(0.3)
+        for i in range(16):  # more work that can never complete
+            while not c.sq.try_push(Request(Op.NOP, 100 + i).encode()):
+                time.sleep(0.01)
+                good.check()
+                if "completion ring full" in d.log.read_text():
+                    break
+            os.eventfd_write(c._sq_efd, 1)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and "completion ring full" not in d.log.read_text():
+            good.check()
+            time.sleep(0.1)
+        assert "completion ring full: the client stopped draining it" in d.log.read_text()
+        good.check()
+        c._sock.close()
+    finally:
+        good.c.close()
+        assert d.stop() == 0
