@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from harness import TOKENS, Daemon
@@ -28,15 +29,28 @@ def _run_clients(d: Daemon, seconds: float) -> list[tuple[int, int]]:
     return out
 
 
+def _settled_rss(d: Daemon) -> int:
+    """The daemon's RSS once it has torn down every session (their arenas unmapped)."""
+    deadline = time.monotonic() + 20
+    while d.admin("status")["daemon"]["clients"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not d.admin("status")["daemon"]["clients"], "sessions were not torn down"
+    assert d.proc is not None
+    with open(f"/proc/{d.proc.pid}/maps") as f:
+        leftover = [line for line in f if "-arena" in line or "-sq" in line or "-cq" in line]
+    assert not leftover, f"client memory still mapped: {leftover[:3]}"
+    return d.rss_kib()
+
+
 def test_eight_clients_concurrently(tmp_path: Path) -> None:
     d = Daemon(tmp_path, pool_size="512M", dram_size="128M").start()
     try:
         # Warm-up rounds: DRAM and the pool fill, and the allocator reaches its high-water
         # mark (measured: anonymous memory plateaus after two or three rounds).
         rounds = [_run_clients(d, 3.0) for _ in range(3)]
-        rss_warm = d.rss_kib()
+        rss_warm = _settled_rss(d)
         rounds += [_run_clients(d, 3.0) for _ in range(2)]
-        rss_end = d.rss_kib()
+        rss_end = _settled_rss(d)
         assert all(p > 5 and g > 5 for r in rounds for p, g in r), rounds
         st = d.admin("status")
         assert st["tiers"]["misses"] == 0
