@@ -1283,6 +1283,16 @@ class Pool:
             out.append(self._entry_info(r, key))
         return out
 
+    def usage(self, tenant: str | None = None) -> dict[str, dict[str, int]]:
+        """Entries and bytes per tenant, or per session of `tenant` (for listings)."""
+        out: dict[str, dict[str, int]] = {}
+        for e in self.entries(tenant):
+            u = out.setdefault(e.tenant if tenant is None else e.session,
+                               {"entries": 0, "bytes": 0})
+            u["entries"] += 1
+            u["bytes"] += e.record_bytes
+        return out
+
     def stats(self) -> dict[str, Any]:
         with self._lock:
             return self._stats()

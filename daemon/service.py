@@ -348,24 +348,11 @@ class Service:
             return self.stats()
         if cmd == "ls":
             tenant, session = body.get("tenant"), body.get("session")
-            if tenant is None:
-                out: dict[str, dict[str, int]] = {}
-                for e in store.media.entries():
-                    t = out.setdefault(e.tenant, {"entries": 0, "bytes": 0})
-                    t["entries"] += 1
-                    t["bytes"] += e.record_bytes
-                return out
-            entries = store.media.entries(tenant, session)
             if session is None:
-                sess: dict[str, dict[str, int]] = {}
-                for e in entries:
-                    s = sess.setdefault(e.session, {"entries": 0, "bytes": 0})
-                    s["entries"] += 1
-                    s["bytes"] += e.record_bytes
-                return sess
+                return store.media.usage(tenant)
             return [{"key": e.key.hex(), "bytes": e.record_bytes, "frames": e.nframes,
                      "created": e.created, "expiry": e.expiry, "hits": e.hits}
-                    for e in entries]
+                    for e in store.media.entries(tenant, session)]
         if cmd == "stat":
             e = store.media.stat(body["tenant"], bytes.fromhex(body["key"]))
             return {"tenant": e.tenant, "session": e.session, "key": e.key.hex(),

@@ -52,11 +52,7 @@ def _pool_info(args: argparse.Namespace) -> int:
                       "torn_records": pool.recovery.torn_records,
                       "superblock": pool.recovery.superblock_used,
                       "warnings": pool.recovery.warnings}
-    tenants: dict[str, dict[str, int]] = {}
-    for e in pool.entries():
-        t = tenants.setdefault(e.tenant, {"entries": 0, "bytes": 0})
-        t["entries"] += 1
-        t["bytes"] += e.record_bytes
+    tenants = pool.usage()
     st["tenants"] = tenants
     pool.close(checkpoint=False)
     if args.json:
