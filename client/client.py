@@ -41,6 +41,8 @@ from kvtier.client.protocol import (
     ALL_FRAMES,
     CQE_SIZE,
     FD_ORDER,
+    MAP_ENTRY,
+    NOT_MAPPED,
     PROTOCOL_VERSION,
     SQE_SIZE,
     Completion,
@@ -85,14 +87,20 @@ class Client:
             self._arena_map = mmap.mmap(fdmap["arena"], self.arena_size,
                                         flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE",
                                                                         0x8000))
+            # The tenant's DRAM tier, read-only (the daemon sent an O_RDONLY descriptor):
+            # MAP returns offsets into it, for copies straight from there (e.g. to a GPU).
+            self.dram_size: int = hello["dram_size"]
+            self._dram_map = mmap.mmap(fdmap["dram"], self.dram_size, flags=mmap.MAP_SHARED,
+                                       prot=mmap.PROT_READ)
         finally:
-            for name in ("sq", "cq", "arena"):
+            for name in ("sq", "cq", "arena", "dram"):
                 os.close(fdmap[name])
         self._sq_efd = fdmap["sq_eventfd"]
         self._cq_efd = fdmap["cq_eventfd"]
         self.sq = Ring(memoryview(self._sq_map), SQE_SIZE)
         self.cq = Ring(memoryview(self._cq_map), CQE_SIZE)
         self.arena = memoryview(self._arena_map)
+        self.dram = memoryview(self._dram_map)  # read-only
         self.allocator = ArenaAllocator(self.arena)
         self._lock = threading.Lock()
         self._drain_lock = threading.Lock()  # one thread reaps the completion ring at a time
@@ -368,6 +376,45 @@ class Client:
                                       aux_off=slot.offset + n * klen), "lookup")
             tiers = [Tier(b) for b in bytes(slot.view[n * klen:n * klen + n])]
             return comp.result, tiers
+        finally:
+            self.allocator.free(slot)
+
+    def map(self, keys: Sequence[bytes], frames: tuple[int, int] | None = None,
+            ) -> list[tuple[int, int] | None]:
+        """Pin values held in this tenant's DRAM tier; for each key (offset, length) of its
+        payload (or frames [a, b)) in `self.dram`, or None where the key is not in DRAM.
+
+        The bytes stay exactly the value's until `unmap` (or until the client closes).
+        """
+        if not keys:
+            return []
+        klen = len(keys[0])
+        if any(len(k) != klen for k in keys):
+            raise ValueError("all keys of a map must have the same length")
+        n = len(keys)
+        slot = self.allocator.alloc(n * klen + n * MAP_ENTRY.size)
+        try:
+            slot.view[:n * klen] = b"".join(keys)
+            a, b = frames if frames is not None else (0, ALL_FRAMES)
+            self._call(Request(Op.MAP, 0, flags=Flag.KEYLIST, key=bytes(klen), count=n,
+                               data_off=slot.offset, data_len=n * klen,
+                               aux_off=slot.offset + n * klen, frame_a=a, frame_b=b), "map")
+            table = np.frombuffer(slot.view[n * klen:], dtype="<u8", count=2 * n).reshape(n, 2)
+            return [None if int(off) == NOT_MAPPED else (int(off), int(ln))
+                    for off, ln in table.tolist()]
+        finally:
+            self.allocator.free(slot)
+
+    def unmap(self, offsets: Sequence[int]) -> int:
+        """Release pins taken by `map` (one per offset returned)."""
+        if not offsets:
+            return 0
+        n = len(offsets)
+        slot = self.allocator.alloc(8 * n)
+        try:
+            np.frombuffer(slot.view, dtype="<u8", count=n)[:] = offsets
+            return self._call(Request(Op.UNMAP, 0, count=n, data_off=slot.offset,
+                                      data_len=8 * n), "unmap").result
         finally:
             self.allocator.free(slot)
 

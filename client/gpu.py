@@ -11,9 +11,12 @@ prefix is one LOOKUP.
 * `KVSaver` packs the cache on the GPU (one kernel per layer), copies one chunk at a time
   into double-buffered arena slots (D2H on a side stream) and PUTs each chunk while the
   next one is copied.
-* `KVLoader` loads a stored prefix in *layer-group-major* order: the daemon fills arena
-  slots with frames [l0, l1) of each chunk (many requests in flight), each slot is copied
-  to a GPU staging tensor on a side stream, and when a group's chunks are all in, its
+* `KVLoader` loads a stored prefix in *layer-group-major* order.  Chunks in the DRAM tier
+  are MAPped: the daemon pins them in the tenant's DRAM memfd, which the client has mapped
+  read-only and registered with CUDA (`register_dram`), and each is copied from there to
+  the GPU in one DMA — no memcpy on any CPU.  Other chunks: the daemon fills arena slots
+  with frames [l0, l1) of each chunk (many requests in flight), each slot is copied to a
+  GPU staging tensor on a side stream.  When a group's chunks are all in, its
   layers are reorganised into the cache's per-layer tensors and a CUDA event is recorded.
   `attach_layer_waits` makes decoder layer L wait (on the GPU) only for its group's event,
   so the first layers compute while later layers are still arriving.
@@ -26,18 +29,22 @@ machine the same code runs with plain copies (streams and events become no-ops).
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from kvtier.client.arena import Slot
 from kvtier.client.client import Client
 from kvtier.client.errors import KvtierError, error_for
 from kvtier.client.keys import chunk_keys, model_fingerprint
-from kvtier.client.protocol import Completion, Status
+from kvtier.client.protocol import Completion, Status, Tier
+
+CUDA_HOST_REGISTER_READ_ONLY = 0x08  # cudaHostRegisterReadOnly
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,39 @@ def unregister_arena(client: Client) -> None:
         client._cuda_registered = False  # type: ignore[attr-defined]
 
 
+def dram_tensor(client: Client) -> torch.Tensor:
+    """The tenant's DRAM tier as a uint8 CPU tensor over the client's read-only mapping.
+
+    Only ever a copy *source*: the pages are mapped PROT_READ, a write would fault."""
+    t: torch.Tensor | None = getattr(client, "_dram_tensor", None)
+    if t is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "not writable": by design, never written
+            t = torch.from_numpy(np.frombuffer(client.dram, dtype=np.uint8))
+        client._dram_tensor = t  # type: ignore[attr-defined]
+    return t
+
+
+def register_dram(client: Client) -> bool:
+    """cudaHostRegister the tenant's DRAM mapping read-only, so MAPped values go to the GPU
+    at pinned speed.  False where CUDA is absent or the platform cannot register read-only
+    memory (the loader then GETs DRAM hits through the arena instead)."""
+    state = getattr(client, "_dram_registered", None)
+    if state is not None:
+        return bool(state)
+    ok = False
+    if torch.cuda.is_available():
+        rt = torch.cuda.cudart()
+        ptr = dram_tensor(client).data_ptr()
+        ok = int(rt.cudaHostRegister(ptr, client.dram_size, CUDA_HOST_REGISTER_READ_ONLY)) == 0
+        if ok:
+            client.on_close(lambda: rt.cudaHostUnregister(ptr))
+        else:
+            torch.cuda.cudart().cudaGetLastError()  # clear the sticky-free error state
+    client._dram_registered = ok  # type: ignore[attr-defined]
+    return ok
+
+
 def _slot_tensor(slot: Slot, nbytes: int) -> torch.Tensor:
     return torch.frombuffer(slot.view[:nbytes], dtype=torch.uint8)
 
@@ -133,8 +173,14 @@ def cache_layer(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     return k, v
 
 
-def build_cache(per_layer: Sequence[tuple[torch.Tensor, torch.Tensor]], config: Any = None) -> Any:
-    """A transformers DynamicCache holding the given per-layer (K, V) tensors."""
+def build_cache(per_layer: Sequence[tuple[torch.Tensor, torch.Tensor]], config: Any = None,
+                buffers: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Any:
+    """A transformers DynamicCache holding the given per-layer (K, V) tensors.
+
+    `buffers`: per layer, the (K, V) buffers that the tensors are leading views of; new
+    tokens are then written in place after them (while there is room) instead of
+    `torch.cat`-ing the whole prefix on every forward.
+    """
     from transformers import DynamicCache
 
     cache = DynamicCache(config=config) if config is not None else DynamicCache()
@@ -145,10 +191,33 @@ def build_cache(per_layer: Sequence[tuple[torch.Tensor, torch.Tensor]], config: 
         layers = getattr(cache, "layers", None)
         if layers is not None:
             layers[i].keys, layers[i].values = k, v
+            if buffers is not None:
+                _grow_in_place(layers[i], *buffers[i])
         else:  # transformers < 4.56 keeps two lists
             legacy: Any = cache
             legacy.key_cache[i], legacy.value_cache[i] = k, v
     return cache
+
+
+def _grow_in_place(layer: Any, kbuf: torch.Tensor, vbuf: torch.Tensor) -> None:
+    """Make a cache layer append into (kbuf, vbuf) while its tensors are their leading
+    views and there is room; anything else (crop and regrow, overflow) takes the layer's
+    own update."""
+    own = layer.update
+
+    def update(key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = layer.keys
+        n, m = keys.shape[-2], key_states.shape[-2]
+        if (keys.data_ptr() != kbuf.data_ptr() or n + m > kbuf.shape[-2]
+                or key_states.shape[:-2] != kbuf.shape[:-2]):
+            return own(key_states, value_states, *args, **kwargs)  # type: ignore[no-any-return]
+        kbuf[:, :, n:n + m].copy_(key_states)
+        vbuf[:, :, n:n + m].copy_(value_states)
+        layer.keys, layer.values = kbuf[:, :, :n + m], vbuf[:, :, :n + m]
+        return layer.keys, layer.values
+
+    layer.update = update
 
 
 # -- saving ------------------------------------------------------------------------------------
@@ -242,6 +311,7 @@ class LoadReport:
     tokens: int = 0
     bytes: int = 0
     lookup_s: float = 0.0
+    mapped: int = 0  # chunk-groups copied straight from the DRAM mapping
     seconds: float = 0.0  # lookup until the last layer's data is on the device
     tiers: dict[str, int] = field(default_factory=dict)
 
@@ -254,7 +324,9 @@ class KVLoader:
     """Loads stored prefixes into device tensors, layer group by layer group."""
 
     def __init__(self, client: Client, layout: KVLayout, fingerprint: bytes, *,
-                 layer_groups: int = 2, inflight: int = 16) -> None:
+                 layer_groups: int = 2, inflight: int = 16, map_dram: bool = True) -> None:
+        """`map_dram`: copy DRAM-tier chunks straight from the tenant's DRAM mapping (on CUDA
+        only where it can be registered); False: GET every chunk through the arena."""
         if not 1 <= layer_groups <= layout.num_layers:
             raise ValueError(f"layer_groups must be in 1..{layout.num_layers}")
         self.client = client
@@ -268,13 +340,25 @@ class KVLoader:
         self.slot_bytes = biggest
         self.slots = [client.allocator.alloc(biggest) for _ in range(inflight)]
         register_arena(client)
+        self.map_dram = map_dram and (register_dram(client) or not torch.cuda.is_available())
         self.events: list[Any] = []
+        self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._staging: torch.Tensor | None = None
+        self._mapped: list[int] = []  # DRAM pins to release once the copies are done
+        self._copied: Any = None  # CUDA event after the last copy out of the DRAM mapping
 
     def close(self) -> None:
+        self._release_maps()
         for s in self.slots:
             self.client.allocator.free(s)
         self.slots = []
+
+    def _release_maps(self) -> None:
+        if self._mapped:
+            if self._copied is not None:
+                self._copied.synchronize()
+            maps, self._mapped, self._copied = self._mapped, [], None
+            self.client.unmap(maps)
 
     def lookup(self, token_ids: Sequence[int] | torch.Tensor) -> tuple[list[bytes], int, list[Any]]:
         ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)
@@ -285,8 +369,12 @@ class KVLoader:
         return keys, hit, tiers
 
     def load(self, token_ids: Sequence[int] | torch.Tensor, device: torch.device | str,
+             reserve_tokens: int = 0,
              ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], LoadReport]:
         """Per-layer (K, V) tensors [1, heads, n*T, D] on `device` for the stored prefix.
+
+        With `reserve_tokens`, each is a view of a buffer with room for that many more
+        tokens (`self.buffers`), so a cache built on them can grow in place.
 
         Returns immediately after issuing the last copy on CUDA: `self.events[g]` marks
         group g's layers ready (use `attach_layer_waits`, or `wait_all`).
@@ -301,8 +389,11 @@ class KVLoader:
         dev = torch.device(device)
         n = hit
         T, H, D, L = lay.chunk_tokens, lay.num_kv_heads, lay.head_dim, lay.num_layers
-        out = [(torch.empty((1, H, n * T, D), dtype=lay.dtype, device=dev),
-                torch.empty((1, H, n * T, D), dtype=lay.dtype, device=dev)) for _ in range(L)]
+        cap = n * T + max(0, reserve_tokens)
+        self.buffers = [(torch.empty((1, H, cap, D), dtype=lay.dtype, device=dev),
+                         torch.empty((1, H, cap, D), dtype=lay.dtype, device=dev))
+                        for _ in range(L)]
+        out = [(kb[:, :, :n * T], vb[:, :, :n * T]) for kb, vb in self.buffers]
         cuda = dev.type == "cuda"
         self.events = []
         if n == 0:
@@ -312,14 +403,45 @@ class KVLoader:
         if cuda:
             assert stream is not None
             stream.wait_stream(torch.cuda.current_stream(dev))
+        self._release_maps()
+        self.events = [None] * len(self.groups)
         # staging[c, l] = frame l of chunk c, exactly as stored: [2, H, T, D]
         staging = torch.empty((n, L, 2, H, T, D), dtype=lay.dtype, device=dev)
         staging_bytes = staging.view(n, L, -1).view(torch.uint8)
-        work = [(g, c) for g in range(len(self.groups)) for c in range(n)]
+        done_in_group = [0] * len(self.groups)
+        work: list[tuple[int, int]] = []
+        in_dram = [c for c in range(n) if tiers[c] == Tier.DRAM] if self.map_dram else []
+        for g, (a, b) in enumerate(self.groups):
+            # DRAM hits: pinned where they lie, one DMA each from the tenant's DRAM mapping.
+            nbytes = (b - a) * lay.frame_bytes
+            maps = self.client.map([keys[c] for c in in_dram], (a, b)) if in_dram else []
+            mapped = {c: m for c, m in zip(in_dram, maps, strict=True) if m is not None}
+            self._mapped += [off for off, _ in mapped.values()]
+            for c in range(n):
+                m = mapped.get(c)
+                if m is None:
+                    work.append((g, c))  # not in DRAM (any more): GET it
+                    continue
+                off, got = m
+                if got != nbytes:
+                    self._release_maps()
+                    raise KvtierError(f"chunk {c} layers [{a}, {b}): mapped {got} bytes, "
+                                      f"expected {nbytes}")
+                _copy(staging_bytes[c, a:b].reshape(-1), dram_tensor(self.client)[off:off + got],
+                      stream)
+                rep.bytes += got
+                rep.mapped += 1
+                done_in_group[g] += 1
+            if done_in_group[g] == n:
+                self._reorganise(staging, out, g, stream)
+        if self._mapped and stream is not None:
+            self._copied = torch.cuda.Event()
+            self._copied.record(stream)
+        elif self._mapped:
+            self._release_maps()  # CPU copies are done already
         q: list[tuple[int, int, int, Future[Completion]]] = []  # group, chunk, slot, future
         slot_free: list[Any] = [None] * len(self.slots)  # CUDA event: slot's H2D finished
         nxt = 0
-        done_in_group = [0] * len(self.groups)
 
         def issue() -> None:
             nonlocal nxt
@@ -348,7 +470,7 @@ class KVLoader:
             rep.bytes += nbytes
             done_in_group[g] += 1
             if done_in_group[g] == n:
-                self._reorganise(staging, out, a, b, stream)
+                self._reorganise(staging, out, g, stream)
             issue()
         rep.chunks = n
         rep.tokens = n * T
@@ -357,13 +479,14 @@ class KVLoader:
         return out, rep
 
     def _reorganise(self, staging: torch.Tensor, out: list[tuple[torch.Tensor, torch.Tensor]],
-                    a: int, b: int, stream: Any) -> None:
-        n, _, _, H, T, D = staging.shape
+                    g: int, stream: Any) -> None:
+        n, T = staging.shape[0], staging.shape[4]
+        a, b = self.groups[g]
 
         def run() -> None:
             for li in range(a, b):
                 for j in range(2):
-                    out[li][j][0].view(H, n, T, D).copy_(staging[:, li, j].transpose(0, 1))
+                    out[li][j][0].unflatten(1, (n, T)).copy_(staging[:, li, j].transpose(0, 1))
 
         if stream is not None:
             with torch.cuda.stream(stream):
@@ -373,16 +496,18 @@ class KVLoader:
             for li in range(a, b):
                 for j in range(2):
                     out[li][j].record_stream(torch.cuda.current_stream(staging.device))
-            self.events.append(ev)
+            self.events[g] = ev
         else:
             run()
-            self.events.append(None)
 
     def wait_all(self) -> None:
+        """Make the current stream wait for every group; then free the staging memory and
+        release the DRAM pins (after the copies out of the DRAM mapping completed)."""
         for ev in self.events:
             if ev is not None:
                 torch.cuda.current_stream().wait_event(ev)
         self._staging = None
+        self._release_maps()
 
     def attach_layer_waits(self, layers: Sequence[torch.nn.Module]) -> Callable[[], None]:
         """Make each decoder layer wait (on the GPU) for its own group's data only.
@@ -419,20 +544,27 @@ class ResumeResult:
     load: LoadReport
 
 
-def resume(model: Any, loader: KVLoader, token_ids: torch.Tensor) -> ResumeResult:
+def resume(model: Any, loader: KVLoader, token_ids: torch.Tensor,
+           reserve_tokens: int | None = None) -> ResumeResult:
     """Load the longest stored prefix of `token_ids` into a DynamicCache for `model`.
 
     The cache's layers fill asynchronously on CUDA; hooks on the decoder layers make each
     layer wait only for its own data.  Call `.cache` with model(..., past_key_values=...)
     or model.generate(..., past_key_values=...) on the *remaining* tokens (generate slices
     them itself).  The hooks stay until `loader.wait_all()` is called.
+
+    The cache grows in place for `reserve_tokens` more tokens (default: the rest of the
+    prompt plus 1024 to generate) instead of copying the whole prefix at every update.
     """
     device = next(model.parameters()).device
-    per_layer, rep = loader.load(token_ids.reshape(-1), device)
+    if reserve_tokens is None:
+        reserve_tokens = token_ids.numel() % loader.layout.chunk_tokens + 1024
+    per_layer, rep = loader.load(token_ids.reshape(-1), device, reserve_tokens)
     if device.type == "cuda" and rep.chunks:
         remove = loader.attach_layer_waits(decoder_layers(model))
         loader._remove_hooks = remove  # type: ignore[attr-defined]
-    cache = build_cache(per_layer, getattr(model, "config", None))
+    cache = build_cache(per_layer, getattr(model, "config", None),
+                        loader.buffers if rep.chunks else None)
     return ResumeResult(cache, rep.tokens, rep)
 
 
@@ -446,5 +578,5 @@ def finish_resume(loader: KVLoader) -> None:
 
 
 __all__ = ["KVLayout", "KVLoader", "KVSaver", "LoadReport", "ResumeResult", "SaveReport",
-           "build_cache", "cache_layer", "decoder_layers", "finish_resume", "register_arena",
-           "resume", "unregister_arena"]
+           "build_cache", "cache_layer", "decoder_layers", "dram_tensor", "finish_resume",
+           "register_arena", "register_dram", "resume", "unregister_arena"]

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 # -- control messages on the Unix stream socket ------------------------------------------------
 #   u32 length of what follows | u16 type | u16 reserved (0) | JSON body (UTF-8)
@@ -34,7 +34,7 @@ class Msg(enum.IntEnum):
 
 
 # File descriptors passed with HELLO_OK, in this order.
-FD_ORDER = ("sq", "cq", "arena", "sq_eventfd", "cq_eventfd")
+FD_ORDER = ("sq", "cq", "arena", "sq_eventfd", "cq_eventfd", "dram")
 
 
 class ProtocolError(Exception):
@@ -196,6 +196,8 @@ class Op(enum.IntEnum):
     PURGE_SESSION = 5
     PREFETCH = 6  # key list or session -> promote to DRAM before the deadline
     STATS = 7  # JSON statistics written into the arena
+    MAP = 8  # key list -> pin values held in the tenant's DRAM tier, (offset, length) each
+    UNMAP = 9  # offsets from MAP (u64 list in the arena) -> unpin
 
 
 class Flag(enum.IntFlag):
@@ -239,6 +241,8 @@ CQE = struct.Struct("<QiIQQ")
 CQE_SIZE = CQE.size
 assert CQE_SIZE == 32
 ALL_FRAMES = 0xFFFFFFFF
+NOT_MAPPED = 0xFFFFFFFFFFFFFFFF  # MAP table offset of a key that is not in DRAM
+MAP_ENTRY = struct.Struct("<QQ")  # MAP output per key: u64 offset in the DRAM fd, u64 length
 MAX_SESSION = 40
 
 

@@ -19,6 +19,8 @@ from typing import Any
 
 from kvtier.daemon.sizes import parse_size
 
+MIN_DRAM_SEGMENTS = 4  # the smallest pool the engine formats
+
 
 class ConfigError(Exception):
     """The configuration is invalid; the message names the key and the problem."""
@@ -39,6 +41,7 @@ class TenantConfig:
     id: str
     token_hash: str  # "scrypt$<n>$<r>$<p>$<salt hex>$<hash hex>"
     allowed_uids: list[int] | None = None  # None: any uid
+    dram_size: int | None = None  # its private DRAM tier; None: an equal share of the rest
 
     def check_token(self, token: str) -> bool:
         return verify_token(token, self.token_hash)
@@ -71,6 +74,28 @@ class Config:
     metrics_port: int = 0  # 0: no metrics endpoint
     source: str = "<embedded default>"
 
+    def dram_shares(self) -> dict[str, int]:
+        """Each tenant's private DRAM tier size: its `dram` if set, else an equal share of
+        what `[dram] size` has left, in whole segments.  Raises ConfigError if a share is
+        too small to be a pool (4 segments) or the explicit sizes exceed `[dram] size`."""
+        seg = self.dram_segment_size
+        fixed = {t.id: t.dram_size for t in self.tenants if t.dram_size is not None}
+        rest = [t.id for t in self.tenants if t.dram_size is None]
+        left = self.dram_size - sum(v for v in fixed.values() if v is not None)
+        if left < 0:
+            raise ConfigError(f"config {self.source}: the tenants' dram sizes add up to more "
+                              f"than dram.size ({self.dram_size} bytes)")
+        shares = {k: v for k, v in fixed.items() if v is not None}
+        for tid in rest:
+            shares[tid] = left // len(rest) // seg * seg
+        for tid, size in shares.items():
+            if size < MIN_DRAM_SEGMENTS * seg:
+                raise ConfigError(
+                    f"config {self.source}: tenant {tid!r}: its DRAM tier of {size} bytes is "
+                    f"smaller than {MIN_DRAM_SEGMENTS} segments of {seg} bytes; raise dram.size "
+                    f"or give the tenant `dram = \"<size>\"`")
+        return shares
+
     def tenant(self, tenant_id: str) -> TenantConfig | None:
         for t in self.tenants:
             if t.id == tenant_id:
@@ -85,7 +110,8 @@ class Config:
                                       "segment_size": self.dram_segment_size,
                                       "populate": self.dram_populate},
             "pools": [vars(p) for p in self.pools],
-            "tenants": [{"id": t.id, "allowed_uids": t.allowed_uids, "token_hash": "<redacted>"}
+            "tenants": [{"id": t.id, "allowed_uids": t.allowed_uids, "dram": t.dram_size,
+                         "token_hash": "<redacted>"}
                         for t in self.tenants],
             "limits": vars(self.limits), "admin_uids": self.admin_uids,
             "metrics": {"address": self.metrics_address, "port": self.metrics_port},
@@ -266,7 +292,11 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
             raise tr.fail("token_hash", "must be a scrypt hash (make one with "
                                         "`kvtier token hash`)")
         uids = _uids(tr, "allowed_uids", None)
-        cfg.tenants.append(TenantConfig(tid, th, uids))
+        tdram = tr.size("dram", 0) if "dram" in tr.table else None
+        if tdram is not None and tdram % cfg.dram_segment_size:
+            raise tr.fail("dram", f"must be a multiple of dram.segment_size "
+                                  f"({cfg.dram_segment_size}), got {tdram}")
+        cfg.tenants.append(TenantConfig(tid, th, uids, tdram))
         tr.check_unknown()
     if "limits" in data:
         lr = r.sub("limits", data["limits"])
@@ -299,6 +329,8 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
         mr.check_unknown()
         r.used.add("metrics")
     r.check_unknown()
+    if cfg.tenants:
+        cfg.dram_shares()
     return cfg
 
 

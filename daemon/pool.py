@@ -711,6 +711,50 @@ class Pool:
             with self._lock:
                 self.pins[seg] -= 1
 
+    def map_value(self, tenant: str, key: bytes,
+                  frames: tuple[int, int] | None = None) -> tuple[int, int, list[int]]:
+        """Pin a value held in a memory-backed pool and say where its payload (or frames
+        [a, b)) lies in device memory: (byte offset, length, frame lengths).
+
+        The segment stays pinned until `unpin_offset(offset)`; until then the bytes there
+        are exactly the value's (a mapping of the device can be read, e.g. by DMA).
+        """
+        view_of = getattr(self.dev, "view", None)
+        if view_of is None:
+            raise InvalidArgument(f"{self.dev.name}: map needs a memory-backed pool")
+        with self._lock:
+            self._check_open()
+            row = self._live_row(tenant, key)
+            if row < 0:
+                self.counters.misses += 1
+                raise NotFound(f"{tenant}/{key.hex()}: not found")
+            ix = self.index
+            loc, nblocks = int(ix.loc[row]), int(ix.blocks[row])
+            seg = int(self._seg_of_block(loc))
+            epoch = int(self.segs["epoch"][seg])
+            self.pins[seg] += 1
+            ix.atime[row] = int(self.clock())
+            ix.hits[row] = min(int(ix.hits[row]) + 1, 0xFFFF)
+        try:
+            rec = view_of(loc * self.B, nblocks * self.B)
+            where = f"{self.dev.name}: record {tenant}/{key.hex()} at {loc * self.B}"
+            h = self._check_header(rec, where, tenant, key, epoch)
+            offs = h.frame_offsets()
+            first, last = (0, h.nframes) if frames is None else frames
+            if not 0 <= first <= last <= h.nframes:
+                raise InvalidArgument(f"frame range [{first}, {last}) outside 0..{h.nframes}")
+            base = loc * self.B + record.header_blocks(h.nframes, h.tenant, h.session,
+                                                       self.B) * self.B
+        except BaseException:
+            with self._lock:
+                self.pins[seg] -= 1
+            raise
+        with self._lock:
+            self.counters.gets += 1
+            self.counters.bytes_read += offs[last] - offs[first]
+        return (base + offs[first], offs[last] - offs[first],
+                [int(x) for x in h.frame_lengths[first:last]])
+
     def pin_offset(self, offset: int) -> None:
         """Keep the segment holding byte `offset` from being cleaned, evicted or reused."""
         with self._lock:

@@ -101,10 +101,11 @@ class Service:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.cfg
         media = await trio.to_thread.run_sync(open_media_pool, cfg)
-        dram = await trio.to_thread.run_sync(TieredStore.create_dram, cfg.dram_size,
-                                             cfg.dram_segment_size, cfg.dram_populate)
+        shares = cfg.dram_shares()  # ConfigError if a tenant's share is too small
+        drams = await trio.to_thread.run_sync(TieredStore.create_drams, shares,
+                                              cfg.dram_segment_size, cfg.dram_populate)
         token = trio.lowlevel.current_trio_token()
-        self.store = TieredStore(dram, media, ack=cfg.ack,
+        self.store = TieredStore(drams, media, ack=cfg.ack,
                                  notify=lambda: token.run_sync_soon(self._wake.set))
         self.metrics.bind(self.store, lambda: len(self.sessions))
         listener = await self._listen()
@@ -117,8 +118,9 @@ class Service:
                     self.metrics_port = await nursery.start(
                         serve_metrics, self.metrics, cfg.metrics_address, cfg.metrics_port)
                 nursery.start_soon(self._accept_loop, listener)
-                log.info("kvtierd ready: socket %s, media %s, dram %d MiB, ack=%s",
-                         self.socket_path, media.dev.name, cfg.dram_size >> 20, cfg.ack)
+                log.info("kvtierd ready: socket %s, media %s, dram %d MiB over %d tenants, "
+                         "ack=%s", self.socket_path, media.dev.name, cfg.dram_size >> 20,
+                         len(drams), cfg.ack)
                 sd_notify("READY=1")
                 task_status.started(self)
         finally:
@@ -195,7 +197,7 @@ class Service:
         last_ckpt = trio.current_time()
         while True:
             await trio.sleep(SWEEP_EVERY_S)
-            for pool in (store.dram, store.media):
+            for pool in store.pools():
                 await trio.to_thread.run_sync(pool.sweep, limiter=self.io_limiter)
             if trio.current_time() - last_ckpt >= CHECKPOINT_EVERY_S:
                 await trio.to_thread.run_sync(store.media.checkpoint, limiter=self.io_limiter)
@@ -283,16 +285,22 @@ class Service:
                                               f"[1, {lim.ring_entries}], got {entries!r}")
             return
         res, fds = _make_resources(arena_size, entries, f"kvtier-{tenant.id}")
+        # The tenant's DRAM tier, read-only: a new open file description of the memfd with
+        # O_RDONLY, so the client can map it for reading (MAP) and never write it.
+        dram_fd = os.open(f"/proc/self/fd/{self.store.dram_fd(tenant.id)}",
+                          os.O_RDONLY | os.O_CLOEXEC)
         client_id = self._next_client
         self._next_client += 1
         try:
             await _send_fds(conn, encode_ctrl(Msg.HELLO_OK, {
                 "version": PROTOCOL_VERSION, "client_id": client_id, "arena_size": arena_size,
                 "ring_entries": entries, "sqe_size": SQE_SIZE, "cqe_size": CQE_SIZE,
-                "fds": list(FD_ORDER)}), fds)
+                "dram_size": self.store.dram(tenant.id).dev.size,
+                "fds": list(FD_ORDER)}), [*fds, dram_fd])
         finally:
             for fd in fds[:3]:
                 os.close(fd)  # the maps keep the memory; the client has its own fds
+            os.close(dram_fd)
         session = ClientSession(client_id=client_id, tenant=tenant.id, uid=uid, pid=pid,
                                 store=self.store, res=res, ring_entries=entries,
                                 inflight=lim.inflight_per_client, limiter=self.io_limiter,
@@ -314,6 +322,7 @@ class Service:
             await _send_error(conn, "protocol", reason)
         finally:
             del self.sessions[client_id]
+            session.release_maps()
             res.close()
             log.info("client %d disconnected after %d ops", client_id, session.ops)
 
@@ -358,7 +367,8 @@ class Service:
             return {"tenant": e.tenant, "session": e.session, "key": e.key.hex(),
                     "bytes": e.record_bytes, "frames": e.nframes, "created": e.created,
                     "expiry": e.expiry, "atime": e.atime, "hits": e.hits,
-                    "in_dram": store.dram.contains(body["tenant"], bytes.fromhex(body["key"]))}
+                    "in_dram": body["tenant"] in store.drams and store.drams[
+                        body["tenant"]].contains(body["tenant"], bytes.fromhex(body["key"]))}
         if cmd == "purge":
             tenant = body["tenant"]
             if body.get("session"):

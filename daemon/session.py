@@ -9,6 +9,7 @@ I/O limiter; no payload is copied into Python objects on the way.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import mmap
@@ -24,6 +25,8 @@ import trio
 from kvtier.client.protocol import (
     ALL_FRAMES,
     CQE_SIZE,
+    MAP_ENTRY,
+    NOT_MAPPED,
     SQE_SIZE,
     Completion,
     Flag,
@@ -50,6 +53,7 @@ from kvtier.daemon.tiers import TieredStore
 log = logging.getLogger("kvtierd.session")
 
 CQ_FULL_TIMEOUT_S = 30.0
+MAX_MAPS = 1 << 16  # DRAM pins one client may hold at once
 INLINE_MAX = 256 * 1024  # DRAM GETs up to this size complete on the event loop
 
 
@@ -121,6 +125,14 @@ class ClientSession:
         self._stalled_timeout_s = stalled_timeout_s
         self.ops = 0
         self.errors = 0
+        self.maps: collections.Counter[int] = collections.Counter()  # MAP pins held
+
+    def release_maps(self) -> None:
+        """Unpin whatever this client still holds mapped (it went away)."""
+        offsets = [off for off, n in self.maps.items() for _ in range(n)]
+        self.maps.clear()
+        if offsets:
+            self.store.unmap_dram(self.tenant, offsets)
 
     def ops_in_flight(self) -> int:
         return self._max_inflight - self._slots.value
@@ -328,6 +340,42 @@ class ClientSession:
             deadline = (req.ttl or 1000) / 1000.0
             n, met = await self._thread(lambda: self.store.prefetch(t, keys, deadline))
             return Completion(req.tag, Status.OK if met else Status.DEADLINE, 0, n, int(met))
+        if req.op == Op.MAP:
+            keys = self._keylist(req)
+            table = self._range(req.aux_off, len(keys) * MAP_ENTRY.size, "map table")
+            held = sum(self.maps.values())
+            if held + len(keys) > MAX_MAPS:
+                raise InvalidArgument(f"{held} values mapped already; at most {MAX_MAPS} "
+                                      f"(UNMAP some first)")
+            rng = None if req.frame_b == ALL_FRAMES else (req.frame_a, req.frame_b)
+            maps = await self._thread(lambda: self.store.map_dram(t, keys, rng))
+            tab = np.frombuffer(table, dtype="<u8").reshape(len(keys), 2)
+            n = 0
+            for i, m in enumerate(maps):
+                if m is None:
+                    tab[i] = (NOT_MAPPED, 0)
+                else:
+                    tab[i] = m
+                    self.maps[m[0]] += 1
+                    n += 1
+            return Completion(req.tag, Status.OK, int(Tier.DRAM), n, len(keys))
+        if req.op == Op.UNMAP:
+            if not 0 < req.count <= MAX_MAPS:
+                raise InvalidArgument(f"unmap count {req.count} out of range")
+            offs = np.frombuffer(self._range(req.data_off, req.count * 8, "offset list"),
+                                 dtype="<u8").tolist()
+            mine = []
+            for off in offs:
+                if self.maps[off] <= 0:
+                    continue
+                self.maps[off] -= 1
+                if not self.maps[off]:
+                    del self.maps[off]
+                mine.append(off)
+            self.store.unmap_dram(t, mine)
+            if len(mine) != len(offs):
+                return Completion(req.tag, Status.INVALID, 0, len(mine))
+            return Completion(req.tag, Status.OK, 0, len(mine))
         if req.op == Op.STATS:
             dest = self._range(req.data_off, req.data_len, "destination")
             st = await self._thread(self._stats)

@@ -1,4 +1,8 @@
-"""The tier stack: a DRAM tier (a pool on a memfd) in front of a media pool.
+"""The tier stack: per-tenant DRAM tiers (a pool on a memfd each) in front of a media pool.
+
+Each tenant has its own DRAM memfd, so the daemon can hand a tenant's clients a read-only
+mapping of it (MAP/UNMAP): a DRAM hit then goes from that mapping to the GPU in one DMA,
+with no memcpy through the client's arena, and no client ever maps another tenant's data.
 
 * PUT, `ack = "media"`: the value is written to the media pool, then cached in DRAM; the
   put is acknowledged once the media write returned.
@@ -57,11 +61,11 @@ class TierCounters:
 
 
 class TieredStore:
-    def __init__(self, dram: Pool, media: Pool, *, ack: str = "media",
+    def __init__(self, drams: dict[str, Pool], media: Pool, *, ack: str = "media",
                  notify: Callable[[], None] | None = None) -> None:
         if ack not in ("memory", "media"):
             raise ValueError(f"ack must be 'memory' or 'media', got {ack!r}")
-        self.dram = dram
+        self.drams = drams
         self.media = media
         self.ack = ack
         self.notify = notify or (lambda: None)
@@ -72,24 +76,48 @@ class TieredStore:
         self.counters = TierCounters()
 
     @classmethod
-    def create_dram(cls, size: int, segment_size: int, populate: bool = True) -> Pool:
-        return Pool.format(MemDevice(size, name="kvtier-dram", populate=populate),
+    def create_dram(cls, size: int, segment_size: int, populate: bool = True,
+                    tenant: str = "") -> Pool:
+        name = f"kvtier-dram-{tenant}" if tenant else "kvtier-dram"
+        return Pool.format(MemDevice(size, name=name, populate=populate),
                            segment_size=segment_size,
                            options=PoolOptions(verify_reads=False,
                                                checkpoint_every_bytes=1 << 62))
+
+    @classmethod
+    def create_drams(cls, shares: dict[str, int], segment_size: int,
+                     populate: bool = True) -> dict[str, Pool]:
+        return {t: cls.create_dram(size, segment_size, populate, t)
+                for t, size in shares.items()}
+
+    def dram(self, tenant: str) -> Pool:
+        """The tenant's DRAM tier (NotFound for a tenant the daemon was not started with)."""
+        try:
+            return self.drams[tenant]
+        except KeyError:
+            raise NotFound(f"tenant {tenant!r} has no DRAM tier") from None
+
+    def dram_fd(self, tenant: str) -> int:
+        dev = self.dram(tenant).dev
+        assert isinstance(dev, MemDevice)
+        return dev.fd
+
+    def pools(self) -> list[Pool]:
+        return [*self.drams.values(), self.media]
 
     # -- writes ------------------------------------------------------------------------------
 
     def put(self, tenant: str, session: str, key: bytes, frames: Sequence[Buffer], *,
             ttl_s: float | None = None) -> Tier:
         """Store a value; returns the tier that holds it when the put is acknowledged."""
-        if self.ack == "memory":
+        dram = self.drams.get(tenant)
+        if self.ack == "memory" and dram is not None:
             try:
-                r = self.dram.put(tenant, session, key, frames, ttl_s=ttl_s)
+                r = dram.put(tenant, session, key, frames, ttl_s=ttl_s)
             except (PoolFullError, ValueTooLargeError):
                 self.counters.writebehind_fallbacks += 1
             else:
-                self.dram.pin_offset(r.offset)
+                dram.pin_offset(r.offset)
                 item = _Pending(tenant, session, bytes(key), r.offset)
                 with self._mu:
                     old = self._pending.get((tenant, item.key))
@@ -100,8 +128,10 @@ class TieredStore:
                 self.notify()
                 return Tier.DRAM
         self.media.put(tenant, session, key, frames, ttl_s=ttl_s)
+        if dram is None:
+            return Tier.POOL
         try:
-            self.dram.put(tenant, session, key, frames, ttl_s=ttl_s)
+            dram.put(tenant, session, key, frames, ttl_s=ttl_s)
         except (PoolFullError, ValueTooLargeError):
             pass  # the DRAM copy is a cache; the media copy is what was acknowledged
         return Tier.POOL
@@ -127,11 +157,12 @@ class TieredStore:
             pass
 
     def _flush(self, item: _Pending) -> None:
+        dram = self.drams[item.tenant]
         try:
             if item.superseded or item.deleted:
                 return
             try:
-                with self.dram.borrow(item.tenant, item.key) as (h, frames):
+                with dram.borrow(item.tenant, item.key) as (h, frames):
                     if h.expiry_us and h.expiry_us / 1e6 <= self.media.clock():
                         return
                     self.media.put(item.tenant, h.session, item.key, frames,
@@ -149,7 +180,7 @@ class TieredStore:
             with self._mu:
                 if self._pending.get((item.tenant, item.key)) is item:
                     del self._pending[(item.tenant, item.key)]
-            self.dram.unpin_offset(item.offset)
+            dram.unpin_offset(item.offset)
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -157,9 +188,37 @@ class TieredStore:
                       frames: tuple[int, int] | None = None) -> GetResult:
         """A DRAM hit: one memcpy, cheap enough to run on the event loop. NotFound if not
         in DRAM."""
-        r = self.dram.get_into(tenant, key, dest, frames=frames)
+        r = self.dram(tenant).get_into(tenant, key, dest, frames=frames)
         self.counters.dram_hits += 1
         return r
+
+    def map_dram(self, tenant: str, keys: Sequence[bytes],
+                 frames: tuple[int, int] | None = None) -> list[tuple[int, int] | None]:
+        """Pin each key held in the tenant's DRAM tier: (offset in its memfd, length), or
+        None for a key not in DRAM.  Every pin must be released with `unmap_dram`."""
+        dram = self.dram(tenant)
+        out: list[tuple[int, int] | None] = []
+        for k in keys:
+            try:
+                off, n, _fl = dram.map_value(tenant, k, frames)
+            except NotFound:
+                out.append(None)
+                continue
+            except BaseException:
+                for m in out:
+                    if m is not None:
+                        dram.unpin_offset(m[0])
+                raise
+            out.append((off, n))
+        hits = sum(m is not None for m in out)
+        self.counters.dram_hits += hits
+        self.counters.by_op["map"] = self.counters.by_op.get("map", 0) + hits
+        return out
+
+    def unmap_dram(self, tenant: str, offsets: Sequence[int]) -> None:
+        dram = self.dram(tenant)
+        for off in offsets:
+            dram.unpin_offset(off)
 
     def get_into(self, tenant: str, key: bytes, dest: Buffer, *,
                  frames: tuple[int, int] | None = None) -> tuple[GetResult, Tier]:
@@ -192,10 +251,10 @@ class TieredStore:
             views.append(mv[pos:pos + n])
             pos += n
         ttl = info.expiry - self.media.clock() if info.expiry else None
-        if ttl is not None and ttl <= 0:
+        if (ttl is not None and ttl <= 0) or tenant not in self.drams:
             return
         try:
-            self.dram.put(tenant, info.session, key, views, ttl_s=ttl,
+            self.drams[tenant].put(tenant, info.session, key, views, ttl_s=ttl,
                           key_generation=info.key_generation)
             self.counters.promotions += 1
         except (PoolFullError, ValueTooLargeError):
@@ -203,7 +262,10 @@ class TieredStore:
 
     def promote(self, tenant: str, key: bytes) -> bool:
         """Copy a value from the media pool into DRAM (prefetch); False if not on media."""
-        if self.dram.contains(tenant, key):
+        dram = self.drams.get(tenant)
+        if dram is None:
+            return False
+        if dram.contains(tenant, key):
             return True
         try:
             info = self.media.stat(tenant, key)
@@ -243,7 +305,9 @@ class TieredStore:
 
     def lookup(self, tenant: str, keys: Sequence[bytes]) -> tuple[int, npt.NDArray[np.uint8]]:
         """Longest present prefix and the tier holding each key (0 none, 1 DRAM, 2 pool)."""
-        in_dram = self.dram.lookup_many(tenant, keys)
+        dram = self.drams.get(tenant)
+        in_dram = dram.lookup_many(tenant, keys) if dram is not None else \
+            np.zeros(len(keys), dtype=bool)
         in_pool = self.media.lookup_many(tenant, keys)
         tiers = np.where(in_dram, np.uint8(Tier.DRAM),
                          np.where(in_pool, np.uint8(Tier.POOL), np.uint8(Tier.NONE)))
@@ -257,7 +321,7 @@ class TieredStore:
             item = self._pending.pop((tenant, bytes(key)), None)
             if item is not None:
                 item.deleted = True
-            a = self.dram.delete(tenant, key)
+            a = tenant in self.drams and self.drams[tenant].delete(tenant, key)
             b = self.media.delete(tenant, key)
         return a or b
 
@@ -267,7 +331,8 @@ class TieredStore:
                 if item.tenant == tenant and item.session == session:
                     item.deleted = True
                     del self._pending[k]
-            a = self.dram.purge_session(tenant, session)
+            a = self.drams[tenant].purge_session(tenant, session) \
+                if tenant in self.drams else 0
             b = self.media.purge_session(tenant, session)
         return max(a, b)
 
@@ -277,7 +342,7 @@ class TieredStore:
                 if item.tenant == tenant:
                     item.deleted = True
                     del self._pending[k]
-            a = self.dram.purge_tenant(tenant)
+            a = self.drams[tenant].purge_tenant(tenant) if tenant in self.drams else 0
             b = self.media.purge_tenant(tenant)
         return max(a, b)
 
@@ -287,7 +352,8 @@ class TieredStore:
         c = self.counters
         return {
             "ack": self.ack,
-            "dram": self.dram.stats(),
+            "dram": _sum_stats([p.stats() for p in self.drams.values()]),
+            "dram_by_tenant": {t: p.stats() for t, p in self.drams.items()},
             "media": self.media.stats(),
             "tiers": {"dram_hits": c.dram_hits, "pool_hits": c.pool_hits, "misses": c.misses,
                       "promotions": c.promotions, "prefetched": c.prefetched,
@@ -296,3 +362,23 @@ class TieredStore:
                       "writebehind_bytes": c.writebehind_bytes,
                       "writebehind_fallbacks": c.writebehind_fallbacks},
         }
+
+
+def _sum_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One view of the per-tenant DRAM pools' stats: counts and bytes add up."""
+    if not parts:
+        return {}
+    out: dict[str, Any] = {}
+    for k, v in parts[0].items():
+        vals = [p[k] for p in parts]
+        if k == "device":
+            out[k] = f"memfd x{len(parts)} (one per tenant)"
+        elif k in ("segment_size", "write_amplification", "recovery_seconds"):
+            out[k] = max(vals)
+        elif isinstance(v, dict):
+            out[k] = _sum_stats(vals)
+        elif isinstance(v, int | float) and not isinstance(v, bool):
+            out[k] = sum(vals)
+        else:
+            out[k] = v
+    return out

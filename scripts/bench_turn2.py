@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -39,6 +40,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from kvtier.client.attention import install as install_attention
 from kvtier.client.client import Client
 from kvtier.client.gpu import KVLayout, KVLoader, KVSaver, finish_resume, resume
 
@@ -73,13 +75,16 @@ def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     import transformers as tf
 
     if args.model_path:
-        return tf.AutoModelForCausalLM.from_pretrained(
-            args.model_path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
-    cfg = model_config(args.model)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = tf.AutoModelForCausalLM.from_config(cfg, dtype=dtype,
-                                                    attn_implementation="sdpa")
+        model = tf.AutoModelForCausalLM.from_pretrained(
+            args.model_path, dtype=dtype, attn_implementation="sdpa").to(device)
+    else:
+        cfg = model_config(args.model)
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = tf.AutoModelForCausalLM.from_config(cfg, dtype=dtype,
+                                                        attn_implementation="sdpa")
+    if args.attention == "kvtier":
+        install_attention(model)  # split-KV for the few new tokens over a long prefix
     return model.eval()
 
 
@@ -175,35 +180,71 @@ def warm_up(model: Any, layout: KVLayout, fp: bytes, d: BenchDaemon, arena: int,
 
 def via_kvtier(tag: str, d: BenchDaemon, model: Any, layout: KVLayout, fp: bytes,
                args: argparse.Namespace, full: torch.Tensor, logits_a: torch.Tensor,
-               toks_a: list[int], r: dict[str, Any], arena: int, device: torch.device) -> None:
-    """Turn 2 through kvtier: resume from the stored prefix, prefill the rest."""
+               toks_a: list[int], r: dict[str, Any], arena: int, device: torch.device,
+               map_dram: bool = True, repeats: int | None = None) -> None:
+    """Turn 2 through kvtier: resume from the stored prefix, prefill the rest.
+
+    `map_dram=False` GETs DRAM hits through the arena (the path before MAP existed)."""
+    ttfts = []
     with Client.connect(d.sock, "bench", TOKEN, arena_size=arena) as c:
         loader = KVLoader(c, layout, fp, layer_groups=args.layer_groups,
-                          inflight=args.inflight)
+                          inflight=args.inflight, map_dram=map_dram)
         with torch.no_grad():
-            sync(device)
-            t0 = time.perf_counter()
-            res = resume(model, loader, full[0])
-            logits = prefill(model, full[:, res.prefix_tokens:], res.cache,
-                             args.prefill_chunk)
-            sync(device)
-            ttft = time.perf_counter() - t0
-            finish_resume(loader)
+            # The same turn 2, `repeats` times from the same client: the first run also
+            # pays for first-time kernel choices at this context length.  The median is
+            # what a serving engine with warm kernels sees; the first is reported too.
+            n = args.repeats if repeats is None else repeats
+            for i in range(n):
+                sync(device)
+                t0 = time.perf_counter()
+                res = resume(model, loader, full[0])
+                logits = prefill(model, full[:, res.prefix_tokens:], res.cache,
+                                 args.prefill_chunk)
+                sync(device)
+                ttfts.append(time.perf_counter() - t0)
+                finish_resume(loader)
+                if i + 1 < n:
+                    del res, logits
             toks = decode(model, logits, res.cache, args.gen_tokens)
             sync(device)
             e2e = time.perf_counter() - t0
+            diff = float((logits - logits_a).abs().max())
+            if n > 1:
+                # Where the time goes (one more run, serialised: data first, then prefill).
+                load, prefix = res.load, res.prefix_tokens
+                del res, logits
+                sync(device)
+                t0 = time.perf_counter()
+                res2 = resume(model, loader, full[0])
+                t1 = time.perf_counter()
+                loader.wait_all()
+                sync(device)
+                t2 = time.perf_counter()
+                prefill(model, full[:, res2.prefix_tokens:], res2.cache, args.prefill_chunk)
+                sync(device)
+                t3 = time.perf_counter()
+                finish_resume(loader)
+                r[f"breakdown_{tag}"] = {"lookup_s": round(res2.load.lookup_s, 4),
+                                         "issued_s": round(t1 - t0, 4),
+                                         "data_on_device_s": round(t2 - t0, 4),
+                                         "prefill_new_tokens_s": round(t3 - t2, 4)}
+                del res2
+            else:
+                load, prefix = res.load, res.prefix_tokens
+                del res, logits
         loader.close()
+    ttft = statistics.median(ttfts)
+    r[f"ttft_{tag}_first_s"] = round(ttfts[0], 4)
     r[f"ttft_{tag}_s"] = round(ttft, 4)
     r[f"e2e_{tag}_s"] = round(e2e, 4)
-    r[f"prefix_tokens_{tag}"] = res.prefix_tokens
-    r[f"load_{tag}_s"] = round(res.load.seconds, 4)
-    r[f"load_{tag}_bytes_per_s"] = round(res.load.bytes / res.load.seconds) \
-        if res.load.seconds else 0
-    r[f"load_{tag}_tiers"] = res.load.tiers
-    r[f"max_abs_logit_diff_{tag}"] = float((logits - logits_a).abs().max())
+    r[f"prefix_tokens_{tag}"] = prefix
+    r[f"load_{tag}_s"] = round(load.seconds, 4)
+    r[f"load_{tag}_bytes_per_s"] = round(load.bytes / load.seconds) if load.seconds else 0
+    r[f"load_{tag}_tiers"] = load.tiers
+    r[f"load_{tag}_mapped"] = load.mapped
+    r[f"max_abs_logit_diff_{tag}"] = diff
     r[f"greedy_tokens_identical_{tag}"] = toks == toks_a
     r[f"speedup_{tag}"] = round(r["ttft_baseline_s"] / ttft, 2)
-    del res
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -247,6 +288,11 @@ def main() -> int:
                          "which lets SDPA use its causal flash kernel)")
     ap.add_argument("--layer-groups", type=int, default=1)
     ap.add_argument("--inflight", type=int, default=32)
+    ap.add_argument("--attention", choices=("kvtier", "sdpa"), default="kvtier",
+                    help="kvtier: split-KV attention for turn 2's new tokens over the loaded "
+                         "prefix (kvtier.client.attention); sdpa: transformers' stock SDPA")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="turn-2 runs per kvtier variant (median reported)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-file-pool", action="store_true")
     ap.add_argument("--quick", action="store_true",
@@ -290,7 +336,7 @@ def main() -> int:
                           f"{pag / 1e9:.1f} GB/s")
         warm_up(model, layout, fp, d, arena, device, args)
         with Progress(console=console, transient=True) as prog:
-            task = prog.add_task(f"turn 2 on {args.model}", total=len(contexts) * 4)
+            task = prog.add_task(f"turn 2 on {args.model}", total=len(contexts) * 5)
             for ctx in contexts:
                 r: dict[str, Any] = {"context_tokens": ctx}
                 prompt = torch.randint(0, model.config.vocab_size, (1, ctx), generator=rng)
@@ -323,12 +369,18 @@ def main() -> int:
 
                 # (a) baseline: recompute everything.
                 with torch.no_grad():
-                    sync(device)
-                    t0 = time.perf_counter()
-                    cache = DynamicCache(config=model.config)
-                    logits_a = prefill(model, full, cache, args.prefill_chunk)
-                    sync(device)
-                    r["ttft_baseline_s"] = round(time.perf_counter() - t0, 4)
+                    # Short contexts: median of `repeats` (first-call kernel choices would
+                    # weigh on them); long ones run once, where that cost is lost in seconds.
+                    base = []
+                    for _ in range(args.repeats if ctx <= 32768 else 1):
+                        cache = None
+                        sync(device)
+                        t0 = time.perf_counter()
+                        cache = DynamicCache(config=model.config)
+                        logits_a = prefill(model, full, cache, args.prefill_chunk)
+                        sync(device)
+                        base.append(time.perf_counter() - t0)
+                    r["ttft_baseline_s"] = round(statistics.median(base), 4)
                     toks_a = decode(model, logits_a, cache, args.gen_tokens)
                     sync(device)
                     r["e2e_baseline_s"] = round(time.perf_counter() - t0, 4)
@@ -346,15 +398,26 @@ def main() -> int:
                 via_kvtier("dram", d, model, layout, fp, args, full, logits_a, toks_a, r, arena,
                            device)
                 prog.advance(task)
+                via_kvtier("dram_get", d, model, layout, fp, args, full, logits_a, toks_a, r,
+                           arena, device, map_dram=False)
+                r["map_vs_get_ttft_ratio"] = round(r["ttft_dram_get_s"] / r["ttft_dram_s"], 2)
+                if h2d:
+                    # The physical floor: the KV bytes at the registered-memory H2D rate.
+                    floor = r["kv_bytes"] / h2d["h2d_registered_arena_bytes_per_s"]
+                    r["h2d_floor_s"] = round(floor, 4)
+                    r["fraction_of_h2d_limit_dram"] = round(floor / r["ttft_dram_s"], 3)
+                prog.advance(task)
                 if not args.skip_file_pool:
                     d.stop()  # flushes and checkpoints; DRAM is gone
                     d.start()
+                    # Once: the first read promotes the prefix to DRAM.
                     via_kvtier("file", d, model, layout, fp, args, full, logits_a, toks_a, r,
-                               arena, device)
+                               arena, device, repeats=1)
                 prog.advance(task)
                 results.append(r)
                 console.print(f"{args.model} {ctx} tokens: baseline {r['ttft_baseline_s']:.3f} s,"
-                              f" DRAM {r['ttft_dram_s']:.3f} s ({r['speedup_dram']}x)"
+                              f" DRAM {r['ttft_dram_s']:.3f} s ({r['speedup_dram']}x;"
+                              f" {r['ttft_dram_get_s']:.3f} s without MAP)"
                               + (f", file {r['ttft_file_s']:.3f} s ({r['speedup_file']}x)"
                                  if "ttft_file_s" in r else ""))
         # Only the written part of the pool: unwritten (fallocated) extents read as zeros
@@ -366,7 +429,8 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     out = {"model": args.model_path or args.model, "device": str(device),
            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "dtype": str(dtype), "layer_groups": args.layer_groups, "inflight": args.inflight,
+           "dtype": str(dtype), "attention": args.attention,
+           "layer_groups": args.layer_groups, "inflight": args.inflight,
            "disk_read_bytes_per_s": round(disk), **h2d, "results": results}
     os.makedirs(args.out, exist_ok=True)
     Path(args.out, "turn2.json").write_text(json.dumps(out, indent=1))

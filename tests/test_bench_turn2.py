@@ -21,12 +21,15 @@ def test_bench_turn2_quick(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
     fig = json.loads(r.stdout.strip().splitlines()[-1])
     for ctx in (512, 2048):
-        for tier in ("dram", "file"):
+        for tier in ("dram", "dram_get", "file"):
             assert fig[f"prefix_tokens_{tier}_{ctx}"] == ctx
             assert fig[f"greedy_tokens_identical_{tier}_{ctx}"] is True
             assert fig[f"max_abs_logit_diff_{tier}_{ctx}"] < 1e-4
             assert fig[f"speedup_{tier}_{ctx}"] > 0
         assert fig[f"load_dram_tiers_{ctx}"] == {"dram": ctx // 256}
+        assert fig[f"load_dram_mapped_{ctx}"] == ctx // 256  # one layer group
+        assert fig[f"load_dram_get_mapped_{ctx}"] == 0
+        assert fig[f"map_vs_get_ttft_ratio_{ctx}"] > 0
         assert fig[f"load_file_tiers_{ctx}"] == {"pool": ctx // 256}
     assert (tmp_path / "out" / "turn2.png").stat().st_size > 10_000
     doc = json.loads((tmp_path / "out" / "turn2.json").read_text())

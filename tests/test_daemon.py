@@ -21,7 +21,7 @@ from kvtier.client.errors import (
     PermissionDeniedError,
     ValueTooLargeError,
 )
-from kvtier.client.protocol import PROTOCOL_VERSION, CtrlParser, Msg, Tier, encode_ctrl
+from kvtier.client.protocol import CtrlParser, Msg, Tier, encode_ctrl
 
 
 def k(i: int, n: int = 16) -> bytes:
@@ -192,6 +192,11 @@ def test_metrics_endpoint(tmp_path) -> None:
         d.stop()
 
 
+_HASH = "scrypt$16384$8$1$00$00"
+TENANT_A = f'[[tenant]]\nid = "a"\ntoken_hash = "{_HASH}"\n'
+TENANT_B = f'[[tenant]]\nid = "b"\ntoken_hash = "{_HASH}"\n'
+
+
 def test_config_errors_name_the_key(tmp_path) -> None:
     import subprocess
     import sys
@@ -207,6 +212,12 @@ def test_config_errors_name_the_key(tmp_path) -> None:
                                                    "positive number",
         'colour = "blue"\n': "colour: unknown key",
         '[dram]\nsize = "1M"\n': "dram.size: must hold at least 8 segments",
+        '[dram]\nsize = "64M"\nsegment_size = "4M"\n' + TENANT_A + 'dram = "5M"\n':
+            "tenant[0].dram: must be a multiple of dram.segment_size",
+        '[dram]\nsize = "64M"\nsegment_size = "4M"\n' + TENANT_A + 'dram = "68M"\n':
+            "dram sizes add up to more than dram.size",
+        '[dram]\nsize = "64M"\nsegment_size = "4M"\n' + TENANT_A + 'dram = "52M"\n'
+        + TENANT_B: "tenant 'b': its DRAM tier of 12582912 bytes is smaller than 4 segments",
         "not toml = = =\n": "not valid TOML",
     }
     for text, want in cases.items():
@@ -218,7 +229,3 @@ def test_config_errors_name_the_key(tmp_path) -> None:
     r = subprocess.run([kvtierd, "run", "--config", str(tmp_path / "missing.toml")],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "no such file" in r.stderr
-
-
-def test_version_is_checked_in_hello() -> None:
-    assert PROTOCOL_VERSION == 1

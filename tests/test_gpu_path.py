@@ -59,10 +59,15 @@ def test_save_then_resume_gives_the_same_logits(daemon: Daemon, model) -> None: 
         turn2 = torch.cat([turn1, torch.randint(0, 500, (1, 9), generator=g)], dim=1)
         with torch.no_grad():
             want = model(turn2).logits[:, -1]
-        for groups in (1, 3):
-            loader = KVLoader(c, layout, fp, layer_groups=groups, inflight=4)
+        for groups, map_dram in ((1, True), (3, True), (3, False)):
+            loader = KVLoader(c, layout, fp, layer_groups=groups, inflight=4,
+                              map_dram=map_dram)
             res = resume(model, loader, turn2[0])
             assert res.prefix_tokens == 5 * T and res.load.chunks == 5
+            # The chunks are in the DRAM tier: MAPped and copied from the tenant's mapping,
+            # or (map_dram=False) GET through the arena.
+            assert res.load.mapped == (5 * groups if map_dram else 0)
+            assert res.load.bytes == 5 * layout.chunk_bytes
             k0, _ = cache_layer(res.cache, 0)
             assert torch.equal(k0, cache_layer(cache, 0)[0][:, :, :5 * T])
             with torch.no_grad():
