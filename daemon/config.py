@@ -72,6 +72,8 @@ class Config:
     admin_uids: list[int] = field(default_factory=lambda: [0])
     metrics_address: str = "127.0.0.1"
     metrics_port: int = 0  # 0: no metrics endpoint
+    fuse_mountpoint: str | None = None  # the admin tree (kvtier.fuse); None: not mounted
+    fuse_admin_gid: int = 0  # group that may read tenants/ in the admin tree
     source: str = "<embedded default>"
 
     def dram_shares(self) -> dict[str, int]:
@@ -115,6 +117,7 @@ class Config:
                         for t in self.tenants],
             "limits": vars(self.limits), "admin_uids": self.admin_uids,
             "metrics": {"address": self.metrics_address, "port": self.metrics_port},
+            "fuse": {"mountpoint": self.fuse_mountpoint, "admin_gid": self.fuse_admin_gid},
         }
 
 
@@ -328,6 +331,17 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
             raise mr.fail("port", f"must be 0..65535, got {cfg.metrics_port}")
         mr.check_unknown()
         r.used.add("metrics")
+    if "fuse" in data:
+        fr = r.sub("fuse", data["fuse"])
+        mp = fr.get("mountpoint", str, required=True)
+        if not os.path.isabs(mp):
+            raise fr.fail("mountpoint", f"must be an absolute path, got {mp!r}")
+        cfg.fuse_mountpoint = mp
+        cfg.fuse_admin_gid = fr.get("admin_gid", int, 0)
+        if cfg.fuse_admin_gid < 0:
+            raise fr.fail("admin_gid", f"must be a group id, got {cfg.fuse_admin_gid}")
+        fr.check_unknown()
+        r.used.add("fuse")
     r.check_unknown()
     if cfg.tenants:
         cfg.dram_shares()

@@ -755,6 +755,50 @@ class Pool:
         return (base + offs[first], offs[last] - offs[first],
                 [int(x) for x in h.frame_lengths[first:last]])
 
+    def read_raw(self, tenant: str, key: bytes, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset + size) of a value's record exactly as stored on the
+        device (header, frames, padding: what an admin may see, never decoded)."""
+        with self._lock:
+            self._check_open()
+            row = self._live_row(tenant, key)
+            if row < 0:
+                raise NotFound(f"{tenant}/{key.hex()}: not found")
+            loc, nblocks = int(self.index.loc[row]), int(self.index.blocks[row])
+            seg = int(self._seg_of_block(loc))
+            self.pins[seg] += 1
+        try:
+            end = min(offset + size, nblocks * self.B)
+            if offset >= end:
+                return b""
+            a = offset // self.B * self.B
+            b = -(-end // self.B) * self.B
+            buf = aligned_buffer(b - a)
+            self.dev.readv_into(loc * self.B + a, [memoryview(buf)])
+            return bytes(memoryview(buf)[offset - a:end - a])
+        finally:
+            with self._lock:
+                self.pins[seg] -= 1
+
+    def segment_table(self) -> list[dict[str, Any]]:
+        """Every segment that is not free: state, live and dead bytes, expiry bucket, age."""
+        with self._lock:
+            live = self.segment_live_blocks()
+            now = int(self.clock())
+            out = []
+            for i, s in enumerate(self.segs):
+                if int(s["state"]) == SegState.FREE:
+                    continue
+                used = int(s["used"]) * self.B
+                out.append({"id": i, "state": SegState(int(s["state"])).name.lower(),
+                            "used_bytes": used, "live_bytes": int(live[i]) * self.B,
+                            "dead_bytes": max(0, used - int(live[i]) * self.B),
+                            "expiry_bucket_end": None if int(s["bucket_end"]) == 0xFFFFFFFF
+                            else int(s["bucket_end"]),
+                            "opened": int(s["opened"]), "last_write": int(s["last_write"]),
+                            "age_s": max(0, now - int(s["opened"])) if int(s["opened"]) else 0,
+                            "pinned": int(self.pins[i])})
+            return out
+
     def pin_offset(self, offset: int) -> None:
         """Keep the segment holding byte `offset` from being cleaned, evicted or reused."""
         with self._lock:

@@ -117,6 +117,12 @@ class Service:
                 if cfg.metrics_port:
                     self.metrics_port = await nursery.start(
                         serve_metrics, self.metrics, cfg.metrics_address, cfg.metrics_port)
+                if cfg.fuse_mountpoint:
+                    from kvtier.fuse.tree import AdminTree, serve_tree
+
+                    tree = AdminTree(cfg, self.store, self.stats, self.metrics.render,
+                                     self.io_limiter)
+                    await nursery.start(serve_tree, tree, cfg.fuse_mountpoint)
                 nursery.start_soon(self._accept_loop, listener)
                 log.info("kvtierd ready: socket %s, media %s, dram %d MiB over %d tenants, "
                          "ack=%s", self.socket_path, media.dev.name, cfg.dram_size >> 20,

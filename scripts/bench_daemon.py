@@ -19,7 +19,7 @@ MiB, GiB = 1 << 20, 1 << 30
 class BenchDaemon:
     def __init__(self, work: str, *, dram: int, pool: int, segment: int = 64 * MiB,
                  ack: str = "media", populate: bool = True, arena_max: int = GiB,
-                 io_threads: int = 8) -> None:
+                 io_threads: int = 8, extra: str = "") -> None:
         self.sock = os.path.join(work, "kvtier.sock")
         self.cfg = os.path.join(work, "kvtier.toml")
         self.log = os.path.join(work, "kvtierd.log")
@@ -32,7 +32,7 @@ class BenchDaemon:
             f'[[pool]]\npath = "pool0.img"\nsize = {pool}\nsegment_size = {segment}\n'
             f'[[tenant]]\nid = "bench"\ntoken_hash = "{hash_token(TOKEN)}"\n'
             f"[limits]\narena_max = {arena_max}\nio_threads = {io_threads}\n"
-            f"inflight_per_client = 64\n")
+            f"inflight_per_client = 64\n{extra}")
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 120.0) -> None:

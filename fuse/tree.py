@@ -1,0 +1,458 @@
+"""The admin tree: what kvtierd holds, as files (pyfuse3, inside the daemon's trio loop).
+
+    status  config  metrics
+    pools/<pool>/info                     pools/<pool>/segments/<id>
+    tenants/<tenant>/info
+    tenants/<tenant>/sessions/<session>/info
+    tenants/<tenant>/sessions/<session>/blocks/<key hex>
+
+JSON files are rendered when opened (their size is that rendering's); a block file is the
+value's record exactly as stored on the media pool (header, frames, padding), streamed
+from the device in the reader's chunks, never decoded.  mtime of a block is its write
+time, atime its last read.  Removing is the only change allowed:
+
+* `rm tenants/T/sessions/S/blocks/K` deletes that value;
+* any other removal inside a session (its info, its blocks/ directory, the session
+  directory itself — what `rm -r` does) purges the whole session;
+
+every removal is logged with the caller's uid.  Everything else is EROFS (writes,
+creates, renames, attribute changes) or EPERM (removing outside a session).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import stat
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pyfuse3
+import trio
+
+from kvtier.daemon.config import Config
+from kvtier.daemon.errors import NotFound
+from kvtier.daemon.tiers import TieredStore
+
+log = logging.getLogger("kvtierd.fuse")
+
+Path = tuple[str, ...]
+TOP = ("status", "config", "metrics", "pools", "tenants")
+
+
+def _err(code: int) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(code)
+
+
+class AdminTree(pyfuse3.Operations):  # type: ignore[misc]
+    """The tree's operations; `paths` maps inodes to paths (allocated on lookup)."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, cfg: Config, store: TieredStore, stats: Callable[[], dict[str, Any]],
+                 metrics: Callable[[], bytes], limiter: trio.CapacityLimiter) -> None:
+        super().__init__()
+        self.cfg, self.store, self.stats, self.metrics = cfg, store, stats, metrics
+        self.limiter = limiter
+        self.paths: dict[int, Path] = {pyfuse3.ROOT_INODE: ()}
+        self.inodes: dict[Path, int] = {(): pyfuse3.ROOT_INODE}
+        self.open_files: dict[int, tuple[Path, bytes | None]] = {}
+        self.open_dirs: dict[int, tuple[Path, list[str]]] = {}
+        self._next_fh = 1
+        self.started = time.time()
+        # Sessions purged through the tree whose directory is not removed yet: `rm -r`
+        # still walks them, so they stay as empty directories until their own rmdir.
+        self.purged: set[tuple[str, str]] = set()
+
+    # -- paths ---------------------------------------------------------------------------------
+
+    def _inode(self, path: Path) -> int:
+        ino = self.inodes.get(path)
+        if ino is None:
+            ino = len(self.paths) + 1
+            while ino in self.paths:
+                ino += 1
+            self.paths[ino] = path
+            self.inodes[path] = ino
+        return ino
+
+    def _path(self, inode: int) -> Path:
+        try:
+            return self.paths[inode]
+        except KeyError:
+            raise _err(errno.ENOENT) from None
+
+    async def _run(self, fn: Callable[[], Any]) -> Any:
+        return await trio.to_thread.run_sync(fn, limiter=self.limiter)
+
+    def _pools(self) -> dict[str, Any]:
+        out = {self.cfg.pools[0].name if self.cfg.pools else "media": self.store.media}
+        for t, p in self.store.drams.items():
+            out[f"dram-{t}"] = p
+        return out
+
+    def _tenants(self) -> list[str]:
+        return [t.id for t in self.cfg.tenants]
+
+    # -- what a path is ------------------------------------------------------------------------
+
+    def _is_dir(self, p: Path) -> bool:
+        n = len(p)
+        return (n == 0 or p in (("pools",), ("tenants",))
+                or (n == 2 and p[0] in ("pools", "tenants"))
+                or (n == 3 and p[0] == "pools" and p[2] == "segments")
+                or (n == 3 and p[0] == "tenants" and p[2] == "sessions")
+                or (n == 4 and p[0] == "tenants" and p[2] == "sessions")
+                or (n == 5 and p[0] == "tenants" and p[4] == "blocks"))
+
+    def _purged(self, p: Path) -> bool:
+        return len(p) >= 4 and p[0] == "tenants" and p[2] == "sessions" and \
+            (p[1], p[3]) in self.purged
+
+    def _children(self, p: Path) -> list[str]:
+        """Names in directory `p` (blocking: call through _run).  ENOENT if p is gone."""
+        n = len(p)
+        if self._purged(p):
+            return ["info", "blocks"] if n == 4 else []
+        if n == 0:
+            return list(TOP)
+        if p == ("pools",):
+            return list(self._pools())
+        if p == ("tenants",):
+            return self._tenants()
+        if n == 2 and p[0] == "pools":
+            if p[1] not in self._pools():
+                raise _err(errno.ENOENT)
+            return ["info", "segments"]
+        if n == 2 and p[0] == "tenants":
+            if p[1] not in self._tenants():
+                raise _err(errno.ENOENT)
+            return ["info", "sessions"]
+        if n == 3 and p[2] == "segments":
+            pool = self._pools().get(p[1])
+            if pool is None:
+                raise _err(errno.ENOENT)
+            return [str(s["id"]) for s in pool.segment_table()]
+        if n == 3 and p[2] == "sessions":
+            if p[1] not in self._tenants():
+                raise _err(errno.ENOENT)
+            return sorted(set(self.store.media.usage(p[1])) |
+                          {s for t, s in self.purged if t == p[1]})
+        if n == 4:
+            if p[3] not in self.store.media.usage(p[1]):
+                raise _err(errno.ENOENT)
+            return ["info", "blocks"]
+        if n == 5:
+            return [e.key.hex() for e in self.store.media.entries(p[1], p[3])]
+        raise _err(errno.ENOTDIR)
+
+    def _render(self, p: Path) -> bytes:
+        """The content of a generated (JSON / text) file (blocking)."""
+        if self._purged(p) and len(p) == 5 and p[4] == "info":
+            return json.dumps({"tenant": p[1], "session": p[3], "purged": True}).encode()
+        if p == ("status",):
+            obj: Any = self.stats()
+        elif p == ("config",):
+            obj = self.cfg.redacted()
+        elif p == ("metrics",):
+            return self.metrics()
+        elif len(p) == 3 and p[0] == "pools" and p[2] == "info":
+            pool = self._pools().get(p[1])
+            if pool is None:
+                raise _err(errno.ENOENT)
+            obj = pool.stats()
+        elif len(p) == 4 and p[0] == "pools" and p[2] == "segments":
+            pool = self._pools().get(p[1])
+            segs = [s for s in pool.segment_table() if str(s["id"]) == p[3]] if pool else []
+            if not segs:
+                raise _err(errno.ENOENT)
+            obj = segs[0]
+        elif len(p) == 3 and p[0] == "tenants" and p[2] == "info":
+            t = self.cfg.tenant(p[1])
+            if t is None:
+                raise _err(errno.ENOENT)
+            use = self.store.media.usage(None).get(t.id, {"entries": 0, "bytes": 0})
+            dram = self.store.drams.get(t.id)
+            obj = {"tenant": t.id, "entries": use["entries"], "bytes": use["bytes"],
+                   "sessions": len(self.store.media.usage(t.id)),
+                   "allowed_uids": t.allowed_uids,
+                   "dram_bytes": dram.dev.size if dram is not None else 0,
+                   "dram_live_bytes": dram.stats()["live_bytes"] if dram is not None else 0}
+        elif len(p) == 5 and p[0] == "tenants" and p[4] == "info":
+            use = self.store.media.usage(p[1]).get(p[3])
+            if use is None:
+                raise _err(errno.ENOENT)
+            ents = self.store.media.entries(p[1], p[3])
+            obj = {"tenant": p[1], "session": p[3], **use,
+                   "created_first": min((e.created for e in ents), default=0),
+                   "created_last": max((e.created for e in ents), default=0),
+                   "last_access": max((e.atime for e in ents), default=0)}
+        else:
+            raise _err(errno.ENOENT)
+        return (json.dumps(obj, indent=1, default=str) + "\n").encode()
+
+    def _block(self, p: Path) -> Any:
+        try:
+            return self.store.media.stat(p[1], bytes.fromhex(p[5]))
+        except (NotFound, ValueError):
+            raise _err(errno.ENOENT) from None
+
+    def _attr(self, p: Path) -> pyfuse3.EntryAttributes:
+        """Attributes of `p` (blocking); ENOENT if it does not exist."""
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = self._inode(p)
+        a.st_uid = 0
+        a.st_gid = self.cfg.fuse_admin_gid
+        a.generation = 0
+        a.entry_timeout = 0
+        a.attr_timeout = 0
+        a.st_blksize = 4096
+        now_ns = int(time.time() * 1e9)
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = int(self.started * 1e9)
+        private = len(p) >= 2 and p[0] == "tenants"
+        if self._is_dir(p):
+            if len(p) >= 1:
+                parent = p[:-1]
+                if p[-1] not in self._children(parent):
+                    raise _err(errno.ENOENT)
+            a.st_mode = stat.S_IFDIR | (0o750 if private else 0o755)
+            # Directories may be cached for a second: `ls -l` of a large session would
+            # otherwise re-check the session's existence once per entry.
+            a.entry_timeout = a.attr_timeout = 1.0
+            a.st_nlink = 2
+            a.st_size = 0
+            a.st_mtime_ns = now_ns
+        elif len(p) == 6 and p[0] == "tenants" and p[4] == "blocks":
+            e = self._block(p)
+            if e.session != p[3]:
+                raise _err(errno.ENOENT)
+            a.st_mode = stat.S_IFREG | 0o440
+            a.st_nlink = 1
+            a.st_size = e.record_bytes
+            a.entry_timeout = a.attr_timeout = 1.0  # a stored record never changes
+            a.st_mtime_ns = a.st_ctime_ns = int(e.created * 1e9)
+            a.st_atime_ns = int(max(e.atime, e.created) * 1e9)
+        else:
+            data = self._render(p)
+            a.st_mode = stat.S_IFREG | (0o440 if private else 0o444)
+            a.st_nlink = 1
+            a.st_size = len(data)
+            a.st_mtime_ns = now_ns
+        a.st_blocks = -(-a.st_size // 512)
+        return a
+
+    # -- lookups and listings ------------------------------------------------------------------
+
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        p = (*self._path(parent_inode), os.fsdecode(name))
+        return await self._run(lambda: self._attr(p))
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        p = self._path(inode)
+        return await self._run(lambda: self._attr(p))
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        p = self._path(inode)
+        if not self._is_dir(p):
+            raise _err(errno.ENOTDIR)
+        names = await self._run(lambda: self._children(p))
+        fh = self._next_fh
+        self._next_fh += 1
+        self.open_dirs[fh] = (p, names)
+        return fh
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        """Entries from offset `start_id` on, as many as the kernel's buffer takes: a
+        directory of 100k blocks is listed in pieces, attributes computed per piece."""
+        parent, names = self.open_dirs[fh]
+        i = start_id
+        while i < len(names):
+            p = (*parent, names[i])
+            try:
+                attr = await self._run(lambda p=p: self._attr(p))  # type: ignore[misc]
+            except pyfuse3.FUSEError:
+                i += 1  # went away since opendir
+                continue
+            if not pyfuse3.readdir_reply(token, os.fsencode(names[i]), attr, i + 1):
+                return
+            i += 1
+
+    async def releasedir(self, fh: int) -> None:
+        self.open_dirs.pop(fh, None)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        p = self._path(inode)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            log.warning("fuse: uid %d tried to open %s for writing", ctx.uid, "/".join(p))
+            raise _err(errno.EROFS)
+        if self._is_dir(p):
+            raise _err(errno.EISDIR)
+        is_block = len(p) == 6 and p[4] == "blocks"
+        data = None if is_block else await self._run(lambda: self._render(p))
+        if is_block:
+            await self._run(lambda: self._block(p))
+        fh = self._next_fh
+        self._next_fh += 1
+        self.open_files[fh] = (p, data)
+        fi = pyfuse3.FileInfo(fh=fh)
+        fi.direct_io = True  # sizes of generated files change; blocks stream from the device
+        fi.keep_cache = False
+        return fi
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        p, data = self.open_files[fh]
+        if data is not None:
+            return data[off:off + size]
+        try:
+            return bytes(await self._run(lambda: self.store.media.read_raw(
+                p[1], bytes.fromhex(p[5]), off, size)))
+        except NotFound:
+            raise _err(errno.ENOENT) from None
+
+    async def release(self, fh: int) -> None:
+        self.open_files.pop(fh, None)
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        st = await self._run(self.store.media.stats)
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = st["capacity_bytes"] // 4096
+        s.f_bfree = s.f_bavail = max(0, st["capacity_bytes"] - st["live_bytes"]) // 4096
+        s.f_files = st["entries"]
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    # -- removal: the only change ----------------------------------------------------------------
+
+    def _remove(self, p: Path, uid: int) -> None:
+        """Remove what `p` names (blocking); see the module docstring."""
+        where = "/".join(p)
+        if self._purged(p) and len(p) > 4:
+            return  # `rm -r` finishing a session purged a moment ago
+        if len(p) == 6 and p[0] == "tenants" and p[4] == "blocks":
+            e = self._block(p)
+            if e.session != p[3]:
+                raise _err(errno.ENOENT)
+            self.store.delete(p[1], e.key)
+            log.warning("fuse: uid %d deleted %s", uid, where)
+            return
+        if len(p) >= 4 and p[0] == "tenants" and p[2] == "sessions":
+            if (p[1], p[3]) not in self.purged:
+                n = self.store.purge_session(p[1], p[3])
+                log.warning("fuse: uid %d purged session %s/%s (%d values) via %s", uid,
+                            p[1], p[3], n, where)
+            if len(p) == 4:
+                self.purged.discard((p[1], p[3]))  # its directory is gone now
+            else:
+                self.purged.add((p[1], p[3]))
+            return
+        log.warning("fuse: uid %d may not remove %s", uid, where)
+        raise _err(errno.EPERM)
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        p = (*self._path(parent_inode), os.fsdecode(name))
+        await self._run(lambda: self._attr(p))
+        await self._run(lambda: self._remove(p, ctx.uid))
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        p = (*self._path(parent_inode), os.fsdecode(name))
+        if not self._is_dir(p):
+            raise _err(errno.ENOTDIR)
+        await self._run(lambda: self._remove(p, ctx.uid))
+
+    # -- everything else is read-only --------------------------------------------------
+
+    def _readonly(self, what: str, ctx: pyfuse3.RequestContext | None) -> pyfuse3.FUSEError:
+        log.warning("fuse: uid %s: %s refused (read-only tree)", ctx.uid if ctx else "?", what)
+        return _err(errno.EROFS)
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> Any:
+        raise self._readonly(f"create {os.fsdecode(name)}", ctx)
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> Any:
+        raise self._readonly(f"mkdir {os.fsdecode(name)}", ctx)
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> Any:
+        raise self._readonly("mknod", ctx)
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> Any:
+        raise self._readonly("symlink", ctx)
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> Any:
+        raise self._readonly("link", ctx)
+
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        raise self._readonly("rename", ctx)
+
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> Any:
+        raise self._readonly("setattr", ctx)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        raise self._readonly("write", None)
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        raise self._readonly("setxattr", ctx)
+
+
+def clean_stale_mount(mountpoint: str) -> None:
+    """A daemon killed with the tree mounted leaves a dead mount (ENOTCONN): lazily unmount
+    it.  Creates the mountpoint if missing."""
+    try:
+        os.stat(mountpoint)
+    except FileNotFoundError:
+        os.makedirs(mountpoint, exist_ok=True)
+        return
+    except OSError as e:
+        if e.errno != errno.ENOTCONN:
+            raise
+    if os.path.ismount(mountpoint) or _is_dead(mountpoint):
+        log.warning("fuse: unmounting a stale mount at %s", mountpoint)
+        for cmd in (["fusermount3", "-u", "-z", mountpoint], ["umount", "-l", mountpoint]):
+            try:
+                if subprocess.run(cmd, capture_output=True, timeout=10).returncode == 0:
+                    return
+            except FileNotFoundError:
+                continue
+        raise OSError(errno.EBUSY, f"cannot unmount the stale mount at {mountpoint}")
+
+
+def _is_dead(path: str) -> bool:
+    try:
+        os.stat(path)
+        return False
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+
+
+async def serve_tree(tree: AdminTree, mountpoint: str, options: Sequence[str] = (), *,
+                     task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Mount `tree` at `mountpoint` and serve it until cancelled; unmounts on the way out."""
+    await trio.to_thread.run_sync(clean_stale_mount, mountpoint)
+    opts = set(pyfuse3.default_options)
+    opts.discard("default_permissions")
+    opts |= {"fsname=kvtier", "default_permissions", "allow_other", *options}
+    pyfuse3.init(tree, mountpoint, opts)
+    log.info("fuse: admin tree mounted at %s", mountpoint)
+    try:
+        task_status.started()
+        await pyfuse3.main()
+    finally:
+        pyfuse3.close(unmount=True)
+        log.info("fuse: admin tree unmounted from %s", mountpoint)

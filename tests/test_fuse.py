@@ -1,0 +1,136 @@
+"""The admin tree through a real FUSE mount of a live daemon (needs root and /dev/fuse)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from harness import TOKENS, Daemon
+
+from kvtier.client.admin import AdminClient
+from kvtier.client.client import Client
+from kvtier.client.errors import NotFoundError
+
+pytest.importorskip("pyfuse3")
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
+    reason="the FUSE tree tests mount a file system: they need root and /dev/fuse")
+
+
+def _daemon(tmp_path: Path) -> tuple[Daemon, Path]:
+    fs = tmp_path / "fs"
+    return Daemon(tmp_path, extra=f'[fuse]\nmountpoint = "{fs}"\n'), fs
+
+
+def _sh(*cmd: str) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60).stdout
+
+
+def _key(s: str) -> bytes:
+    return s.encode().ljust(16, b".")
+
+
+def test_the_tree_tells_the_daemons_truth(tmp_path: Path) -> None:
+    d, fs = _daemon(tmp_path)
+    d.start()
+    try:
+        with Client.connect(d.socket, "alice", TOKENS["alice"]) as a, \
+                Client.connect(d.socket, "bob", TOKENS["bob"]) as b:
+            for i in range(3):
+                a.put("s1", _key(f"a1-{i}"), [b"alpha-%d-" % i * 3000])
+            b.put("s1", _key("b1"), [b"bravo" * 100])
+            time.sleep(1.2)
+            ref = tmp_path / "ref"
+            ref.write_text("")
+            time.sleep(1.2)
+            for i in range(2):
+                a.put("s2", _key(f"a2-{i}"), [b"charlie" * 1000, b"delta" * 10])
+        listing = _sh("ls", "-R", str(fs))
+        for name in ("status", "config", "metrics", "pools", "tenants", "alice", "bob",
+                     _key("a1-0").hex(), _key("b1").hex()):
+            assert name in listing
+        assert json.loads((fs / "status").read_text())["daemon"]["pid"] == d.proc.pid  # type: ignore[union-attr]
+        assert "<redacted>" in (fs / "config").read_text()
+        assert "kvtier_" in (fs / "metrics").read_text()
+        info = json.loads((fs / "tenants" / "alice" / "info").read_text())
+        assert info["entries"] == 5 and info["sessions"] == 2
+        assert sorted(os.listdir(fs / "tenants" / "alice" / "sessions")) == ["s1", "s2"]
+        assert json.loads((fs / "pools" / "p0" / "info").read_text())["entries"] == 6
+        segs = os.listdir(fs / "pools" / "p0" / "segments")
+        assert segs and "live_bytes" in json.loads((fs / "pools" / "p0" / "segments" /
+                                                     segs[0]).read_text())
+        # Blocks: size and bytes as stored, times real; du agrees with the daemon.
+        with AdminClient(d.socket) as adm:
+            st = adm.call("stat", tenant="alice", key=_key("a1-1").hex())
+            sessions = adm.call("ls", tenant="alice")
+        blk = fs / "tenants" / "alice" / "sessions" / "s1" / "blocks" / _key("a1-1").hex()
+        assert blk.stat().st_size == st["bytes"]
+        assert abs(blk.stat().st_mtime - st["created"]) <= 1
+        raw = blk.read_bytes()
+        assert len(raw) == st["bytes"] and b"alpha-1-" * 3000 in raw
+        du = int(_sh("du", "-sb", str(blk.parent)).split()[0])
+        assert du == sessions["s1"]["bytes"]
+        newer = _sh("find", str(fs / "tenants"), "-newer", str(ref), "-path", "*/blocks/*",
+                    "-type", "f").split()
+        assert sorted(Path(p).name for p in newer) == sorted(_key(f"a2-{i}").hex()
+                                                              for i in range(2))
+        # Read-only everywhere, with the right errno.
+        for attempt, code in ((lambda: (fs / "status").write_text("x"), errno.EROFS),
+                              (lambda: (fs / "tenants" / "alice" / "new").write_text("x"),
+                               errno.EROFS),
+                              (lambda: (fs / "tenants" / "x").mkdir(), errno.EROFS),
+                              (lambda: (fs / "status").unlink(), errno.EPERM),
+                              (lambda: (fs / "tenants" / "bob").rmdir(), errno.EPERM)):
+            with pytest.raises(OSError) as ei:
+                attempt()
+            assert ei.value.errno == code
+        # rm of one block deletes it; rm -r of a session purges it.
+        with Client.connect(d.socket, "alice", TOKENS["alice"]) as a:
+            blk.unlink()
+            with pytest.raises(NotFoundError):
+                a.get(_key("a1-1"))
+            assert a.get(_key("a1-0")) == b"alpha-0-" * 3000
+            _sh("rm", "-r", str(fs / "tenants" / "alice" / "sessions" / "s2"))
+            for i in range(2):
+                with pytest.raises(NotFoundError):
+                    a.get(_key(f"a2-{i}"))
+        assert os.listdir(fs / "tenants" / "alice" / "sessions") == ["s1"]
+        log = d.log.read_text()
+        assert f"uid {os.geteuid()} purged session alice/s2" in log
+        assert f"uid {os.geteuid()} deleted tenants/alice/sessions/s1/blocks" in log
+    finally:
+        d.stop()
+    assert not os.path.ismount(fs)  # unmounted on a clean stop
+    d.start()  # purged stays purged after a restart
+    try:
+        with Client.connect(d.socket, "alice", TOKENS["alice"]) as a, \
+                pytest.raises(NotFoundError):
+            a.get(_key("a2-0"))
+        assert os.listdir(fs / "tenants" / "alice" / "sessions") == ["s1"]
+    finally:
+        d.stop()
+
+
+def test_a_killed_daemon_leaves_no_hanging_mount(tmp_path: Path) -> None:
+    d, fs = _daemon(tmp_path)
+    d.start()
+    assert os.path.ismount(fs)
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(10)
+    d.proc = None
+    with pytest.raises(OSError) as ei:
+        os.listdir(fs)
+    assert ei.value.errno == errno.ENOTCONN  # the dead mount the kill left behind
+    d.start()
+    try:
+        assert "tenants" in os.listdir(fs)
+    finally:
+        d.stop()
+    assert not os.path.ismount(fs)
