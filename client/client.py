@@ -71,6 +71,26 @@ def _as_bytes(buf: Any) -> memoryview:
     return mv.cast("B") if (mv.format != "B" or mv.ndim != 1) else mv
 
 
+class PendingMap:
+    """A submitted MAP: `result()` waits for it and returns (offset, length) | None per key."""
+
+    def __init__(self, client: Client, fut: Future[Completion], slot: Slot, n: int,
+                 table_at: int) -> None:
+        self._client, self._fut, self._slot, self._n, self._at = client, fut, slot, n, table_at
+
+    def result(self) -> list[tuple[int, int] | None]:
+        try:
+            comp = self._client._wait(self._fut)
+            if comp.status != Status.OK:
+                raise error_for(comp.status, f"map: {Status(comp.status).name}")
+            table = np.frombuffer(self._slot.view[self._at:], dtype="<u8",
+                                  count=2 * self._n).reshape(self._n, 2)
+            return [None if int(off) == NOT_MAPPED else (int(off), int(ln))
+                    for off, ln in table.tolist()]
+        finally:
+            self._client.allocator.free(self._slot)
+
+
 class Client:
     def __init__(self, sock: socket.socket, hello: dict[str, Any], fds: list[int],
                  timeout: float) -> None:
@@ -386,8 +406,14 @@ class Client:
 
         The bytes stay exactly the value's until `unmap` (or until the client closes).
         """
+        return self.map_submit(keys, frames).result() if keys else []
+
+    def map_submit(self, keys: Sequence[bytes],
+                   frames: tuple[int, int] | None = None) -> PendingMap:
+        """`map` without waiting: submit now, `.result()` later (so a loader can start
+        copying the first batch while the daemon pins the next)."""
         if not keys:
-            return []
+            raise ValueError("map of no keys")
         klen = len(keys[0])
         if any(len(k) != klen for k in keys):
             raise ValueError("all keys of a map must have the same length")
@@ -396,14 +422,13 @@ class Client:
         try:
             slot.view[:n * klen] = b"".join(keys)
             a, b = frames if frames is not None else (0, ALL_FRAMES)
-            self._call(Request(Op.MAP, 0, flags=Flag.KEYLIST, key=bytes(klen), count=n,
-                               data_off=slot.offset, data_len=n * klen,
-                               aux_off=slot.offset + n * klen, frame_a=a, frame_b=b), "map")
-            table = np.frombuffer(slot.view[n * klen:], dtype="<u8", count=2 * n).reshape(n, 2)
-            return [None if int(off) == NOT_MAPPED else (int(off), int(ln))
-                    for off, ln in table.tolist()]
-        finally:
+            fut = self.submit(Request(Op.MAP, 0, flags=Flag.KEYLIST, key=bytes(klen), count=n,
+                                      data_off=slot.offset, data_len=n * klen,
+                                      aux_off=slot.offset + n * klen, frame_a=a, frame_b=b))
+        except BaseException:
             self.allocator.free(slot)
+            raise
+        return PendingMap(self, fut, slot, n, n * klen)
 
     def unmap(self, offsets: Sequence[int]) -> int:
         """Release pins taken by `map` (one per offset returned)."""

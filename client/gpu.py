@@ -15,9 +15,10 @@ prefix is one LOOKUP.
   are MAPped: the daemon pins them in the tenant's DRAM memfd, which the client has mapped
   read-only and registered with CUDA (`register_dram`), and each is copied from there to
   the GPU in one DMA — no memcpy on any CPU.  Other chunks: the daemon fills arena slots
-  with frames [l0, l1) of each chunk (many requests in flight), each slot is copied to a
-  GPU staging tensor on a side stream.  When a group's chunks are all in, its
-  layers are reorganised into the cache's per-layer tensors and a CUDA event is recorded.
+  with frames [l0, l1) of each chunk (many requests in flight), and each slot is copied
+  on.  Every copy lands directly at its final place in the cache (one allocation laid out
+  [layer, K/V, head, token, dim]), on a side stream; when a group's copies are queued a
+  CUDA event is recorded.
   `attach_layer_waits` makes decoder layer L wait (on the GPU) only for its group's event,
   so the first layers compute while later layers are still arriving.
 * `build_cache` / `resume` connect this to Hugging Face transformers' `DynamicCache`.
@@ -45,6 +46,7 @@ from kvtier.client.keys import chunk_keys, model_fingerprint
 from kvtier.client.protocol import Completion, Status, Tier
 
 CUDA_HOST_REGISTER_READ_ONLY = 0x08  # cudaHostRegisterReadOnly
+MAP_BATCH = 32  # keys per MAP request (the first DMA waits only for the first batch)
 
 
 @dataclass(frozen=True)
@@ -140,14 +142,16 @@ def _slot_tensor(slot: Slot, nbytes: int) -> torch.Tensor:
     return torch.frombuffer(slot.view[:nbytes], dtype=torch.uint8)
 
 
-def _copy(dst: torch.Tensor, src: torch.Tensor, stream: Any) -> Any:
-    """dst <- src: on `stream` without blocking (returns the event that marks it done), or
-    synchronously when there is no stream (CPU)."""
+def _copy(dst: torch.Tensor, src: torch.Tensor, stream: Any, event: bool = True) -> Any:
+    """dst <- src: on `stream` without blocking (returns the event that marks it done, if
+    `event`), or synchronously when there is no stream (CPU)."""
     if stream is None:
         dst.copy_(src)
         return None
     with torch.cuda.stream(stream):
         dst.copy_(src, non_blocking=True)
+        if not event:
+            return None
         ev = torch.cuda.Event()
         ev.record(stream)
     return ev
@@ -343,7 +347,6 @@ class KVLoader:
         self.map_dram = map_dram and (register_dram(client) or not torch.cuda.is_available())
         self.events: list[Any] = []
         self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._staging: torch.Tensor | None = None
         self._mapped: list[int] = []  # DRAM pins to release once the copies are done
         self._copied: Any = None  # CUDA event after the last copy out of the DRAM mapping
 
@@ -361,7 +364,9 @@ class KVLoader:
             self.client.unmap(maps)
 
     def lookup(self, token_ids: Sequence[int] | torch.Tensor) -> tuple[list[bytes], int, list[Any]]:
-        ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)
+        # As an array: a 128k-token Python list costs ~10 ms to build and hash.
+        ids = token_ids.detach().reshape(-1).to("cpu", torch.int64).numpy() \
+            if isinstance(token_ids, torch.Tensor) else np.asarray(token_ids, dtype=np.int64)
         keys = chunk_keys(ids, self.fingerprint, chunk_tokens=self.layout.chunk_tokens)
         if not keys:
             return [], 0, []
@@ -390,10 +395,19 @@ class KVLoader:
         n = hit
         T, H, D, L = lay.chunk_tokens, lay.num_kv_heads, lay.head_dim, lay.num_layers
         cap = n * T + max(0, reserve_tokens)
-        self.buffers = [(torch.empty((1, H, cap, D), dtype=lay.dtype, device=dev),
-                         torch.empty((1, H, cap, D), dtype=lay.dtype, device=dev))
-                        for _ in range(L)]
+        # One allocation for the whole cache, [layer, K/V, batch, head, token, dim]: chunk
+        # c's frames [a, b) land at kv[a:b, :, 0, :, cT:(c+1)T] — rows of one pitch, so
+        # each copy goes straight to its final place (no staging tensor, no reshuffle).
+        kv = torch.empty((L, 2, 1, H, cap, D), dtype=lay.dtype, device=dev)
+        self.buffers = [(kv[li, 0], kv[li, 1]) for li in range(L)]
         out = [(kb[:, :, :n * T], vb[:, :, :n * T]) for kb, vb in self.buffers]
+
+        def dst(c: int, a: int, b: int) -> torch.Tensor:
+            return kv[a:b, :, 0, :, c * T:(c + 1) * T]
+
+        def src(raw: torch.Tensor, a: int, b: int) -> torch.Tensor:
+            return raw.view(lay.dtype).view(b - a, 2, H, T, D)
+
         cuda = dev.type == "cuda"
         self.events = []
         if n == 0:
@@ -405,35 +419,47 @@ class KVLoader:
             stream.wait_stream(torch.cuda.current_stream(dev))
         self._release_maps()
         self.events = [None] * len(self.groups)
-        # staging[c, l] = frame l of chunk c, exactly as stored: [2, H, T, D]
-        staging = torch.empty((n, L, 2, H, T, D), dtype=lay.dtype, device=dev)
-        staging_bytes = staging.view(n, L, -1).view(torch.uint8)
+        if stream is not None:
+            kv.record_stream(stream)  # written there, allocated on the current stream
         done_in_group = [0] * len(self.groups)
-        work: list[tuple[int, int]] = []
         in_dram = [c for c in range(n) if tiers[c] == Tier.DRAM] if self.map_dram else []
-        for g, (a, b) in enumerate(self.groups):
-            # DRAM hits: pinned where they lie, one DMA each from the tenant's DRAM mapping.
+        # DRAM hits: pinned where they lie, one DMA each from the tenant's DRAM mapping.
+        # MAP goes in batches, all submitted up front: the first copies start as soon as
+        # the first batch is pinned, while the daemon pins the rest.
+        batches = [(g, in_dram[i:i + MAP_BATCH]) for g in range(len(self.groups))
+                   for i in range(0, len(in_dram), MAP_BATCH)]
+        pending = [self.client.map_submit([keys[c] for c in cs], self.groups[g])
+                   for g, cs in batches]
+        last_batch = {g: i for i, (g, _) in enumerate(batches)}
+        mapped: list[set[int]] = [set() for _ in self.groups]
+        bad: str | None = None
+        for i, ((g, cs), pm) in enumerate(zip(batches, pending, strict=True)):
+            a, b = self.groups[g]
             nbytes = (b - a) * lay.frame_bytes
-            maps = self.client.map([keys[c] for c in in_dram], (a, b)) if in_dram else []
-            mapped = {c: m for c, m in zip(in_dram, maps, strict=True) if m is not None}
-            self._mapped += [off for off, _ in mapped.values()]
-            for c in range(n):
-                m = mapped.get(c)
+            for c, m in zip(cs, pm.result(), strict=True):
                 if m is None:
-                    work.append((g, c))  # not in DRAM (any more): GET it
-                    continue
+                    continue  # not in DRAM any more: GET it below
                 off, got = m
+                self._mapped.append(off)
                 if got != nbytes:
-                    self._release_maps()
-                    raise KvtierError(f"chunk {c} layers [{a}, {b}): mapped {got} bytes, "
-                                      f"expected {nbytes}")
-                _copy(staging_bytes[c, a:b].reshape(-1), dram_tensor(self.client)[off:off + got],
-                      stream)
+                    bad = f"chunk {c} layers [{a}, {b}): mapped {got} bytes, expected {nbytes}"
+                    continue
+                if bad is None:
+                    _copy(dst(c, a, b), src(dram_tensor(self.client)[off:off + got], a, b),
+                          stream, event=False)
                 rep.bytes += got
                 rep.mapped += 1
+                mapped[g].add(c)
                 done_in_group[g] += 1
-            if done_in_group[g] == n:
-                self._reorganise(staging, out, g, stream)
+            if bad is None and last_batch[g] == i and done_in_group[g] == n:
+                self._group_done(g, stream)
+        if bad is not None:
+            self._copied = None
+            if stream is not None:
+                stream.synchronize()
+            self._release_maps()
+            raise KvtierError(bad)
+        work = [(g, c) for g in range(len(self.groups)) for c in range(n) if c not in mapped[g]]
         if self._mapped and stream is not None:
             self._copied = torch.cuda.Event()
             self._copied.record(stream)
@@ -465,48 +491,32 @@ class KVLoader:
             if comp.result != nbytes:
                 raise KvtierError(f"chunk {c} layers [{a}, {b}): got {comp.result} bytes, "
                                   f"expected {nbytes}")
-            slot_free[s] = _copy(staging_bytes[c, a:b].reshape(-1),
-                                 _slot_tensor(self.slots[s], nbytes), stream)
+            slot_free[s] = _copy(dst(c, a, b), src(_slot_tensor(self.slots[s], nbytes), a, b),
+                                 stream)
             rep.bytes += nbytes
             done_in_group[g] += 1
             if done_in_group[g] == n:
-                self._reorganise(staging, out, g, stream)
+                self._group_done(g, stream)
             issue()
         rep.chunks = n
         rep.tokens = n * T
-        self._staging = staging  # freed by wait_all() once the device is done with it
         rep.seconds = time.perf_counter() - t0
         return out, rep
 
-    def _reorganise(self, staging: torch.Tensor, out: list[tuple[torch.Tensor, torch.Tensor]],
-                    g: int, stream: Any) -> None:
-        n, T = staging.shape[0], staging.shape[4]
-        a, b = self.groups[g]
-
-        def run() -> None:
-            for li in range(a, b):
-                for j in range(2):
-                    out[li][j][0].unflatten(1, (n, T)).copy_(staging[:, li, j].transpose(0, 1))
-
+    def _group_done(self, g: int, stream: Any) -> None:
+        """Every copy of group g is queued: an event on the side stream marks its layers
+        ready (stream order: the event completes after those copies)."""
         if stream is not None:
-            with torch.cuda.stream(stream):
-                run()
-                ev = torch.cuda.Event()
-                ev.record(stream)
-            for li in range(a, b):
-                for j in range(2):
-                    out[li][j].record_stream(torch.cuda.current_stream(staging.device))
+            ev = torch.cuda.Event()
+            ev.record(stream)
             self.events[g] = ev
-        else:
-            run()
 
     def wait_all(self) -> None:
-        """Make the current stream wait for every group; then free the staging memory and
-        release the DRAM pins (after the copies out of the DRAM mapping completed)."""
+        """Make the current stream wait for every group; then release the DRAM pins
+        (once the copies out of the DRAM mapping have completed)."""
         for ev in self.events:
             if ev is not None:
                 torch.cuda.current_stream().wait_event(ev)
-        self._staging = None
         self._release_maps()
 
     def attach_layer_waits(self, layers: Sequence[torch.nn.Module]) -> Callable[[], None]:
@@ -569,7 +579,7 @@ def resume(model: Any, loader: KVLoader, token_ids: torch.Tensor,
 
 
 def finish_resume(loader: KVLoader) -> None:
-    """After the first forward that used a resumed cache: drop hooks and staging memory."""
+    """After the first forward that used a resumed cache: drop hooks and DRAM pins."""
     remove = getattr(loader, "_remove_hooks", None)
     if remove is not None:
         remove()
