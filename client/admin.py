@@ -9,7 +9,7 @@ import socket
 from typing import Any
 
 from kvtier.client.errors import DisconnectedError, KvtierError, PermissionDeniedError
-from kvtier.client.protocol import CtrlParser, Msg, encode_ctrl
+from kvtier.client.protocol import MAX_ADMIN_REPLY, CtrlParser, Msg, encode_ctrl
 
 
 class AdminClient:
@@ -22,7 +22,7 @@ class AdminClient:
             self._sock.close()
             raise DisconnectedError(f"cannot connect to kvtierd at {socket_path}: "
                                     f"{e.strerror}") from e
-        self._parser = CtrlParser()
+        self._parser = CtrlParser(MAX_ADMIN_REPLY)
 
     def call(self, cmd: str, **args: Any) -> Any:
         self._sock.sendall(encode_ctrl(Msg.ADMIN, {"cmd": cmd, **args}))

@@ -41,29 +41,36 @@ class ProtocolError(Exception):
     """The peer sent something this protocol does not allow."""
 
 
-def encode_ctrl(msg: Msg, body: dict[str, Any]) -> bytes:
+MAX_ADMIN_REPLY = 64 << 20  # ADMIN_OK bodies (listings of large sessions); admin tools only
+
+
+def encode_ctrl(msg: Msg, body: dict[str, Any], limit: int = MAX_CTRL_BODY) -> bytes:
     data = json.dumps(body, separators=(",", ":")).encode()
-    if len(data) > MAX_CTRL_BODY:
-        raise ProtocolError(f"control message of {len(data)} bytes exceeds {MAX_CTRL_BODY}")
+    if len(data) > limit:
+        raise ProtocolError(f"control message of {len(data)} bytes exceeds {limit}")
     return CTRL_HEADER.pack(len(data) + 4, int(msg), 0) + data
 
 
 class CtrlParser:
-    """Reassembles control messages from a byte stream (`feed`, then `next_message`)."""
+    """Reassembles control messages from a byte stream (`feed`, then `next_message`).
 
-    def __init__(self) -> None:
+    `limit`: the largest body accepted (the daemon parses with the default; an admin tool
+    reading the daemon's replies allows MAX_ADMIN_REPLY)."""
+
+    def __init__(self, limit: int = MAX_CTRL_BODY) -> None:
         self._buf = bytearray()
+        self._limit = limit
 
     def feed(self, data: bytes) -> None:
         self._buf += data
-        if len(self._buf) > MAX_CTRL_BODY + CTRL_HEADER.size + 4096:
+        if len(self._buf) > self._limit + CTRL_HEADER.size + 4096:
             raise ProtocolError("control stream overflow")
 
     def next_message(self) -> tuple[Msg, dict[str, Any]] | None:
         if len(self._buf) < 4:
             return None
         (length,) = struct.unpack_from("<I", self._buf, 0)
-        if length < 4 or length > MAX_CTRL_BODY + 4:
+        if length < 4 or length > self._limit + 4:
             raise ProtocolError(f"control message length {length} out of range")
         if len(self._buf) < 4 + length:
             return None

@@ -42,6 +42,7 @@ class TenantConfig:
     token_hash: str  # "scrypt$<n>$<r>$<p>$<salt hex>$<hash hex>"
     allowed_uids: list[int] | None = None  # None: any uid
     dram_size: int | None = None  # its private DRAM tier; None: an equal share of the rest
+    retention_s: float | None = None  # values older than this are deleted; None: kept
 
     def check_token(self, token: str) -> bool:
         return verify_token(token, self.token_hash)
@@ -56,6 +57,7 @@ class Limits:
     inflight_per_client: int = 64
     io_threads: int = 8
     stalled_client_timeout_s: float = 30.0  # drop a client whose completion ring stays full
+    sweep_interval_s: float = 10.0  # expiry sweep and retention, this often
 
 
 @dataclass
@@ -113,6 +115,7 @@ class Config:
                                       "populate": self.dram_populate},
             "pools": [vars(p) for p in self.pools],
             "tenants": [{"id": t.id, "allowed_uids": t.allowed_uids, "dram": t.dram_size,
+                         "retention_s": t.retention_s,
                          "token_hash": "<redacted>"}
                         for t in self.tenants],
             "limits": vars(self.limits), "admin_uids": self.admin_uids,
@@ -299,7 +302,8 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
         if tdram is not None and tdram % cfg.dram_segment_size:
             raise tr.fail("dram", f"must be a multiple of dram.segment_size "
                                   f"({cfg.dram_segment_size}), got {tdram}")
-        cfg.tenants.append(TenantConfig(tid, th, uids, tdram))
+        retention = _duration(tr, "retention") if "retention" in tr.table else None
+        cfg.tenants.append(TenantConfig(tid, th, uids, tdram, retention))
         tr.check_unknown()
     if "limits" in data:
         lr = r.sub("limits", data["limits"])
@@ -317,6 +321,8 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
             raise lr.fail("stalled_client_timeout_s", f"must be a positive number of "
                                                       f"seconds, got {stall!r}")
         lim.stalled_client_timeout_s = float(stall)
+        if "sweep_interval_s" in lr.table:
+            lim.sweep_interval_s = _duration(lr, "sweep_interval_s")
         if lim.ring_entries & (lim.ring_entries - 1):
             raise lr.fail("ring_entries", f"must be a power of two, got {lim.ring_entries}")
         if lim.arena_default > lim.arena_max:
@@ -346,6 +352,26 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
     if cfg.tenants:
         cfg.dram_shares()
     return cfg
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _duration(r: _Reader, key: str) -> float:
+    """A period: seconds as a number, or a string like "90s", "30m", "12h", "30d", "2w"."""
+    r.used.add(key)
+    v = r.table[key]
+    if isinstance(v, bool):
+        raise r.fail(key, f"not a duration: {v!r}")
+    if isinstance(v, int | float):
+        secs = float(v)
+    elif isinstance(v, str) and v[:-1].replace(".", "", 1).isdigit() and v[-1] in _UNITS:
+        secs = float(v[:-1]) * _UNITS[v[-1]]
+    else:
+        raise r.fail(key, f'not a duration (seconds, or e.g. "12h", "30d"): {v!r}')
+    if secs <= 0:
+        raise r.fail(key, f"must be positive, got {v!r}")
+    return secs
 
 
 def _uids(r: _Reader, key: str, default: list[int] | None) -> list[int] | None:

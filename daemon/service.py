@@ -25,6 +25,7 @@ import trio
 from kvtier.client.protocol import (
     CQE_SIZE,
     FD_ORDER,
+    MAX_ADMIN_REPLY,
     PROTOCOL_VERSION,
     SQE_SIZE,
     CtrlParser,
@@ -34,6 +35,7 @@ from kvtier.client.protocol import (
     init_ring,
     ring_bytes,
 )
+from kvtier.daemon.audit import AuditLog
 from kvtier.daemon.blockdev import FileDevice
 from kvtier.daemon.config import Config
 from kvtier.daemon.errors import FormatError, StoreError
@@ -46,7 +48,7 @@ log = logging.getLogger("kvtierd")
 
 HELLO_TIMEOUT_S = 10.0
 DRAIN_TIMEOUT_S = 5.0
-SWEEP_EVERY_S = 10.0
+AUDIT_SYNC_S = 1.0
 CHECKPOINT_EVERY_S = 60.0
 _SO_PEERCRED = struct.Struct("3i")
 
@@ -90,6 +92,7 @@ class Service:
         self.sessions: dict[int, ClientSession] = {}
         self._next_client = 1
         self.started = time.time()
+        self.audit: AuditLog | None = None
         self.store: TieredStore | None = None
         self._wake = trio.Event()
         self._stopping = False
@@ -100,6 +103,12 @@ class Service:
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.cfg
+        audit = await trio.to_thread.run_sync(AuditLog,
+                                              os.path.join(cfg.state_dir, "audit.log"))
+        self.audit = audit
+        audit.record("start", pid=os.getpid(), config=cfg.source,
+                          tenants=[{"id": t.id, "allowed_uids": t.allowed_uids,
+                                    "retention_s": t.retention_s} for t in cfg.tenants])
         media = await trio.to_thread.run_sync(open_media_pool, cfg)
         shares = cfg.dram_shares()  # ConfigError if a tenant's share is too small
         drams = await trio.to_thread.run_sync(TieredStore.create_drams, shares,
@@ -114,6 +123,7 @@ class Service:
                 nursery.start_soon(self._signals, nursery.cancel_scope)
                 nursery.start_soon(self._background_worker)
                 nursery.start_soon(self._maintenance)
+                nursery.start_soon(self._audit_sync)
                 if cfg.metrics_port:
                     self.metrics_port = await nursery.start(
                         serve_metrics, self.metrics, cfg.metrics_address, cfg.metrics_port)
@@ -121,7 +131,7 @@ class Service:
                     from kvtier.fuse.tree import AdminTree, serve_tree
 
                     tree = AdminTree(cfg, self.store, self.stats, self.metrics.render,
-                                     self.io_limiter)
+                                     self.io_limiter, audit.record)
                     await nursery.start(serve_tree, tree, cfg.fuse_mountpoint)
                 nursery.start_soon(self._accept_loop, listener)
                 log.info("kvtierd ready: socket %s, media %s, dram %d MiB over %d tenants, "
@@ -167,6 +177,9 @@ class Service:
                 await trio.to_thread.run_sync(store.flush_all)
             for pool in (store.media,):
                 await trio.to_thread.run_sync(pool.close)
+        if self.audit is not None:
+            self.audit.record("stop", pid=os.getpid())
+            await trio.to_thread.run_sync(self.audit.close)
         log.info("kvtierd stopped")
 
     async def _signals(self, scope: trio.CancelScope) -> None:
@@ -197,14 +210,38 @@ class Service:
                 if not n and not m:
                     break
 
+    async def _audit_sync(self) -> None:
+        """fsync the audit log in batches: at most AUDIT_SYNC_S of records at risk."""
+        assert self.audit is not None
+        while True:
+            await trio.sleep(AUDIT_SYNC_S)
+            await trio.to_thread.run_sync(self.audit.sync)
+
+    def _apply_retention(self) -> None:
+        """Delete what is older than its tenant's retention period (blocking)."""
+        assert self.store is not None and self.audit is not None
+        now = self.store.media.clock()
+        for t in self.cfg.tenants:
+            if t.retention_s is None:
+                continue
+            old = [e.key for e in self.store.media.entries(t.id)
+                   if e.created < now - t.retention_s]
+            n = sum(self.store.delete(t.id, k) for k in old)
+            if n:
+                self.audit.record("retention_purge", tenant=t.id, values=n,
+                                  retention_s=t.retention_s)
+                log.info("retention: deleted %d values of tenant %s older than %.0f s", n,
+                         t.id, t.retention_s)
+
     async def _maintenance(self) -> None:
         assert self.store is not None
         store = self.store
         last_ckpt = trio.current_time()
         while True:
-            await trio.sleep(SWEEP_EVERY_S)
+            await trio.sleep(self.cfg.limits.sweep_interval_s)
             for pool in store.pools():
                 await trio.to_thread.run_sync(pool.sweep, limiter=self.io_limiter)
+            await trio.to_thread.run_sync(self._apply_retention, limiter=self.io_limiter)
             if trio.current_time() - last_ckpt >= CHECKPOINT_EVERY_S:
                 await trio.to_thread.run_sync(store.media.checkpoint, limiter=self.io_limiter)
                 last_ckpt = trio.current_time()
@@ -267,11 +304,15 @@ class Service:
             tenant.check_token, token)
         if not ok or tenant is None:
             self.metrics.auth_failures.inc()
+            self._audit("auth_failure", tenant=str(tenant_id)[:300], pid=pid, uid=uid,
+                        reason="unknown tenant or wrong token")
             log.warning("auth failure: tenant %r from pid %d uid %d", tenant_id, pid, uid)
             await _send_error(conn, "auth", "unknown tenant or wrong token")
             return
         if tenant.allowed_uids is not None and uid not in tenant.allowed_uids:
             self.metrics.auth_failures.inc()
+            self._audit("auth_failure", tenant=tenant.id, pid=pid, uid=uid,
+                        reason="uid not allowed")
             log.warning("uid %d not allowed for tenant %s (pid %d)", uid, tenant.id, pid)
             await _send_error(conn, "auth", f"uid {uid} is not allowed for tenant {tenant.id}")
             return
@@ -311,9 +352,11 @@ class Service:
                                 store=self.store, res=res, ring_entries=entries,
                                 inflight=lim.inflight_per_client, limiter=self.io_limiter,
                                 record=self.metrics.record, stats=self.stats,
-                                stalled_timeout_s=lim.stalled_client_timeout_s)
+                                stalled_timeout_s=lim.stalled_client_timeout_s,
+                                audit=self._audit)
         self.sessions[client_id] = session
         self.metrics.connects.inc()
+        self._audit("connect", client=client_id, tenant=tenant.id, pid=pid, uid=uid)
         log.info("client %d connected: tenant %s pid %d uid %d arena %d MiB", client_id,
                  tenant.id, pid, uid, arena_size >> 20)
         try:
@@ -338,14 +381,16 @@ class Service:
                      first: dict[str, Any]) -> None:
         if uid not in self.cfg.admin_uids:
             log.warning("admin request from uid %d refused", uid)
+            self._audit("admin_denied", uid=uid, cmd=str(first.get("cmd"))[:100])
             await _send_error(conn, "denied", f"uid {uid} is not an admin")
             return
         body: dict[str, Any] | None = first
         while body is not None:
             try:
-                result = await trio.to_thread.run_sync(self._admin_cmd, body,
+                result = await trio.to_thread.run_sync(self._admin_cmd, body, uid,
                                                        limiter=self.io_limiter)
-                await _sendall(conn, encode_ctrl(Msg.ADMIN_OK, {"result": result}))
+                await _sendall(conn, encode_ctrl(Msg.ADMIN_OK, {"result": result},
+                                                 MAX_ADMIN_REPLY))
             except (StoreError, ValueError, KeyError) as e:
                 await _sendall(conn, encode_ctrl(Msg.ERROR, {"code": "admin", "message": str(e)}))
             try:
@@ -355,7 +400,11 @@ class Service:
             if msg != Msg.ADMIN:
                 return
 
-    def _admin_cmd(self, body: dict[str, Any]) -> Any:
+    def _audit(self, event: str, **fields: Any) -> None:
+        if self.audit is not None:
+            self.audit.record(event, **fields)
+
+    def _admin_cmd(self, body: dict[str, Any], uid: int) -> Any:
         assert self.store is not None
         store = self.store
         cmd = body.get("cmd")
@@ -378,8 +427,12 @@ class Service:
         if cmd == "purge":
             tenant = body["tenant"]
             if body.get("session"):
-                return {"purged": store.purge_session(tenant, body["session"])}
-            return {"purged": store.purge_tenant(tenant)}
+                n = store.purge_session(tenant, body["session"])
+            else:
+                n = store.purge_tenant(tenant)
+            self._audit("admin_purge", uid=uid, tenant=tenant, session=body.get("session"),
+                        values=n)
+            return {"purged": n}
         raise ValueError(f"unknown admin command {cmd!r}")
 
     def stats(self) -> dict[str, Any]:

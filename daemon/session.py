@@ -106,7 +106,8 @@ class ClientSession:
                  inflight: int, limiter: trio.CapacityLimiter,
                  record: Callable[[str, str, str, int, float], None],
                  stats: Callable[[], dict[str, Any]],
-                 stalled_timeout_s: float = CQ_FULL_TIMEOUT_S) -> None:
+                 stalled_timeout_s: float = CQ_FULL_TIMEOUT_S,
+                 audit: Callable[..., None] | None = None) -> None:
         self.id = client_id
         self.tenant = tenant
         self.uid = uid
@@ -123,6 +124,7 @@ class ClientSession:
         self._record = record
         self._stats = stats
         self._stalled_timeout_s = stalled_timeout_s
+        self._audit = audit or (lambda event, **fields: None)
         self.ops = 0
         self.errors = 0
         self.maps: collections.Counter[int] = collections.Counter()  # MAP pins held
@@ -329,6 +331,8 @@ class ClientSession:
             if not req.session:
                 raise InvalidArgument("PURGE_SESSION needs a session name")
             n = await self._thread(lambda: self.store.purge_session(t, req.session))
+            self._audit("purge_session", client=self.id, tenant=t, session=req.session,
+                        uid=self.uid, pid=self.pid, values=n)
             return Completion(req.tag, Status.OK, 0, n)
         if req.op == Op.PREFETCH:
             if req.flags & Flag.SESSION:

@@ -55,9 +55,11 @@ class AdminTree(pyfuse3.Operations):  # type: ignore[misc]
     enable_writeback_cache = False
 
     def __init__(self, cfg: Config, store: TieredStore, stats: Callable[[], dict[str, Any]],
-                 metrics: Callable[[], bytes], limiter: trio.CapacityLimiter) -> None:
+                 metrics: Callable[[], bytes], limiter: trio.CapacityLimiter,
+                 audit: Callable[..., None] | None = None) -> None:
         super().__init__()
         self.cfg, self.store, self.stats, self.metrics = cfg, store, stats, metrics
+        self.audit = audit or (lambda event, **fields: None)
         self.limiter = limiter
         self.paths: dict[int, Path] = {pyfuse3.ROOT_INODE: ()}
         self.inodes: dict[Path, int] = {(): pyfuse3.ROOT_INODE}
@@ -344,18 +346,21 @@ class AdminTree(pyfuse3.Operations):  # type: ignore[misc]
                 raise _err(errno.ENOENT)
             self.store.delete(p[1], e.key)
             log.warning("fuse: uid %d deleted %s", uid, where)
+            self.audit("fuse_delete", uid=uid, tenant=p[1], session=p[3], key=p[5])
             return
         if len(p) >= 4 and p[0] == "tenants" and p[2] == "sessions":
             if (p[1], p[3]) not in self.purged:
                 n = self.store.purge_session(p[1], p[3])
                 log.warning("fuse: uid %d purged session %s/%s (%d values) via %s", uid,
                             p[1], p[3], n, where)
+                self.audit("fuse_purge", uid=uid, tenant=p[1], session=p[3], values=n)
             if len(p) == 4:
                 self.purged.discard((p[1], p[3]))  # its directory is gone now
             else:
                 self.purged.add((p[1], p[3]))
             return
         log.warning("fuse: uid %d may not remove %s", uid, where)
+        self.audit("fuse_denied", uid=uid, path=where, action="remove")
         raise _err(errno.EPERM)
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:

@@ -238,6 +238,18 @@ def _demo(args: argparse.Namespace) -> int:
     return run_client_demo(args.socket, token, args.tenant, args.prompt_tokens)
 
 
+def _audit_verify(args: argparse.Namespace) -> int:
+    from kvtier.daemon.audit import verify
+
+    r = verify(args.path)
+    if r.ok:
+        print(f"{args.path}: {r.lines} records, chain intact")
+        return 0
+    print(f"{args.path}: {r.problem} ({r.lines} records before it are intact)",
+          file=sys.stderr)
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvtier", description="kvtier admin tool")
     p.add_argument("--socket", default=default_socket(),
@@ -280,6 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--seconds", type=float, default=4.0)
     bn.add_argument("--json", action="store_true")
     bn.set_defaults(fn=_bench)
+    au = sub.add_parser("audit", help="the daemon's audit log")
+    aus = au.add_subparsers(dest="audit_cmd", required=True)
+    av = aus.add_parser("verify", help="check the hash chain; name the first bad line")
+    av.add_argument("path", help="the audit log (<state_dir>/audit.log)")
+    av.set_defaults(fn=_audit_verify)
     pool = sub.add_parser("pool", help="work on a pool file or device directly "
                                        "(while no daemon has it open)")
     ps = pool.add_subparsers(dest="pool_cmd", required=True)

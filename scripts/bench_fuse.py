@@ -6,7 +6,8 @@
 * `cat` throughput of a 64 MiB block file through the mounted tree (the record as stored,
   read from the media pool with O_DIRECT), as a ratio to reading the same value with the
   client library from the media pool (DRAM emptied by a restart before each);
-* `ls -l` time of a session directory with 100,000 blocks (2,000 with --quick).
+* `ls -l` time of a session directory with 100,000 blocks (2,000 with --quick), and
+  the daemon's own `ls` admin call for the same session (`kvtier ls`), as a ratio.
 
 Needs root and /dev/fuse.  `--json` prints every figure as one JSON object on the last line.
 """
@@ -26,6 +27,7 @@ import numpy as np
 from bench_daemon import TOKEN, BenchDaemon
 from rich.console import Console
 
+from kvtier.client.admin import AdminClient
 from kvtier.client.client import Client
 
 MiB = 1 << 20
@@ -37,11 +39,13 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--dir", default=None)
+    ap.add_argument("--blocks", type=int, default=None,
+                    help="blocks in the listed session (default 100000; 2000 with --quick)")
     args = ap.parse_args()
     console = Console(stderr=args.json)
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
         raise SystemExit("bench_fuse: needs root and /dev/fuse (it mounts the admin tree)")
-    nblocks = 2_000 if args.quick else 100_000
+    nblocks = args.blocks or (2_000 if args.quick else 100_000)
     work = tempfile.mkdtemp(prefix="kvtier-fuse-", dir=args.dir)
     fs = os.path.join(work, "fs")
     d = BenchDaemon(work, dram=2048 * MiB, pool=(2048 + nblocks * 8 // 1024) * MiB,
@@ -65,8 +69,10 @@ def main() -> int:
                     futs = []
             for f in futs:
                 c._wait(f)
+        t0 = time.perf_counter()
         while d.backlog():  # written behind to the media pool
-            time.sleep(0.1)
+            time.sleep(0.5)
+        console.print(f"written behind in {time.perf_counter() - t0:.0f} s")
         cat_s, lib_s = [], []
         path = os.path.join(fs, "tenants", "bench", "sessions", "big", "blocks",
                             (b"B" * 16).hex())
@@ -93,6 +99,12 @@ def main() -> int:
                                  text=True).stdout
         fig["ls_l_session_s"] = round(time.perf_counter() - t0, 3)
         assert len(listing.splitlines()) == nblocks + 1  # "total" line
+        t0 = time.perf_counter()
+        with AdminClient(d.sock) as a:
+            n = len(a.call("ls", tenant="bench", session="many"))
+        fig["admin_ls_session_s"] = round(time.perf_counter() - t0, 3)
+        fig["ls_l_ratio_to_admin_ls"] = round(fig["admin_ls_session_s"] / fig["ls_l_session_s"], 3)
+        assert n == nblocks
     finally:
         d.stop()
         shutil.rmtree(work, ignore_errors=True)

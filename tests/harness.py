@@ -65,6 +65,8 @@ class Daemon:
                       f'token_hash = "{token_hash(TOKENS.get(tid, tid + "-secret"))}"']
             if "allowed_uids" in opts:
                 lines.append(f"allowed_uids = {opts['allowed_uids']}")
+            if "retention" in opts:
+                lines.append(f'retention = "{opts["retention"]}"')
             lines.append("")
         lines.append(self.extra)
         self.config.write_text("\n".join(lines))

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import socket
+import time
 import urllib.request
 
 import numpy as np
 import pytest
 from harness import TOKENS, Daemon
 
+from kvtier.client.admin import AdminClient
 from kvtier.client.client import Client
 from kvtier.client.errors import (
     BufferTooSmallError,
@@ -229,3 +232,25 @@ def test_config_errors_name_the_key(tmp_path) -> None:
     r = subprocess.run([kvtierd, "run", "--config", str(tmp_path / "missing.toml")],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "no such file" in r.stderr
+
+
+def test_admin_listing_of_a_large_session(tmp_path) -> None:
+    """A session's listing bigger than a client control message (64 KiB) still comes back:
+    ADMIN_OK replies may be up to 64 MiB."""
+    d = Daemon(tmp_path, ack="memory").start()
+    try:
+        with Client.connect(d.socket, "alice", TOKENS["alice"]) as c:
+            slot = c.allocator.alloc(4096)
+            futs = [c.submit(c.put_request("big", i.to_bytes(16, "little"), slot, [4096]))
+                    for i in range(800)]
+            assert all(c._wait(f).status == 0 for f in futs)
+        with AdminClient(d.socket) as a:
+            deadline = time.monotonic() + 60
+            while a.call("status")["tiers"]["writebehind_backlog"]:  # listings read media
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            rows = a.call("ls", tenant="alice", session="big")
+        assert len(rows) == 800 and len(json.dumps(rows)) > 64 * 1024
+        assert {r["key"] for r in rows} == {i.to_bytes(16, "little").hex() for i in range(800)}
+    finally:
+        d.stop()
