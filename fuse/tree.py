@@ -42,6 +42,7 @@ log = logging.getLogger("kvtierd.fuse")
 
 Path = tuple[str, ...]
 TOP = ("status", "config", "metrics", "pools", "tenants")
+READDIR_BATCH = 256  # attributes computed per worker-thread call while listing
 
 
 def _err(code: int) -> pyfuse3.FUSEError:
@@ -275,15 +276,22 @@ class AdminTree(pyfuse3.Operations):  # type: ignore[misc]
         parent, names = self.open_dirs[fh]
         i = start_id
         while i < len(names):
-            p = (*parent, names[i])
-            try:
-                attr = await self._run(lambda p=p: self._attr(p))  # type: ignore[misc]
-            except pyfuse3.FUSEError:
-                i += 1  # went away since opendir
-                continue
-            if not pyfuse3.readdir_reply(token, os.fsencode(names[i]), attr, i + 1):
-                return
-            i += 1
+            batch = names[i:i + READDIR_BATCH]
+
+            def attrs(batch: list[str] = batch) -> list[pyfuse3.EntryAttributes | None]:
+                out: list[pyfuse3.EntryAttributes | None] = []
+                for name in batch:
+                    try:
+                        out.append(self._attr((*parent, name)))
+                    except pyfuse3.FUSEError:
+                        out.append(None)  # went away since opendir
+                return out
+
+            for name, attr in zip(batch, await self._run(attrs), strict=True):
+                i += 1
+                if attr is not None and not pyfuse3.readdir_reply(token, os.fsencode(name),
+                                                                  attr, i):
+                    return
 
     async def releasedir(self, fh: int) -> None:
         self.open_dirs.pop(fh, None)
