@@ -35,7 +35,7 @@ import secrets
 import struct
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -128,8 +128,8 @@ class FrameCipher:
             raise ValueError(f'scope must be "tenant" or "session", got {scope!r}')
         self.client, self.keyring, self.tenant, self.scope = client, keyring, tenant, scope
         self._keys: dict[str, tuple[bytes, AESGCM]] = {}
-        self._pool = ThreadPoolExecutor(threads or os.cpu_count() or 4,
-                                        thread_name_prefix="kvtier-crypt")
+        self.threads = threads or os.cpu_count() or 4
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="kvtier-crypt")
 
     def close(self) -> None:
         self._pool.shutdown()
@@ -188,16 +188,58 @@ class FrameCipher:
         kid, aes = self.data_key(session, create=False)
 
         def one(j: int) -> bytes:
-            f = memoryview(frames[j]).cast("B")
-            try:
-                return aes.decrypt(f[:NONCE], f[NONCE:], self._aad(kid, key,
-                                                                   first_index + j))
-            except InvalidTag:
-                raise DecryptError(f"tenant {self.tenant!r} key {bytes(key).hex()} frame "
-                                   f"{first_index + j}: authentication failed (tampered, "
-                                   f"swapped with another frame, or moved from another "
-                                   f"key)") from None
+            out = bytearray(max(0, memoryview(frames[j]).nbytes - OVERHEAD))
+            self._open_one(aes, kid, key, first_index + j, frames[j], memoryview(out))
+            return bytes(out)
         return list(self._pool.map(one, range(len(frames))))
+
+    def seal_into(self, session: str, key: bytes, frames: Sequence[Any],
+                  out: memoryview) -> list[int]:
+        """Seal `frames` back to back into `out` (e.g. an arena slot, for a PUT with no
+        further copy); returns the sealed frame lengths."""
+        kid, aes = self.data_key(session, create=True)
+        views = [memoryview(f).cast("B") for f in frames]
+        lengths = [v.nbytes + OVERHEAD for v in views]
+        if sum(lengths) > out.nbytes:
+            raise ValueError(f"{sum(lengths)} sealed bytes do not fit in {out.nbytes}")
+        starts = [sum(lengths[:i]) for i in range(len(views))]
+
+        def one(i: int) -> None:
+            o = out[starts[i]:starts[i] + lengths[i]]
+            nonce = os.urandom(NONCE)
+            o[:NONCE] = nonce
+            aes.encrypt_into(nonce, views[i], self._aad(kid, key, i), o[NONCE:])
+        list(self._pool.map(one, range(len(views))))
+        return lengths
+
+    def _open_one(self, aes: AESGCM, kid: bytes, key: bytes, index: int, frame: Any,
+                  out: memoryview) -> None:
+        f = memoryview(frame).cast("B")
+        try:
+            aes.decrypt_into(f[:NONCE], f[NONCE:], self._aad(kid, key, index), out)
+        except InvalidTag:
+            raise DecryptError(f"tenant {self.tenant!r} key {bytes(key).hex()} frame {index}: "
+                               f"authentication failed (tampered, swapped with another frame, "
+                               f"or moved from another key)") from None
+
+    def open_into(self, session: str, key: bytes, frames: Sequence[Any],
+                  outs: Sequence[memoryview], first_index: int = 0) -> None:
+        """Decrypt sealed frames straight into `outs` (e.g. pinned memory bound for a GPU),
+        in parallel threads."""
+        kid, aes = self.data_key(session, create=False)
+        list(self._pool.map(lambda j: self._open_one(aes, kid, key, first_index + j,
+                                                     frames[j], outs[j]), range(len(frames))))
+
+    def submit_open(self, session: str, key: bytes, frames: Sequence[Any],
+                    outs: Sequence[memoryview], first_index: int = 0) -> Future[None]:
+        """`open_into` as one background task (frames in turn): for loaders that keep
+        many values decrypting at once, one per core."""
+        kid, aes = self.data_key(session, create=False)
+
+        def run() -> None:
+            for j, frame in enumerate(frames):
+                self._open_one(aes, kid, key, first_index + j, frame, outs[j])
+        return self._pool.submit(run)
 
     # -- whole values through the client ---------------------------------------------------------
 

@@ -29,6 +29,7 @@ machine the same code runs with plain copies (streams and events become no-ops).
 
 from __future__ import annotations
 
+import collections
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -41,6 +42,7 @@ import torch
 
 from kvtier.client.arena import Slot
 from kvtier.client.client import Client
+from kvtier.client.crypto import OVERHEAD, FrameCipher
 from kvtier.client.errors import KvtierError, error_for
 from kvtier.client.keys import chunk_keys, model_fingerprint
 from kvtier.client.protocol import Completion, Status, Tier
@@ -237,18 +239,22 @@ class SaveReport:
 
 class KVSaver:
     def __init__(self, client: Client, layout: KVLayout, fingerprint: bytes, *,
-                 slots: int = 2) -> None:
+                 slots: int = 2, cipher: FrameCipher | None = None) -> None:
+        """`cipher`: seal every frame (AES-256-GCM, kvtier.client.crypto) before its PUT."""
         self.client = client
         self.layout = layout
         self.fingerprint = fingerprint
+        self.cipher = cipher
         n = layout.chunk_bytes
         self.slots = [client.allocator.alloc(n + 8 * layout.num_layers) for _ in range(slots)]
+        sealed = n + layout.num_layers * (OVERHEAD + 8)
+        self.sealed = [client.allocator.alloc(sealed) for _ in range(slots)] if cipher else []
         register_arena(client)
 
     def close(self) -> None:
-        for s in self.slots:
+        for s in self.slots + self.sealed:
             self.client.allocator.free(s)
-        self.slots = []
+        self.slots, self.sealed = [], []
 
     def save(self, session: str, token_ids: Sequence[int] | torch.Tensor, cache: Any, *,
              ttl_s: int = 0) -> SaveReport:
@@ -293,8 +299,14 @@ class KVSaver:
                        stream)
             if ev is not None:
                 ev.synchronize()  # the PUT below reads the slot
-            req = self.client.put_request(session, keys[c], slot,
-                                          [lay.frame_bytes] * lay.num_layers, ttl_s=ttl_s)
+            lengths = [lay.frame_bytes] * lay.num_layers
+            if self.cipher is not None:
+                plain = slot.view
+                slot = self.sealed[s]
+                lengths = self.cipher.seal_into(
+                    session, keys[c], [plain[i * lay.frame_bytes:(i + 1) * lay.frame_bytes]
+                                       for i in range(lay.num_layers)], slot.view)
+            req = self.client.put_request(session, keys[c], slot, lengths, ttl_s=ttl_s)
             pending[s] = self.client.submit(req)
             rep.chunks += 1
             rep.bytes += lay.chunk_bytes
@@ -328,9 +340,15 @@ class KVLoader:
     """Loads stored prefixes into device tensors, layer group by layer group."""
 
     def __init__(self, client: Client, layout: KVLayout, fingerprint: bytes, *,
-                 layer_groups: int = 2, inflight: int = 16, map_dram: bool = True) -> None:
+                 layer_groups: int = 2, inflight: int = 16, map_dram: bool = True,
+                 cipher: FrameCipher | None = None, session: str = "") -> None:
         """`map_dram`: copy DRAM-tier chunks straight from the tenant's DRAM mapping (on CUDA
-        only where it can be registered); False: GET every chunk through the arena."""
+        only where it can be registered); False: GET every chunk through the arena.
+
+        `cipher`: the frames are sealed (kvtier.client.crypto): each chunk is GET into an
+        arena slot and decrypted (parallel threads) into a second, pinned slot that goes to
+        the device; `session` names the session whose data key covers them (key scope
+        `session`)."""
         if not 1 <= layer_groups <= layout.num_layers:
             raise ValueError(f"layer_groups must be in 1..{layout.num_layers}")
         self.client = client
@@ -340,11 +358,18 @@ class KVLoader:
         bounds = [round(g * L / layer_groups) for g in range(layer_groups + 1)]
         self.groups = [(bounds[g], bounds[g + 1]) for g in range(layer_groups)]
         self.group_of = [g for g, (a, b) in enumerate(self.groups) for _ in range(a, b)]
-        biggest = max(b - a for a, b in self.groups) * layout.frame_bytes
+        self.cipher, self.session = cipher, session
+        most = max(b - a for a, b in self.groups)
+        biggest = most * layout.frame_bytes
         self.slot_bytes = biggest
-        self.slots = [client.allocator.alloc(biggest) for _ in range(inflight)]
+        sealed = most * (layout.frame_bytes + OVERHEAD)
+        self.slots = [client.allocator.alloc(sealed if cipher else biggest)
+                      for _ in range(inflight)]
+        self.plain = [client.allocator.alloc(biggest) for _ in range(inflight)] if cipher \
+            else []
         register_arena(client)
-        self.map_dram = map_dram and (register_dram(client) or not torch.cuda.is_available())
+        self.map_dram = cipher is None and map_dram and (
+            register_dram(client) or not torch.cuda.is_available())
         self.events: list[Any] = []
         self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._mapped: list[int] = []  # DRAM pins to release once the copies are done
@@ -352,9 +377,9 @@ class KVLoader:
 
     def close(self) -> None:
         self._release_maps()
-        for s in self.slots:
+        for s in self.slots + self.plain:
             self.client.allocator.free(s)
-        self.slots = []
+        self.slots, self.plain = [], []
 
     def _release_maps(self) -> None:
         if self._mapped:
@@ -465,38 +490,63 @@ class KVLoader:
             self._copied.record(stream)
         elif self._mapped:
             self._release_maps()  # CPU copies are done already
-        q: list[tuple[int, int, int, Future[Completion]]] = []  # group, chunk, slot, future
+        # Slots move GET -> (decrypt) -> H2D; a slot is reused once its H2D has read it.
+        q: collections.deque[tuple[int, int, int, Future[Completion]]] = collections.deque()
+        dq: collections.deque[tuple[int, int, int, Future[None]]] = collections.deque()
+        free = list(range(len(self.slots)))
         slot_free: list[Any] = [None] * len(self.slots)  # CUDA event: slot's H2D finished
         nxt = 0
+        per_frame = lay.frame_bytes + (OVERHEAD if self.cipher else 0)
+        cipher = self.cipher
+        depth = cipher.threads if cipher is not None else 0
 
         def issue() -> None:
             nonlocal nxt
-            while nxt < len(work) and len(q) < len(self.slots):
+            while nxt < len(work) and free:
                 g, c = work[nxt]
-                s = nxt % len(self.slots)
+                s = free.pop()
                 if slot_free[s] is not None:
                     slot_free[s].synchronize()  # the slot's last H2D copy has read it
                 a, b = self.groups[g]
-                req = self.client.get_request(keys[c], self.slots[s], (b - a) * lay.frame_bytes,
+                req = self.client.get_request(keys[c], self.slots[s], (b - a) * per_frame,
                                               (a, b), 0)
                 q.append((g, c, s, self.client.submit(req)))
                 nxt += 1
 
-        issue()
-        while q:
-            g, c, s, fut = q.pop(0)
-            comp = _check(self.client._wait(fut), "get")
+        def to_device(g: int, c: int, s: int) -> None:
             a, b = self.groups[g]
             nbytes = (b - a) * lay.frame_bytes
-            if comp.result != nbytes:
-                raise KvtierError(f"chunk {c} layers [{a}, {b}): got {comp.result} bytes, "
-                                  f"expected {nbytes}")
-            slot_free[s] = _copy(dst(c, a, b), src(_slot_tensor(self.slots[s], nbytes), a, b),
-                                 stream)
+            host = self.plain[s] if cipher is not None else self.slots[s]
+            slot_free[s] = _copy(dst(c, a, b), src(_slot_tensor(host, nbytes), a, b), stream)
+            free.append(s)
             rep.bytes += nbytes
             done_in_group[g] += 1
             if done_in_group[g] == n:
                 self._group_done(g, stream)
+
+        issue()
+        while q or dq:
+            if q:
+                g, c, s, fut = q.popleft()
+                comp = _check(self.client._wait(fut), "get")
+                a, b = self.groups[g]
+                if comp.result != (b - a) * per_frame:
+                    raise KvtierError(f"chunk {c} layers [{a}, {b}): got {comp.result} bytes, "
+                                      f"expected {(b - a) * per_frame}")
+                if cipher is None:
+                    to_device(g, c, s)
+                else:
+                    # One task per chunk (its frames in turn): chunks decrypt in parallel
+                    # on all cores while more GETs are in flight.
+                    sealed, fb, plain = self.slots[s].view, lay.frame_bytes, self.plain[s].view
+                    dq.append((g, c, s, cipher.submit_open(
+                        self.session, keys[c],
+                        [sealed[i * per_frame:(i + 1) * per_frame] for i in range(b - a)],
+                        [plain[i * fb:(i + 1) * fb] for i in range(b - a)], a)))
+            while dq and (dq[0][3].done() or not q or len(dq) >= depth):
+                g, c, s, dfut = dq.popleft()
+                dfut.result()  # DecryptError if a frame does not authenticate
+                to_device(g, c, s)
             issue()
         rep.chunks = n
         rep.tokens = n * T

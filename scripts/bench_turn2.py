@@ -42,6 +42,7 @@ from rich.table import Table
 
 from kvtier.client.attention import install as install_attention
 from kvtier.client.client import Client
+from kvtier.client.crypto import FrameCipher, Keyring
 from kvtier.client.gpu import KVLayout, KVLoader, KVSaver, finish_resume, resume
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -181,14 +182,18 @@ def warm_up(model: Any, layout: KVLayout, fp: bytes, d: BenchDaemon, arena: int,
 def via_kvtier(tag: str, d: BenchDaemon, model: Any, layout: KVLayout, fp: bytes,
                args: argparse.Namespace, full: torch.Tensor, logits_a: torch.Tensor,
                toks_a: list[int], r: dict[str, Any], arena: int, device: torch.device,
-               map_dram: bool = True, repeats: int | None = None) -> None:
+               map_dram: bool = True, repeats: int | None = None,
+               keyring: Keyring | None = None, session: str = "") -> None:
     """Turn 2 through kvtier: resume from the stored prefix, prefill the rest.
 
-    `map_dram=False` GETs DRAM hits through the arena (the path before MAP existed)."""
+    `map_dram=False` GETs DRAM hits through the arena (the path before MAP existed);
+    `keyring`: the chunks are encrypted (GET, decrypt on all cores, H2D)."""
     ttfts = []
     with Client.connect(d.sock, "bench", TOKEN, arena_size=arena) as c:
+        cipher = FrameCipher(c, keyring, "bench") if keyring is not None else None
         loader = KVLoader(c, layout, fp, layer_groups=args.layer_groups,
-                          inflight=args.inflight, map_dram=map_dram)
+                          inflight=args.inflight, map_dram=map_dram, cipher=cipher,
+                          session=session)
         with torch.no_grad():
             # The same turn 2, `repeats` times from the same client: the first run also
             # pays for first-time kernel choices at this context length.  The median is
@@ -233,6 +238,8 @@ def via_kvtier(tag: str, d: BenchDaemon, model: Any, layout: KVLayout, fp: bytes
                 load, prefix = res.load, res.prefix_tokens
                 del res, logits
         loader.close()
+        if cipher is not None:
+            cipher.close()
     ttft = statistics.median(ttfts)
     r[f"ttft_{tag}_first_s"] = round(ttfts[0], 4)
     r[f"ttft_{tag}_s"] = round(ttft, 4)
@@ -291,6 +298,8 @@ def main() -> int:
     ap.add_argument("--attention", choices=("kvtier", "sdpa"), default="kvtier",
                     help="kvtier: split-KV attention for turn 2's new tokens over the loaded "
                          "prefix (kvtier.client.attention); sdpa: transformers' stock SDPA")
+    ap.add_argument("--encrypt", action="store_true",
+                    help="also save the KV encrypted (AES-256-GCM) and time turn 2 from it")
     ap.add_argument("--repeats", type=int, default=3,
                     help="turn-2 runs per kvtier variant (median reported)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -320,12 +329,17 @@ def main() -> int:
     def segments(nbytes: float) -> int:
         return int(-(-nbytes // seg)) * seg
 
-    d = BenchDaemon(work, dram=max(segments(kv_max * 1.5), 32 * seg),
+    keyring = Keyring(os.path.join(work, "keyring.json")) if args.encrypt else None
+    fp_enc = layout.fingerprint((args.model_path or args.model) + "+encrypted")
+    d = BenchDaemon(work, dram=max(segments(kv_max * (2.6 if args.encrypt else 1.5)),
+                                   32 * seg),
                     pool=segments(total * 1.3) + 16 * seg + MiB, segment=seg, ack="memory",
                     populate=False, arena_max=2 * GiB, io_threads=min(16, os.cpu_count() or 4))
     results: list[dict[str, Any]] = []
     rng = torch.Generator().manual_seed(1234)
     arena = max(256 * MiB, 2 * layout.chunk_bytes + args.inflight * layout.chunk_bytes + 64 * MiB)
+    if args.encrypt:  # sealed and plain slots for the loader, sealed slots for the saver
+        arena += (args.inflight + 2) * (layout.chunk_bytes + 64 * 1024) + 64 * MiB
     h2d: dict[str, float] = {}
     try:
         d.start()
@@ -355,6 +369,13 @@ def main() -> int:
                     saver = KVSaver(c, layout, fp)
                     srep = saver.save(f"ctx{ctx}", prompt[0], cache)
                     saver.close()
+                    if keyring is not None:  # the same KV again, encrypted, under other keys
+                        cipher = FrameCipher(c, keyring, "bench")
+                        esaver = KVSaver(c, layout, fp_enc, cipher=cipher)
+                        erep = esaver.save(f"ctx{ctx}-enc", prompt[0], cache)
+                        esaver.close()
+                        cipher.close()
+                        r["save_encrypted_bytes_per_s"] = round(erep.bytes / erep.seconds)
                 del cache
                 r["kv_bytes"] = srep.bytes
                 r["save_s"] = round(srep.seconds, 4)
@@ -401,6 +422,15 @@ def main() -> int:
                 via_kvtier("dram_get", d, model, layout, fp, args, full, logits_a, toks_a, r,
                            arena, device, map_dram=False)
                 r["map_vs_get_ttft_ratio"] = round(r["ttft_dram_get_s"] / r["ttft_dram_s"], 2)
+                if keyring is not None:
+                    via_kvtier("dram_enc", d, model, layout, fp_enc, args, full, logits_a,
+                               toks_a, r, arena, device, keyring=keyring)
+                    r["encrypted_load_ratio_to_get"] = round(
+                        r["load_dram_enc_bytes_per_s"] / r["load_dram_get_bytes_per_s"], 3)
+                    r["encrypted_load_ratio_to_map"] = round(
+                        r["load_dram_enc_bytes_per_s"] / r["load_dram_bytes_per_s"], 3)
+                    r["encrypted_ttft_ratio_to_map"] = round(
+                        r["ttft_dram_s"] / r["ttft_dram_enc_s"], 3)
                 if h2d:
                     # The physical floor: the KV bytes at the registered-memory H2D rate.
                     floor = r["kv_bytes"] / h2d["h2d_registered_arena_bytes_per_s"]

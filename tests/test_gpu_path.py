@@ -21,6 +21,7 @@ from kvtier.client.gpu import (  # noqa: E402
     finish_resume,
     resume,
 )
+from kvtier.client.keys import chunk_keys  # noqa: E402
 
 T = 16  # chunk tokens (small, for a small model)
 
@@ -112,3 +113,43 @@ def test_a_different_model_shape_never_hits(daemon: Daemon, model) -> None:  # t
         KVSaver(c, layout, layout.fingerprint("tiny-qwen2")).save("s", ids[0], cache)
         other = KVLoader(c, layout, layout.fingerprint("another-model"))
         assert other.lookup(ids[0])[1] == 0
+
+
+def test_encrypted_save_and_resume_give_the_same_logits(daemon: Daemon, model,  # type: ignore[no-untyped-def]
+                                                        tmp_path) -> None:
+    from kvtier.client.crypto import FrameCipher, Keyring
+
+    daemon.start()
+    layout = KVLayout.from_config(model.config, torch.float32, chunk_tokens=T)
+    fp = layout.fingerprint("tiny-qwen2-enc")
+    g = torch.Generator().manual_seed(5)
+    turn1 = torch.randint(0, 500, (1, 4 * T + 2), generator=g)
+    turn2 = torch.cat([turn1, torch.randint(0, 500, (1, 5), generator=g)], dim=1)
+    kr = Keyring(str(tmp_path / "keyring.json"))
+    with Client.connect(daemon.socket, "alice", TOKENS["alice"], arena_size=16 << 20) as c:
+        cipher = FrameCipher(c, kr, "alice", scope="session")
+        cache, _ = _prefill(model, turn1)
+        saver = KVSaver(c, layout, fp, cipher=cipher)
+        assert saver.save("conv-e", turn1[0], cache).chunks == 4
+        saver.close()
+        k0 = cache_layer(cache, 0)[0][:, :, :T].contiguous()
+        stored = c.get(chunk_keys(turn1[0].tolist(), fp, chunk_tokens=T)[0])
+        assert k0.numpy().tobytes()[:256] not in stored  # ciphertext at rest
+        with torch.no_grad():
+            want = model(turn2).logits[:, -1]
+        loader = KVLoader(c, layout, fp, layer_groups=2, inflight=3, cipher=cipher,
+                          session="conv-e")
+        res = resume(model, loader, turn2[0])
+        assert res.prefix_tokens == 4 * T and res.load.mapped == 0
+        with torch.no_grad():
+            got = model(turn2[:, res.prefix_tokens:], past_key_values=res.cache).logits[:, -1]
+        finish_resume(loader)
+        loader.close()
+        assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+        # Without the key the stored chunks do not load.
+        plain = KVLoader(c, layout, fp, layer_groups=1, inflight=2)
+        with pytest.raises(Exception, match="expected"):
+            resume(model, plain, turn2[0])
+        plain.close()
+        cipher.close()
+
