@@ -110,6 +110,9 @@ class Client:
             # The tenant's DRAM tier, read-only (the daemon sent an O_RDONLY descriptor):
             # MAP returns offsets into it, for copies straight from there (e.g. to a GPU).
             self.dram_size: int = hello["dram_size"]
+            # The tenant's policy: "on" means frames must be sealed (kvtier.client.crypto).
+            self.encryption: str = hello.get("encryption", "on")
+            self.key_scope: str = hello.get("key_scope", "tenant")
             self._dram_map = mmap.mmap(fdmap["dram"], self.dram_size, flags=mmap.MAP_SHARED,
                                        prot=mmap.PROT_READ)
         finally:

@@ -123,7 +123,9 @@ class FrameCipher:
     """Seals and opens one tenant's frames; data keys come from kvtierd (wrapped)."""
 
     def __init__(self, client: Client, keyring: Keyring, tenant: str, *,
-                 scope: str = "tenant", threads: int = 0) -> None:
+                 scope: str | None = None, threads: int = 0) -> None:
+        """`scope`: data key per "tenant" or per "session"; default: the tenant's policy."""
+        scope = scope or client.key_scope
         if scope not in ("tenant", "session"):
             raise ValueError(f'scope must be "tenant" or "session", got {scope!r}')
         self.client, self.keyring, self.tenant, self.scope = client, keyring, tenant, scope

@@ -240,7 +240,11 @@ class SaveReport:
 class KVSaver:
     def __init__(self, client: Client, layout: KVLayout, fingerprint: bytes, *,
                  slots: int = 2, cipher: FrameCipher | None = None) -> None:
-        """`cipher`: seal every frame (AES-256-GCM, kvtier.client.crypto) before its PUT."""
+        """`cipher`: seal every frame (AES-256-GCM, kvtier.client.crypto) before its PUT;
+        required when the tenant's policy is `encryption = "on"`."""
+        if cipher is None and client.encryption == "on":
+            raise KvtierError("this tenant's policy is encryption = \"on\": pass "
+                              "cipher=FrameCipher(...) (or have the operator set \"off\")")
         self.client = client
         self.layout = layout
         self.fingerprint = fingerprint

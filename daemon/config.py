@@ -43,6 +43,8 @@ class TenantConfig:
     allowed_uids: list[int] | None = None  # None: any uid
     dram_size: int | None = None  # its private DRAM tier; None: an equal share of the rest
     retention_s: float | None = None  # values older than this are deleted; None: kept
+    encryption: str = "on"  # "on": clients must seal frames (kvtier.client.crypto); "off"
+    key_scope: str = "tenant"  # data keys per "tenant" or per "session"
 
     def check_token(self, token: str) -> bool:
         return verify_token(token, self.token_hash)
@@ -115,7 +117,8 @@ class Config:
                                       "populate": self.dram_populate},
             "pools": [vars(p) for p in self.pools],
             "tenants": [{"id": t.id, "allowed_uids": t.allowed_uids, "dram": t.dram_size,
-                         "retention_s": t.retention_s,
+                         "retention_s": t.retention_s, "encryption": t.encryption,
+                         "key_scope": t.key_scope,
                          "token_hash": "<redacted>"}
                         for t in self.tenants],
             "limits": vars(self.limits), "admin_uids": self.admin_uids,
@@ -303,7 +306,13 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
             raise tr.fail("dram", f"must be a multiple of dram.segment_size "
                                   f"({cfg.dram_segment_size}), got {tdram}")
         retention = _duration(tr, "retention") if "retention" in tr.table else None
-        cfg.tenants.append(TenantConfig(tid, th, uids, tdram, retention))
+        enc = tr.get("encryption", str, "on")
+        if enc not in ("on", "off"):
+            raise tr.fail("encryption", f'must be "on" or "off", got {enc!r}')
+        scope = tr.get("key_scope", str, "tenant")
+        if scope not in ("tenant", "session"):
+            raise tr.fail("key_scope", f'must be "tenant" or "session", got {scope!r}')
+        cfg.tenants.append(TenantConfig(tid, th, uids, tdram, retention, enc, scope))
         tr.check_unknown()
     if "limits" in data:
         lr = r.sub("limits", data["limits"])

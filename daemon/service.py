@@ -108,7 +108,8 @@ class Service:
         self.audit = audit
         audit.record("start", pid=os.getpid(), config=cfg.source,
                           tenants=[{"id": t.id, "allowed_uids": t.allowed_uids,
-                                    "retention_s": t.retention_s} for t in cfg.tenants])
+                                    "retention_s": t.retention_s, "encryption": t.encryption,
+                                    "key_scope": t.key_scope} for t in cfg.tenants])
         media = await trio.to_thread.run_sync(open_media_pool, cfg)
         shares = cfg.dram_shares()  # ConfigError if a tenant's share is too small
         drams = await trio.to_thread.run_sync(TieredStore.create_drams, shares,
@@ -343,6 +344,7 @@ class Service:
                 "version": PROTOCOL_VERSION, "client_id": client_id, "arena_size": arena_size,
                 "ring_entries": entries, "sqe_size": SQE_SIZE, "cqe_size": CQE_SIZE,
                 "dram_size": self.store.dram(tenant.id).dev.size,
+                "encryption": tenant.encryption, "key_scope": tenant.key_scope,
                 "fds": list(FD_ORDER)}), [*fds, dram_fd])
         finally:
             for fd in fds[:3]:
@@ -443,7 +445,10 @@ class Service:
                         "clients": [{"id": s.id, "tenant": s.tenant, "pid": s.pid,
                                      "uid": s.uid, "ops": s.ops, "errors": s.errors}
                                     for s in self.sessions.values()],
-                        "config": self.cfg.source}
+                        "config": self.cfg.source,
+                        "tenants": [{"id": t.id, "encryption": t.encryption,
+                                     "key_scope": t.key_scope, "retention_s": t.retention_s}
+                                    for t in self.cfg.tenants]}
         return st
 
 

@@ -235,7 +235,8 @@ def _demo(args: argparse.Namespace) -> int:
     token = _token(args)
     if token is None:
         return 1
-    return run_client_demo(args.socket, token, args.tenant, args.prompt_tokens)
+    keyring = os.path.join(args.state_dir or default_state_dir(), "keyring.json")
+    return run_client_demo(args.socket, token, args.tenant, args.prompt_tokens, keyring)
 
 
 def _audit_verify(args: argparse.Namespace) -> int:

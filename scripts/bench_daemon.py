@@ -31,6 +31,7 @@ class BenchDaemon:
             f"populate = {'true' if populate else 'false'}\n"
             f'[[pool]]\npath = "pool0.img"\nsize = {pool}\nsegment_size = {segment}\n'
             f'[[tenant]]\nid = "bench"\ntoken_hash = "{hash_token(TOKEN)}"\n'
+            f'encryption = "off"\n'
             f"[limits]\narena_max = {arena_max}\nio_threads = {io_threads}\n"
             f"inflight_per_client = 64\n{extra}")
         self.proc: subprocess.Popen[bytes] | None = None

@@ -65,6 +65,9 @@ class Daemon:
                       f'token_hash = "{token_hash(TOKENS.get(tid, tid + "-secret"))}"']
             if "allowed_uids" in opts:
                 lines.append(f"allowed_uids = {opts['allowed_uids']}")
+            lines.append(f'encryption = "{opts.get("encryption", "off")}"')
+            if "key_scope" in opts:
+                lines.append(f'key_scope = "{opts["key_scope"]}"')
             if "retention" in opts:
                 lines.append(f'retention = "{opts["retention"]}"')
             lines.append("")

@@ -115,3 +115,32 @@ def test_a_keyring_others_can_read_is_refused(tmp_path: Path) -> None:
     os.chmod(path, 0o644)
     with pytest.raises(KvtierError, match="chmod 600"):
         Keyring(str(path))
+
+
+def test_the_encryption_policy_is_explicit_visible_and_enforced(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from kvtier.client.gpu import KVLayout, KVSaver
+
+    d = Daemon(tmp_path, tenants={"alice": {"encryption": "on", "key_scope": "session"},
+                                  "bob": {"encryption": "off"}}).start()
+    try:
+        with Client.connect(d.socket, "alice", TOKENS["alice"]) as a, \
+                Client.connect(d.socket, "bob", TOKENS["bob"]) as b:
+            assert (a.encryption, a.key_scope) == ("on", "session")
+            assert (b.encryption, b.key_scope) == ("off", "tenant")
+            layout = KVLayout(2, 2, 8, torch.float32, chunk_tokens=4)
+            with pytest.raises(KvtierError, match='encryption = "on"'):
+                KVSaver(a, layout, b"f" * 16)
+            KVSaver(b, layout, b"f" * 16).close()  # plaintext is bob's operator's choice
+            cipher = FrameCipher(a, Keyring(str(tmp_path / "kr.json")), "alice")
+            assert cipher.scope == "session"  # the tenant's policy
+            KVSaver(a, layout, b"f" * 16, cipher=cipher).close()
+            cipher.close()
+        with AdminClient(d.socket) as adm:
+            pol = {t["id"]: t["encryption"] for t in adm.call("status")["daemon"]["tenants"]}
+        assert pol == {"alice": "on", "bob": "off"}
+    finally:
+        d.stop()
+    import json
+    start = json.loads((tmp_path / "audit.log").read_text().splitlines()[0])
+    assert {t["id"]: t["encryption"] for t in start["tenants"]} == {"alice": "on", "bob": "off"}
