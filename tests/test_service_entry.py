@@ -33,7 +33,9 @@ def test_embedded_default_with_demo_client_and_sd_notify(tmp_path: Path) -> None
         assert "all bytes match" in r.stdout and "8/10 chunks" in r.stdout
         st = subprocess.run([str(BIN / "kvtier"), "--socket", str(tmp_path / "kvtier.sock"),
                              "status"], capture_output=True, text=True, timeout=60, env=env)
-        assert st.returncode == 0 and "8 entries" in st.stdout
+        assert "AES-256-GCM" in r.stdout  # the embedded default tenant encrypts
+        # 8 chunks and the tenant's wrapped data key
+        assert st.returncode == 0 and "9 entries" in st.stdout
         bn = subprocess.run([str(BIN / "kvtier"), "--socket", str(tmp_path / "kvtier.sock"),
                              "bench", "--state-dir", str(tmp_path), "--size", "1M",
                              "--seconds", "1", "--json"], capture_output=True, text=True,
