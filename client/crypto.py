@@ -36,7 +36,7 @@ import struct
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -53,6 +53,18 @@ KEYS_SESSION = "~keys"  # where tenant-scope data keys are stored
 class DecryptError(KvtierError):
     """A frame or a wrapped key failed authentication: tampered, swapped, moved, or its
     key is gone (crypto-erased)."""
+
+
+class KeyProvider(Protocol):
+    """Where a tenant's KEKs live: `Keyring` (a local file) or `hsm.Pkcs11Keyring`."""
+
+    def current(self, tenant: str) -> int: ...
+
+    def rotate(self, tenant: str) -> int: ...
+
+    def wrap(self, tenant: str, dk: bytes, aad: bytes) -> bytes: ...
+
+    def unwrap(self, tenant: str, blob: bytes, aad: bytes) -> bytes: ...
 
 
 class Keyring:
@@ -122,7 +134,7 @@ class Keyring:
 class FrameCipher:
     """Seals and opens one tenant's frames; data keys come from kvtierd (wrapped)."""
 
-    def __init__(self, client: Client, keyring: Keyring, tenant: str, *,
+    def __init__(self, client: Client, keyring: KeyProvider, tenant: str, *,
                  scope: str | None = None, threads: int = 0) -> None:
         """`scope`: data key per "tenant" or per "session"; default: the tenant's policy."""
         scope = scope or client.key_scope
@@ -258,4 +270,4 @@ class FrameCipher:
             return self.open_many(session, key, frames)
 
 
-__all__ = ["OVERHEAD", "DecryptError", "FrameCipher", "Keyring"]
+__all__ = ["OVERHEAD", "DecryptError", "FrameCipher", "KeyProvider", "Keyring"]

@@ -5,7 +5,7 @@
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$REPO/.venv"
-APT_PACKAGES=(fio python3-venv python3-dev gcc pkg-config fuse3 libfuse3-dev redis-server)
+APT_PACKAGES=(fio python3-venv python3-dev gcc pkg-config fuse3 libfuse3-dev redis-server softhsm2)
 
 log() { printf '\033[1;34m[kvtier setup]\033[0m %s\n' "$*" >&2; }
 
