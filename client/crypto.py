@@ -43,11 +43,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kvtier.client.client import Client
 from kvtier.client.errors import KvtierError, NotFoundError
+from kvtier.client.protocol import KEYS_SESSION
 
 FORMAT_VERSION = 1
 NONCE, TAG = 12, 16
 OVERHEAD = NONCE + TAG
-KEYS_SESSION = "~keys"  # where tenant-scope data keys are stored
 
 
 class DecryptError(KvtierError):

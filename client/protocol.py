@@ -248,6 +248,7 @@ CQE = struct.Struct("<QiIQQ")
 CQE_SIZE = CQE.size
 assert CQE_SIZE == 32
 ALL_FRAMES = 0xFFFFFFFF
+KEYS_SESSION = "~keys"  # the session holding a tenant's wrapped tenant-scope data keys
 NOT_MAPPED = 0xFFFFFFFFFFFFFFFF  # MAP table offset of a key that is not in DRAM
 MAP_ENTRY = struct.Struct("<QQ")  # MAP output per key: u64 offset in the DRAM fd, u64 length
 MAX_SESSION = 40

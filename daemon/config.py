@@ -42,7 +42,7 @@ class TenantConfig:
     token_hash: str  # "scrypt$<n>$<r>$<p>$<salt hex>$<hash hex>"
     allowed_uids: list[int] | None = None  # None: any uid
     dram_size: int | None = None  # its private DRAM tier; None: an equal share of the rest
-    retention_s: float | None = None  # values older than this are deleted; None: kept
+    retention_s: float | None = None  # sessions idle longer than this are purged; None: kept
     encryption: str = "on"  # "on": clients must seal frames (kvtier.client.crypto); "off"
     key_scope: str = "tenant"  # data keys per "tenant" or per "session"
 

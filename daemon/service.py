@@ -25,6 +25,7 @@ import trio
 from kvtier.client.protocol import (
     CQE_SIZE,
     FD_ORDER,
+    KEYS_SESSION,
     MAX_ADMIN_REPLY,
     PROTOCOL_VERSION,
     SQE_SIZE,
@@ -219,20 +220,26 @@ class Service:
             await trio.to_thread.run_sync(self.audit.sync)
 
     def _apply_retention(self) -> None:
-        """Delete what is older than its tenant's retention period (blocking)."""
+        """Purge each session whose newest value is older than its tenant's retention
+        period (blocking).  Whole sessions: a session-scope data key lives in its session
+        and must not go while newer values it encrypts remain; the tenant-scope keys'
+        session (`~keys`) lives as long as the tenant."""
         assert self.store is not None and self.audit is not None
         now = self.store.media.clock()
         for t in self.cfg.tenants:
             if t.retention_s is None:
                 continue
-            old = [e.key for e in self.store.media.entries(t.id)
-                   if e.created < now - t.retention_s]
-            n = sum(self.store.delete(t.id, k) for k in old)
-            if n:
-                self.audit.record("retention_purge", tenant=t.id, values=n,
+            newest: dict[str, float] = {}
+            for e in self.store.media.entries(t.id):
+                newest[e.session] = max(newest.get(e.session, 0), e.created)
+            for session, last in newest.items():
+                if session == KEYS_SESSION or last >= now - t.retention_s:
+                    continue
+                n = self.store.purge_session(t.id, session)
+                self.audit.record("retention_purge", tenant=t.id, session=session, values=n,
                                   retention_s=t.retention_s)
-                log.info("retention: deleted %d values of tenant %s older than %.0f s", n,
-                         t.id, t.retention_s)
+                log.info("retention: purged session %s/%s (%d values, idle > %.0f s)", t.id,
+                         session, n, t.retention_s)
 
     async def _maintenance(self) -> None:
         assert self.store is not None

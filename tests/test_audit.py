@@ -147,3 +147,33 @@ def test_retention_deletes_old_values_on_its_own(tmp_path: Path) -> None:
         d.stop()
     recs = [json.loads(x) for x in _lines(tmp_path / "audit.log")]
     assert any(x["event"] == "retention_purge" and x["tenant"] == "alice" for x in recs)
+
+
+def test_retention_never_strands_encrypted_data_without_its_key(tmp_path: Path) -> None:
+    """A tenant-scope data key is older than everything it encrypts: retention purges idle
+    sessions, never the key while younger data needs it."""
+    from kvtier.client.crypto import FrameCipher, Keyring
+
+    d = Daemon(tmp_path, tenants={"alice": {"retention": "3s", "encryption": "on"},
+                                  "bob": {}},
+               extra="[limits]\nsweep_interval_s = 0.25\n")
+    d.start()
+    try:
+        with Client.connect(d.socket, "alice", TOKENS["alice"]) as a:
+            cipher = FrameCipher(a, Keyring(str(tmp_path / "kr.json")), "alice")
+            cipher.put("old", b"o" * 16, [b"old" * 100])  # creates the data key now
+            time.sleep(2.0)
+            cipher.put("new", b"n" * 16, [b"new" * 100])
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    a.get(b"o" * 16)
+                except NotFoundError:
+                    break
+                assert time.monotonic() < deadline, "retention never applied"
+                time.sleep(0.1)
+            cipher.forget()  # read the data key back from kvtierd
+            assert cipher.get("new", b"n" * 16) == [b"new" * 100]
+            cipher.close()
+    finally:
+        d.stop()
