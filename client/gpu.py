@@ -372,8 +372,10 @@ class KVLoader:
         self.plain = [client.allocator.alloc(biggest) for _ in range(inflight)] if cipher \
             else []
         register_arena(client)
-        self.map_dram = cipher is None and map_dram and (
-            register_dram(client) or not torch.cuda.is_available())
+        # Sealed chunks are decrypted on the CPU straight out of the mapping: no need for
+        # the GPU to reach it.
+        self.map_dram = map_dram and (cipher is not None or register_dram(client)
+                                      or not torch.cuda.is_available())
         self.events: list[Any] = []
         self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._mapped: list[int] = []  # DRAM pins to release once the copies are done
@@ -461,17 +463,23 @@ class KVLoader:
                    for g, cs in batches]
         last_batch = {g: i for i, (g, _) in enumerate(batches)}
         mapped: list[set[int]] = [set() for _ in self.groups]
+        sealed_at: dict[tuple[int, int], tuple[int, int]] = {}  # (g, c) -> mapped sealed bytes
+        per_frame = lay.frame_bytes + (OVERHEAD if self.cipher else 0)
         bad: str | None = None
         for i, ((g, cs), pm) in enumerate(zip(batches, pending, strict=True)):
             a, b = self.groups[g]
-            nbytes = (b - a) * lay.frame_bytes
             for c, m in zip(cs, pm.result(), strict=True):
                 if m is None:
                     continue  # not in DRAM any more: GET it below
                 off, got = m
                 self._mapped.append(off)
-                if got != nbytes:
-                    bad = f"chunk {c} layers [{a}, {b}): mapped {got} bytes, expected {nbytes}"
+                if got != (b - a) * per_frame:
+                    bad = (f"chunk {c} layers [{a}, {b}): mapped {got} bytes, expected "
+                           f"{(b - a) * per_frame}")
+                    continue
+                if self.cipher is not None:
+                    sealed_at[(g, c)] = m  # decrypted from the mapping in the pipeline below
+                    rep.mapped += 1
                     continue
                 if bad is None:
                     _copy(dst(c, a, b), src(dram_tensor(self.client)[off:off + got], a, b),
@@ -489,6 +497,7 @@ class KVLoader:
             self._release_maps()
             raise KvtierError(bad)
         work = [(g, c) for g in range(len(self.groups)) for c in range(n) if c not in mapped[g]]
+        work.sort(key=lambda gc: (gc[0], gc not in sealed_at))  # mapped first, group-major
         if self._mapped and stream is not None:
             self._copied = torch.cuda.Event()
             self._copied.record(stream)
@@ -500,21 +509,33 @@ class KVLoader:
         free = list(range(len(self.slots)))
         slot_free: list[Any] = [None] * len(self.slots)  # CUDA event: slot's H2D finished
         nxt = 0
-        per_frame = lay.frame_bytes + (OVERHEAD if self.cipher else 0)
         cipher = self.cipher
         depth = cipher.threads if cipher is not None else 0
 
+        def decrypt(g: int, c: int, s: int, sealed: memoryview) -> None:
+            assert cipher is not None
+            a, b = self.groups[g]
+            fb, plain = lay.frame_bytes, self.plain[s].view
+            dq.append((g, c, s, cipher.submit_open(
+                self.session, keys[c],
+                [sealed[i * per_frame:(i + 1) * per_frame] for i in range(b - a)],
+                [plain[i * fb:(i + 1) * fb] for i in range(b - a)], a)))
+
         def issue() -> None:
             nonlocal nxt
-            while nxt < len(work) and free:
+            while nxt < len(work) and free and (len(dq) < depth or not depth):
                 g, c = work[nxt]
                 s = free.pop()
                 if slot_free[s] is not None:
                     slot_free[s].synchronize()  # the slot's last H2D copy has read it
                 a, b = self.groups[g]
-                req = self.client.get_request(keys[c], self.slots[s], (b - a) * per_frame,
-                                              (a, b), 0)
-                q.append((g, c, s, self.client.submit(req)))
+                at = sealed_at.get((g, c))
+                if at is not None:  # pinned in DRAM: decrypt straight out of the mapping
+                    decrypt(g, c, s, self.client.dram[at[0]:at[0] + at[1]])
+                else:
+                    req = self.client.get_request(keys[c], self.slots[s], (b - a) * per_frame,
+                                                  (a, b), 0)
+                    q.append((g, c, s, self.client.submit(req)))
                 nxt += 1
 
         def to_device(g: int, c: int, s: int) -> None:
@@ -528,9 +549,14 @@ class KVLoader:
             if done_in_group[g] == n:
                 self._group_done(g, stream)
 
+        def finish_oldest_decrypt() -> None:
+            g, c, s, dfut = dq.popleft()
+            dfut.result()  # DecryptError if a frame does not authenticate
+            to_device(g, c, s)
+
         issue()
         while q or dq:
-            if q:
+            if q and (not depth or len(dq) < depth):
                 g, c, s, fut = q.popleft()
                 comp = _check(self.client._wait(fut), "get")
                 a, b = self.groups[g]
@@ -542,15 +568,11 @@ class KVLoader:
                 else:
                     # One task per chunk (its frames in turn): chunks decrypt in parallel
                     # on all cores while more GETs are in flight.
-                    sealed, fb, plain = self.slots[s].view, lay.frame_bytes, self.plain[s].view
-                    dq.append((g, c, s, cipher.submit_open(
-                        self.session, keys[c],
-                        [sealed[i * per_frame:(i + 1) * per_frame] for i in range(b - a)],
-                        [plain[i * fb:(i + 1) * fb] for i in range(b - a)], a)))
-            while dq and (dq[0][3].done() or not q or len(dq) >= depth):
-                g, c, s, dfut = dq.popleft()
-                dfut.result()  # DecryptError if a frame does not authenticate
-                to_device(g, c, s)
+                    decrypt(g, c, s, self.slots[s].view)
+            elif dq:
+                finish_oldest_decrypt()
+            while dq and dq[0][3].done():
+                finish_oldest_decrypt()
             issue()
         rep.chunks = n
         rep.tokens = n * T

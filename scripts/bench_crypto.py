@@ -4,8 +4,9 @@
     scripts/bench_crypto.py [--quick] [--json] [--dir DIR]
 
 * decrypt throughput of 512 KiB frames (one layer of a 256-token qwen2.5-7b chunk) on one
-  thread, and on all cores through `FrameCipher`'s thread pool (the ratio shows whether
-  `cryptography` releases the GIL);
+  thread and on all cores, with `decrypt_into` (into a reused buffer, as the loader does)
+  and with `decrypt` (a new buffer per frame); the scaling shows whether `cryptography`
+  releases the GIL;
 * loading chunks (28 frames each) through kvtierd's DRAM tier into the process: GET +
   decrypt with encryption on, as a ratio to GET alone with it off, same run, same data.
 
@@ -42,22 +43,29 @@ def decrypt_rates(seconds: float) -> dict[str, float]:
     ct = aes.encrypt(nonce, os.urandom(FRAME), b"aad")
     cores = os.cpu_count() or 1
 
-    def loop(deadline: float) -> int:
+    def loop(deadline: float, into: bool) -> int:
+        out = bytearray(FRAME)  # decrypt_into: what the loader does (no allocation)
         n = 0
         while time.perf_counter() < deadline:
-            aes.decrypt(nonce, ct, b"aad")
+            if into:
+                aes.decrypt_into(nonce, ct, b"aad", out)
+            else:
+                aes.decrypt(nonce, ct, b"aad")
             n += 1
         return n
 
-    t0 = time.perf_counter()
-    one = loop(t0 + seconds) * FRAME / (time.perf_counter() - t0)
-    with ThreadPoolExecutor(cores) as ex:
+    fig: dict[str, float] = {"cores": cores}
+    for into, name in ((True, "decrypt_into"), (False, "decrypt")):
         t0 = time.perf_counter()
-        futs = [ex.submit(loop, t0 + seconds) for _ in range(cores)]
-        total = sum(f.result() for f in futs) * FRAME / (time.perf_counter() - t0)
-    return {"cores": cores, "decrypt_1_thread_bytes_per_s": round(one),
-            "decrypt_all_cores_bytes_per_s": round(total),
-            "decrypt_scaling_all_cores_over_1": round(total / one, 2)}
+        one = loop(t0 + seconds, into) * FRAME / (time.perf_counter() - t0)
+        with ThreadPoolExecutor(cores) as ex:
+            t0 = time.perf_counter()
+            futs = [ex.submit(loop, t0 + seconds, into) for _ in range(cores)]
+            total = sum(f.result() for f in futs) * FRAME / (time.perf_counter() - t0)
+        fig[f"{name}_1_thread_bytes_per_s"] = round(one)
+        fig[f"{name}_all_cores_bytes_per_s"] = round(total)
+        fig[f"{name}_scaling_all_cores_over_1"] = round(total / one, 2)
+    return fig
 
 
 def main() -> int:

@@ -137,15 +137,18 @@ def test_encrypted_save_and_resume_give_the_same_logits(daemon: Daemon, model,  
         assert k0.numpy().tobytes()[:256] not in stored  # ciphertext at rest
         with torch.no_grad():
             want = model(turn2).logits[:, -1]
-        loader = KVLoader(c, layout, fp, layer_groups=2, inflight=3, cipher=cipher,
-                          session="conv-e")
-        res = resume(model, loader, turn2[0])
-        assert res.prefix_tokens == 4 * T and res.load.mapped == 0
-        with torch.no_grad():
-            got = model(turn2[:, res.prefix_tokens:], past_key_values=res.cache).logits[:, -1]
-        finish_resume(loader)
-        loader.close()
-        assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+        # Decrypted straight out of the DRAM mapping (MAP), or GET into the arena first.
+        for map_dram, mapped in ((True, 4 * 2), (False, 0)):
+            loader = KVLoader(c, layout, fp, layer_groups=2, inflight=3, cipher=cipher,
+                              session="conv-e", map_dram=map_dram)
+            res = resume(model, loader, turn2[0])
+            assert res.prefix_tokens == 4 * T and res.load.mapped == mapped
+            with torch.no_grad():
+                got = model(turn2[:, res.prefix_tokens:],
+                            past_key_values=res.cache).logits[:, -1]
+            finish_resume(loader)
+            loader.close()
+            assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
         # Without the key the stored chunks do not load.
         plain = KVLoader(c, layout, fp, layer_groups=1, inflight=2)
         with pytest.raises(Exception, match="expected"):
