@@ -443,6 +443,17 @@ def main() -> int:
                     # Once: the first read promotes the prefix to DRAM.
                     via_kvtier("file", d, model, layout, fp, args, full, logits_a, toks_a, r,
                                arena, device, repeats=1)
+                    # A prefetch hint when the request is queued: DRAM empty again, PREFETCH
+                    # the session (it returns when promoted), then turn 2.
+                    d.stop()
+                    d.start()
+                    with Client.connect(d.sock, "bench", TOKEN) as c:
+                        t0 = time.perf_counter()
+                        n, _met = c.prefetch(session=f"ctx{ctx}", deadline_ms=60_000)
+                        r["prefetch_s"] = round(time.perf_counter() - t0, 4)
+                        r["prefetch_values"] = n
+                    via_kvtier("file_prefetched", d, model, layout, fp, args, full, logits_a,
+                               toks_a, r, arena, device, repeats=1)
                 prog.advance(task)
                 results.append(r)
                 console.print(f"{args.model} {ctx} tokens: baseline {r['ttft_baseline_s']:.3f} s,"

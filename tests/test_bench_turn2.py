@@ -31,6 +31,10 @@ def test_bench_turn2_quick(tmp_path: Path) -> None:
         assert fig[f"load_dram_get_mapped_{ctx}"] == 0
         assert fig[f"map_vs_get_ttft_ratio_{ctx}"] > 0
         assert fig[f"load_file_tiers_{ctx}"] == {"pool": ctx // 256}
+        # After a PREFETCH hint the whole prefix comes from DRAM.
+        assert fig[f"prefetch_values_{ctx}"] == ctx // 256
+        assert fig[f"load_file_prefetched_tiers_{ctx}"] == {"dram": ctx // 256}
+        assert fig[f"greedy_tokens_identical_file_prefetched_{ctx}"] is True
     assert (tmp_path / "out" / "turn2.png").stat().st_size > 10_000
     doc = json.loads((tmp_path / "out" / "turn2.json").read_text())
     assert len(doc["results"]) == 2
