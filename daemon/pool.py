@@ -586,23 +586,14 @@ class Pool:
             raise InvalidArgument("destination buffer is read-only")
         with self._lock:
             self._check_open()
-            row = self._live_row(tenant, key)
-            if row < 0:
-                self.counters.misses += 1
-                raise NotFound(f"{tenant}/{key.hex()}: not found")
-            ix = self.index
-            loc, nblocks = int(ix.loc[row]), int(ix.blocks[row])
-            nframes = int(ix.nframes[row])
-            session = self.sessions[int(ix.session[row])]
-            seg = int(self._seg_of_block(loc))
-            epoch = int(self.segs["epoch"][seg])
-            self.pins[seg] += 1
+            row, loc, nblocks, seg, epoch = self._pin_live_locked(tenant, key, count_miss=True)
+            nframes = int(self.index.nframes[row])
+            session = self.sessions[int(self.index.session[row])]
         try:
             h, n, fl, bounced = self._read_record(tenant, key, out, frames, loc, nblocks,
                                                   nframes, session, epoch)
         finally:
-            with self._lock:
-                self.pins[seg] -= 1
+            self._unpin_segment(seg)
         with self._lock:
             row = self.index.find(self._tenant_id(tenant, False), *split_key(key))
             if row >= 0 and int(self.index.loc[row]) == loc:
@@ -691,25 +682,15 @@ class Pool:
         if view_of is None:
             raise InvalidArgument(f"{self.dev.name}: borrow() needs a memory-backed pool")
         with self._lock:
-            row = self._live_row(tenant, key)
-            if row < 0:
-                raise NotFound(f"{tenant}/{key.hex()}: not found")
-            ix = self.index
-            loc, nblocks = int(ix.loc[row]), int(ix.blocks[row])
-            seg = int(self._seg_of_block(loc))
-            epoch = int(self.segs["epoch"][seg])
-            self.pins[seg] += 1
+            _row, loc, nblocks, seg, epoch = self._pin_live_locked(tenant, key)
         try:
             buf = view_of(loc * self.B, nblocks * self.B)
             where = f"{self.dev.name}: record {tenant}/{key.hex()}"
-            h = self._check_header(buf, where, tenant, key, epoch)
-            hb = record.header_blocks(h.nframes, h.tenant, h.session, self.B)
-            offs = h.frame_offsets()
-            base = hb * self.B
+            h, base, _first, _last, offs = self._locate_frames(buf, where, tenant, key, epoch,
+                                                               None)
             yield h, [buf[base + offs[i]:base + offs[i + 1]] for i in range(h.nframes)]
         finally:
-            with self._lock:
-                self.pins[seg] -= 1
+            self._unpin_segment(seg)
 
     def map_value(self, tenant: str, key: bytes,
                   frames: tuple[int, int] | None = None) -> tuple[int, int, list[int]]:
@@ -724,30 +705,18 @@ class Pool:
             raise InvalidArgument(f"{self.dev.name}: map needs a memory-backed pool")
         with self._lock:
             self._check_open()
-            row = self._live_row(tenant, key)
-            if row < 0:
-                self.counters.misses += 1
-                raise NotFound(f"{tenant}/{key.hex()}: not found")
+            row, loc, nblocks, seg, epoch = self._pin_live_locked(tenant, key, count_miss=True)
             ix = self.index
-            loc, nblocks = int(ix.loc[row]), int(ix.blocks[row])
-            seg = int(self._seg_of_block(loc))
-            epoch = int(self.segs["epoch"][seg])
-            self.pins[seg] += 1
             ix.atime[row] = int(self.clock())
             ix.hits[row] = min(int(ix.hits[row]) + 1, 0xFFFF)
         try:
             rec = view_of(loc * self.B, nblocks * self.B)
             where = f"{self.dev.name}: record {tenant}/{key.hex()} at {loc * self.B}"
-            h = self._check_header(rec, where, tenant, key, epoch)
-            offs = h.frame_offsets()
-            first, last = (0, h.nframes) if frames is None else frames
-            if not 0 <= first <= last <= h.nframes:
-                raise InvalidArgument(f"frame range [{first}, {last}) outside 0..{h.nframes}")
-            base = loc * self.B + record.header_blocks(h.nframes, h.tenant, h.session,
-                                                       self.B) * self.B
+            h, base, first, last, offs = self._locate_frames(rec, where, tenant, key, epoch,
+                                                             frames)
+            base += loc * self.B
         except BaseException:
-            with self._lock:
-                self.pins[seg] -= 1
+            self._unpin_segment(seg)
             raise
         with self._lock:
             self.counters.gets += 1
@@ -760,12 +729,7 @@ class Pool:
         device (header, frames, padding: what an admin may see, never decoded)."""
         with self._lock:
             self._check_open()
-            row = self._live_row(tenant, key)
-            if row < 0:
-                raise NotFound(f"{tenant}/{key.hex()}: not found")
-            loc, nblocks = int(self.index.loc[row]), int(self.index.blocks[row])
-            seg = int(self._seg_of_block(loc))
-            self.pins[seg] += 1
+            _row, loc, nblocks, seg, _epoch = self._pin_live_locked(tenant, key)
         try:
             end = min(offset + size, nblocks * self.B)
             if offset >= end:
@@ -776,8 +740,7 @@ class Pool:
             self.dev.readv_into(loc * self.B + a, [memoryview(buf)])
             return bytes(memoryview(buf)[offset - a:end - a])
         finally:
-            with self._lock:
-                self.pins[seg] -= 1
+            self._unpin_segment(seg)
 
     def segment_table(self) -> list[dict[str, Any]]:
         """Every segment that is not free: state, live and dead bytes, expiry bucket, age."""
@@ -816,18 +779,12 @@ class Pool:
         (or frame range) is one memcpy into `out`."""
         rec = view_of(loc * self.B, nblocks * self.B)
         where = f"{self.dev.name}: record {tenant}/{key.hex()} at {loc * self.B}"
-        h = self._check_header(rec, where, tenant, key, epoch)
-        hb = record.header_blocks(h.nframes, h.tenant, h.session, self.B)
-        offs = h.frame_offsets()
-        first, last = (0, h.nframes) if frames is None else frames
-        if not 0 <= first <= last <= h.nframes:
-            raise InvalidArgument(f"frame range [{first}, {last}) outside 0..{h.nframes}")
+        h, base, first, last, offs = self._locate_frames(rec, where, tenant, key, epoch, frames)
         lo, hi = offs[first], offs[last]
         n = hi - lo
         if n > out.nbytes:
             raise BufferTooSmall(f"buffer of {out.nbytes} bytes too small for {n} bytes")
         if n:
-            base = hb * self.B
             np.copyto(np.frombuffer(out, np.uint8, n),
                       np.frombuffer(rec, np.uint8, n, base + lo))
         fl = [int(x) for x in h.frame_lengths[first:last]]
@@ -838,6 +795,37 @@ class Pool:
                 pos += ln
             record.verify_frames(h, first, views, where=where)
         return h, n, fl, 0
+
+    def _pin_live_locked(self, tenant: str, key: bytes, *,
+                         count_miss: bool = False) -> tuple[int, int, int, int, int]:
+        """With the lock held: pin the segment of a live value; (row, first block, blocks,
+        segment, segment epoch).  NotFound if it is not live.  `_unpin_segment` undoes."""
+        row = self._live_row(tenant, key)
+        if row < 0:
+            if count_miss:
+                self.counters.misses += 1
+            raise NotFound(f"{tenant}/{key.hex()}: not found")
+        loc, nblocks = int(self.index.loc[row]), int(self.index.blocks[row])
+        seg = int(self._seg_of_block(loc))
+        self.pins[seg] += 1
+        return row, loc, nblocks, seg, int(self.segs["epoch"][seg])
+
+    def _unpin_segment(self, seg: int) -> None:
+        with self._lock:
+            self.pins[seg] -= 1
+
+    def _locate_frames(self, rec: memoryview, where: str, tenant: str, key: bytes, epoch: int,
+                       frames: tuple[int, int] | None
+                       ) -> tuple[RecordHeader, int, int, int, list[int]]:
+        """A record in memory: its checked header, where its payload starts in the record,
+        the frame range asked for (all if None; InvalidArgument if outside) and the frame
+        offsets within the payload."""
+        h = self._check_header(rec, where, tenant, key, epoch)
+        first, last = (0, h.nframes) if frames is None else frames
+        if not 0 <= first <= last <= h.nframes:
+            raise InvalidArgument(f"frame range [{first}, {last}) outside 0..{h.nframes}")
+        base = record.header_blocks(h.nframes, h.tenant, h.session, self.B) * self.B
+        return h, base, first, last, h.frame_offsets()
 
     def _check_header(self, hbuf: memoryview, where: str, tenant: str, key: bytes,
                       epoch: int) -> RecordHeader:
