@@ -22,9 +22,7 @@ object on the last line.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import os
 import shutil
 import socket
@@ -36,9 +34,9 @@ from typing import Any
 
 import numpy as np
 from bench_daemon import TOKEN, BenchDaemon
+from bench_report import bench_arguments, report
 from rich.console import Console
 from rich.progress import Progress
-from rich.table import Table
 
 from kvtier.client.client import Client
 from kvtier.daemon.blockdev import FileDevice, aligned_buffer
@@ -163,11 +161,7 @@ class Redis:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json", action="store_true")
-    ap.add_argument("--dir", default=None)
+    ap = bench_arguments(__doc__)
     args = ap.parse_args()
     console = Console(stderr=args.json)
     work = tempfile.mkdtemp(prefix="kvtier-bench-client-", dir=args.dir or os.getcwd())
@@ -247,14 +241,7 @@ def main() -> int:
             redis_srv.stop()
         d.stop()
         shutil.rmtree(work, ignore_errors=True)
-    t = Table(title="kvtier client" + (" (--quick)" if args.quick else ""))
-    t.add_column("figure")
-    t.add_column("value", justify="right")
-    for k, v in fig.items():
-        t.add_row(k, f"{v / 1e9:.2f} GB/s" if k.endswith("bytes_per_s") else str(v))
-    console.print(t)
-    if args.json:
-        print(json.dumps(fig))
+    report(console, "kvtier client" + (" (--quick)" if args.quick else ""), fig, args.json)
     return 0
 
 

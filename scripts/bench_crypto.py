@@ -15,8 +15,6 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 import sys
@@ -26,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from bench_daemon import TOKEN, BenchDaemon
+from bench_report import bench_arguments, report
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from rich.console import Console
 
@@ -69,11 +68,7 @@ def decrypt_rates(seconds: float) -> dict[str, float]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json", action="store_true")
-    ap.add_argument("--dir", default=None)
+    ap = bench_arguments(__doc__)
     args = ap.parse_args()
     console = Console(stderr=args.json)
     fig: dict[str, float] = decrypt_rates(1.0 if args.quick else 3.0)
@@ -95,7 +90,7 @@ def main() -> int:
             for _ in range(3):
                 t0 = time.perf_counter()
                 for i in range(chunks):
-                    with c.get_slot(b"p" * 8 + i.to_bytes(8, "little")) as (v, _fl):
+                    with c.get_slot(b"p" * 8 + i.to_bytes(8, "little")) as (_v, _fl):
                         pass
                 plain_s.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
@@ -111,10 +106,7 @@ def main() -> int:
     finally:
         d.stop()
         shutil.rmtree(work, ignore_errors=True)
-    for k, v in fig.items():
-        console.print(f"{k}: {v}")
-    if args.json:
-        print(json.dumps(fig))
+    report(console, "kvtier encryption" + (" (--quick)" if args.quick else ""), fig, args.json)
     return 0
 
 

@@ -14,8 +14,6 @@ Needs root and /dev/fuse.  `--json` prints every figure as one JSON object on th
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -25,6 +23,7 @@ import time
 
 import numpy as np
 from bench_daemon import TOKEN, BenchDaemon
+from bench_report import bench_arguments, report
 from rich.console import Console
 
 from kvtier.client.admin import AdminClient
@@ -34,11 +33,7 @@ MiB = 1 << 20
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json", action="store_true")
-    ap.add_argument("--dir", default=None)
+    ap = bench_arguments(__doc__)
     ap.add_argument("--blocks", type=int, default=None,
                     help="blocks in the listed session (default 100000; 2000 with --quick)")
     args = ap.parse_args()
@@ -108,10 +103,7 @@ def main() -> int:
     finally:
         d.stop()
         shutil.rmtree(work, ignore_errors=True)
-    for k, v in fig.items():
-        console.print(f"{k}: {v}")
-    if args.json:
-        print(json.dumps(fig))
+    report(console, "kvtier admin tree" + (" (--quick)" if args.quick else ""), fig, args.json)
     return 0
 
 
