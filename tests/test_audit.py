@@ -118,6 +118,18 @@ def test_the_daemon_audits_access_and_purges(tmp_path: Path) -> None:
     assert (path.stat().st_mode & 0o777) == 0o600
 
 
+def _wait_until_gone(c: Client, key: bytes, timeout: float = 20.0) -> None:
+    """Poll until the daemon's retention has removed `key`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            c.get(key)
+        except NotFoundError:
+            return
+        assert time.monotonic() < deadline, "retention never applied"
+        time.sleep(0.1)
+
+
 def test_retention_deletes_old_values_on_its_own(tmp_path: Path) -> None:
     d = Daemon(tmp_path, tenants={"alice": {"retention": "2s"}, "bob": {}},
                extra="[limits]\nsweep_interval_s = 0.5\n")
@@ -127,14 +139,7 @@ def test_retention_deletes_old_values_on_its_own(tmp_path: Path) -> None:
                 Client.connect(d.socket, "bob", TOKENS["bob"]) as b:
             a.put("s", b"a" * 16, [b"x" * 1000])
             b.put("s", b"b" * 16, [b"y" * 1000])
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    a.get(b"a" * 16)
-                except NotFoundError:
-                    break
-                assert time.monotonic() < deadline, "retention never applied"
-                time.sleep(0.25)
+            _wait_until_gone(a, b"a" * 16)
             assert b.get(b"b" * 16) == b"y" * 1000  # no retention for bob
     finally:
         d.stop()
@@ -164,14 +169,7 @@ def test_retention_never_strands_encrypted_data_without_its_key(tmp_path: Path) 
             cipher.put("old", b"o" * 16, [b"old" * 100])  # creates the data key now
             time.sleep(2.0)
             cipher.put("new", b"n" * 16, [b"new" * 100])
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    a.get(b"o" * 16)
-                except NotFoundError:
-                    break
-                assert time.monotonic() < deadline, "retention never applied"
-                time.sleep(0.1)
+            _wait_until_gone(a, b"o" * 16)
             cipher.forget()  # read the data key back from kvtierd
             assert cipher.get("new", b"n" * 16) == [b"new" * 100]
             cipher.close()
