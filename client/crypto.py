@@ -192,7 +192,7 @@ class FrameCipher:
 
         def one(i: int) -> bytes:
             nonce = os.urandom(NONCE)
-            return nonce + aes.encrypt(nonce, bytes(memoryview(frames[i]).cast("B")),
+            return nonce + aes.encrypt(nonce, memoryview(frames[i]).cast("B"),
                                        self._aad(kid, key, i))
         return list(self._pool.map(one, range(len(frames))))
 
