@@ -1,4 +1,8 @@
-"""The pool through its public API, on a real O_DIRECT file."""
+"""The pool through its public API, on a real O_DIRECT file and on an NVMe/TCP namespace.
+
+Tests that take `media_path` run twice: on a file, and on a namespace of the test NVMe/TCP
+target (tests/nvmf_target.py) reached through kvtier's own host (`NvmfDevice`).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import os
 import numpy as np
 import pytest
 from conftest import FakeClock
+from nvmf_support import InProcessTarget, NvmfPath
 
 from kvtier.daemon.blockdev import FileDevice, MemDevice, aligned_buffer
 from kvtier.daemon.errors import (
@@ -19,6 +24,7 @@ from kvtier.daemon.errors import (
     ValueTooLargeError,
     VersionError,
 )
+from kvtier.daemon.nvmf.device import NvmfDevice
 from kvtier.daemon.pool import Pool, PoolOptions
 
 MiB = 1 << 20
@@ -32,24 +38,44 @@ def payload(i: int, n: int) -> np.ndarray:
     return np.random.default_rng(i).integers(0, 256, n, dtype=np.uint8)
 
 
+@pytest.fixture(scope="module")
+def nvmf_target() -> InProcessTarget:
+    return InProcessTarget()
+
+
+@pytest.fixture(params=["file", "nvmf"])
+def media_path(request: pytest.FixtureRequest, pool_path: str) -> str:
+    if request.param == "file":
+        return pool_path
+    p = NvmfPath(pool_path)
+    p.target = request.getfixturevalue("nvmf_target")
+    return p
+
+
 def open_pool(path: str, size: int, seg: int = MiB, clock: FakeClock | None = None,
               **opts: object) -> Pool:
-    dev = FileDevice(path, create_size=size)
+    dev: FileDevice | NvmfDevice
+    if isinstance(path, NvmfPath):
+        dev = path.target.device(path, size)
+    else:
+        dev = FileDevice(path, create_size=size)
     kw = {"clock": clock} if clock else {}
     return Pool.format(dev, segment_size=seg, options=PoolOptions(**opts), **kw)  # type: ignore[arg-type]
 
 
 def reopen(pool: Pool, clock: FakeClock | None = None, **opts: object) -> Pool:
     """Reopen the same file as a crash would leave it: no close, no final checkpoint."""
-    path = pool.dev.name
-    pool.dev.close()
     kw = {"clock": clock} if clock else {}
-    return Pool.open(FileDevice(path), options=PoolOptions(**opts), **kw)  # type: ignore[arg-type]
+    dev = pool.dev
+    dev.close()
+    if isinstance(dev, NvmfDevice):
+        return Pool.open(NvmfDevice(dev.cfg), options=PoolOptions(**opts), **kw)  # type: ignore[arg-type]
+    return Pool.open(FileDevice(dev.name), options=PoolOptions(**opts), **kw)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("size", [4096, 4096 * 3 + 5, 2 * MiB, 16 * MiB, 64 * MiB])
-def test_round_trip_sizes(pool_path: str, size: int) -> None:
-    pool = open_pool(pool_path, 4 * 64 * MiB + 4 * 68 * MiB, seg=68 * MiB)
+def test_round_trip_sizes(media_path: str, size: int) -> None:
+    pool = open_pool(media_path, 4 * 64 * MiB + 4 * 68 * MiB, seg=68 * MiB)
     val = payload(size, size)
     nframes = 4 if size >= 4 * 4096 else 1
     frames = np.array_split(val, nframes)
@@ -63,8 +89,8 @@ def test_round_trip_sizes(pool_path: str, size: int) -> None:
     pool.close()
 
 
-def test_frame_range_reads_read_only_those_bytes(pool_path: str) -> None:
-    pool = open_pool(pool_path, 32 * MiB)
+def test_frame_range_reads_read_only_those_bytes(media_path: str) -> None:
+    pool = open_pool(media_path, 32 * MiB)
     frames = [payload(i, 4096 * (i + 1) + (i * 37)) for i in range(6)]
     pool.put("t", "s", key(1), frames)
     for a, b in [(0, 1), (2, 4), (5, 6), (0, 6), (3, 3)]:
@@ -79,8 +105,8 @@ def test_frame_range_reads_read_only_those_bytes(pool_path: str) -> None:
     pool.close()
 
 
-def test_prefix_lookup_and_tenant_namespaces(pool_path: str) -> None:
-    pool = open_pool(pool_path, 32 * MiB)
+def test_prefix_lookup_and_tenant_namespaces(media_path: str) -> None:
+    pool = open_pool(media_path, 32 * MiB)
     chain = [key(i) for i in range(40)]
     for k in chain[:25]:
         pool.put("alice", "s", k, [b"x" * 100])
@@ -96,9 +122,9 @@ def test_prefix_lookup_and_tenant_namespaces(pool_path: str) -> None:
     pool.close()
 
 
-def test_expiry_is_never_served_and_segments_die_whole(pool_path: str,
+def test_expiry_is_never_served_and_segments_die_whole(media_path: str,
                                                         clock: FakeClock) -> None:
-    pool = open_pool(pool_path, 64 * MiB, clock=clock, expiry_bucket_s=60)
+    pool = open_pool(media_path, 64 * MiB, clock=clock, expiry_bucket_s=60)
     for i in range(60):
         pool.put("t", "s", key(i), [payload(i, 100_000)], ttl_s=30 if i % 2 else 600)
     clock.advance(31)
@@ -117,8 +143,8 @@ def test_expiry_is_never_served_and_segments_die_whole(pool_path: str,
     pool.close()
 
 
-def test_deletes_and_purges_survive_restart(pool_path: str) -> None:
-    pool = open_pool(pool_path, 64 * MiB)
+def test_deletes_and_purges_survive_restart(media_path: str) -> None:
+    pool = open_pool(media_path, 64 * MiB)
     for i in range(30):
         pool.put("a", f"s{i % 3}", key(i), [payload(i, 5000)])
         pool.put("b", "s0", key(i), [payload(i + 100, 5000)])
@@ -140,8 +166,8 @@ def test_deletes_and_purges_survive_restart(pool_path: str) -> None:
     pool.close()
 
 
-def test_overwrite_replaces_value_and_frees_old_space(pool_path: str) -> None:
-    pool = open_pool(pool_path, 32 * MiB)
+def test_overwrite_replaces_value_and_frees_old_space(media_path: str) -> None:
+    pool = open_pool(media_path, 32 * MiB)
     pool.put("t", "s", key(1), [b"a" * 10000])
     r = pool.put("t", "s", key(1), [b"b" * 20000])
     assert r.replaced
@@ -156,8 +182,8 @@ def test_overwrite_replaces_value_and_frees_old_space(pool_path: str) -> None:
     pool.close()
 
 
-def test_cleaning_moves_live_records_and_counts_write_amplification(pool_path: str) -> None:
-    pool = open_pool(pool_path, 32 * MiB, seg=MiB)
+def test_cleaning_moves_live_records_and_counts_write_amplification(media_path: str) -> None:
+    pool = open_pool(media_path, 32 * MiB, seg=MiB)
     for i in range(200):
         pool.put("t", "s", key(i), [payload(i, 60_000)])
     for i in range(200):
@@ -176,8 +202,8 @@ def test_cleaning_moves_live_records_and_counts_write_amplification(pool_path: s
     pool.close()
 
 
-def test_full_pool_evicts_least_recently_used(pool_path: str, clock: FakeClock) -> None:
-    pool = open_pool(pool_path, 12 * MiB, seg=MiB, clock=clock)
+def test_full_pool_evicts_least_recently_used(media_path: str, clock: FakeClock) -> None:
+    pool = open_pool(media_path, 12 * MiB, seg=MiB, clock=clock)
     # Fill well past capacity; keep touching key(0) so it stays hot.
     for i in range(400):
         clock.advance(1)
@@ -191,8 +217,8 @@ def test_full_pool_evicts_least_recently_used(pool_path: str, clock: FakeClock) 
     pool.close()
 
 
-def test_bad_input_errors_name_the_problem(pool_path: str, tmp_path) -> None:
-    pool = open_pool(pool_path, 16 * MiB, seg=MiB)
+def test_bad_input_errors_name_the_problem(media_path: str, tmp_path) -> None:
+    pool = open_pool(media_path, 16 * MiB, seg=MiB)
     with pytest.raises(InvalidArgument, match="16 or 32 bytes"):
         pool.put("t", "s", b"short", [b"x"])
     with pytest.raises(InvalidArgument, match="at least one frame"):

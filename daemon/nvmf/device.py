@@ -1,0 +1,210 @@
+"""`NvmfDevice`: a `BlockDevice` over one NVMe-oF/TCP namespace.
+
+The pool engine is synchronous and runs in worker threads (the daemon calls it through
+`trio.to_thread` with its I/O limiter).  The NVMe/TCP host is asynchronous.  So the device
+runs the host in its own trio loop on a dedicated thread -- the reactor, in SPDK's words --
+and each `readv_into`/`writev`/`flush` hands its request to that loop with
+`trio.from_thread.run` and blocks its worker thread until the completion.  Requests from
+many worker threads are in flight at once, spread over the I/O queues; network I/O never
+runs on the daemon's control loop.
+
+Reads land in the caller's buffers (no alignment needed over TCP); a read whose start or end
+is not on an LBA boundary reads the edge blocks into a small buffer and copies only the
+bytes asked for.  Writes must be LBA-aligned (the pool writes whole blocks).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from kvtier.daemon.blockdev import aligned_buffer
+from kvtier.daemon.errors import DeviceError
+from kvtier.daemon.nvmf.host import Controller, NvmfError, NvmfTargetConfig
+
+
+class NvmfDevice:
+    def __init__(self, cfg: NvmfTargetConfig, *, name: str = "nvmf",
+                 pool_block_size: int = 4096, size_limit: int | None = None) -> None:
+        self.cfg = cfg
+        self._name = name
+        self._ctrl = Controller(cfg, name)
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._closing: trio.Event | None = None
+        self._ready = threading.Event()
+        self._startup_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._thread_main, name=f"nvmf-{name}",
+                                        daemon=True)
+        self._thread.start()
+        if not self._ready.wait(cfg.connect_timeout_s + 5):
+            raise DeviceError(f"{name}: NVMe-oF host thread did not start")
+        if self._startup_error is not None:
+            self._thread.join(5)
+            err = self._startup_error
+            raise err if isinstance(err, DeviceError) else DeviceError(f"{name}: {err}")
+        lba = self._ctrl.lba_size
+        self.pool_block_size = max(pool_block_size, lba)
+        if self.pool_block_size % lba:
+            self.close()
+            raise DeviceError(f"{name}: pool block size {pool_block_size} is not a multiple "
+                              f"of the namespace's LBA size {lba}")
+        size = self._ctrl.size
+        if size_limit:
+            if size_limit > size:
+                self.close()
+                raise DeviceError(f"{name}: configured size {size_limit} exceeds the "
+                                  f"namespace's {size} bytes")
+            size = size_limit
+        self._size = size - size % self.pool_block_size
+
+    def _thread_main(self) -> None:
+        try:
+            trio.run(self._main)
+        except BaseException as e:
+            if not self._ready.is_set():
+                self._startup_error = _unwrap(e)
+                self._ready.set()
+
+    async def _main(self) -> None:
+        self._closing = trio.Event()
+        async with trio.open_nursery() as n:
+            await n.start(self._ctrl.run)
+            self._token = trio.lowlevel.current_trio_token()
+            self._ready.set()
+            await self._closing.wait()
+            n.cancel_scope.cancel()
+
+    # -- BlockDevice ----------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def block_size(self) -> int:
+        return 1  # TCP needs no buffer alignment; offsets are handled here
+
+    @property
+    def lba_size(self) -> int:
+        return self._ctrl.lba_size
+
+    @property
+    def name(self) -> str:
+        return f"nvmf:{self._name}"
+
+    def _call(self, fn: Any, *args: Any) -> None:
+        if self._token is None:
+            raise DeviceError(f"{self.name}: device is closed")
+        try:
+            trio.from_thread.run(fn, *args, trio_token=self._token)
+        except trio.RunFinishedError:
+            raise DeviceError(f"{self.name}: device is closed") from None
+        except NvmfError:
+            raise
+        except BaseExceptionGroup as eg:
+            raise _unwrap(eg) from None
+
+    def _check(self, offset: int, length: int) -> None:
+        if offset < 0 or offset + length > self._size:
+            raise DeviceError(f"{self.name}: I/O range [{offset}, {offset + length}) outside "
+                              f"device of {self._size} bytes")
+
+    def readv_into(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        total = sum(b.nbytes for b in bufs)
+        self._check(offset, total)
+        if not total:
+            return
+        lba = self._ctrl.lba_size
+        head = offset % lba
+        end = offset + total
+        tail = -end % lba
+        if not head and not tail:
+            self._call(self._ctrl.readv, offset, list(bufs))
+            return
+        # edges: whole blocks into small buffers, only the bytes asked for copied out
+        a0, a1 = offset - head, end + tail
+        if a1 - a0 <= 2 * lba:
+            tmp = aligned_buffer(a1 - a0)
+            self._call(self._ctrl.readv, a0, [tmp])
+            _scatter(tmp[head:head + total], bufs)
+            return
+        first = aligned_buffer(lba) if head else None
+        last = aligned_buffer(lba) if tail else None
+        mid_start = a0 + lba if head else offset
+        mid_end = a1 - lba if tail else end
+        views = ([first] if first is not None else []) + \
+            _slice(bufs, mid_start - offset, mid_end - mid_start) + \
+            ([last] if last is not None else [])
+        self._call(self._ctrl.readv, a0, views)
+        if first is not None:
+            _scatter(first[head:], _slice(bufs, 0, lba - head))
+        if last is not None:
+            _scatter(last[:lba - tail], _slice(bufs, mid_end - offset, lba - tail))
+
+    def writev(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        total = sum(b.nbytes for b in bufs)
+        self._check(offset, total)
+        lba = self._ctrl.lba_size
+        if offset % lba or total % lba:
+            raise DeviceError(f"{self.name}: write [{offset}, {offset + total}) is not "
+                              f"aligned to the {lba}-byte LBA size")
+        if total:
+            self._call(self._ctrl.writev, offset, list(bufs))
+
+    def flush(self) -> None:
+        self._call(self._ctrl.flush)
+
+    def health(self) -> dict[str, Any]:
+        h = self._ctrl.health.as_dict()
+        h.update(kind="nvmf", address=f"{self.cfg.address}:{self.cfg.port}",
+                 subnqn=self.cfg.subnqn, nsid=self.cfg.nsid, lba_size=self._ctrl.lba_size,
+                 io_queues=self._ctrl.io_queues, queue_depth=self.cfg.queue_depth,
+                 max_io=self._ctrl.max_io, namespace_bytes=self._ctrl.size)
+        return h
+
+    def close(self) -> None:
+        token, self._token = self._token, None
+        if token is not None and self._closing is not None:
+            try:
+                trio.from_thread.run_sync(self._closing.set, trio_token=token)
+            except trio.RunFinishedError:
+                pass
+        self._thread.join(10)
+
+
+def _slice(bufs: Sequence[memoryview], offset: int, length: int) -> list[memoryview]:
+    out: list[memoryview] = []
+    for b in bufs:
+        n = b.nbytes
+        if offset >= n:
+            offset -= n
+            continue
+        take = min(n - offset, length)
+        if take:
+            out.append(b[offset:offset + take])
+        length -= take
+        offset = 0
+        if length <= 0:
+            break
+    return out
+
+
+def _scatter(src: memoryview, dst: Sequence[memoryview]) -> None:
+    pos = 0
+    for d in dst:
+        n = d.nbytes
+        d[:] = src[pos:pos + n]
+        pos += n
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+        e = e.exceptions[0]
+    if isinstance(e, BaseExceptionGroup):
+        for x in e.exceptions:
+            if isinstance(x, DeviceError):
+                return x
+    return e

@@ -1,0 +1,551 @@
+"""The NVMe/TCP host over trio: one controller association, its queues, and recovery.
+
+An *association* is what one connection attempt builds: the admin queue (ICReq, fabrics
+Connect with the keep-alive timeout, CC.EN and CSTS.RDY through Property Set/Get,
+Identify controller and namespace, Set Features for the number of I/O queues), then N
+I/O queues, each its own TCP connection running `queue.HostQueue`.  Every queue has one
+receiver task that `recv_into`s wherever the state machine says, so read data lands in the
+caller's buffers.
+
+`Controller.run` owns associations: it builds one, keeps it alive with Keep Alive at half
+the KATO, and when anything fails (a connection reset or closed, a protocol error, a
+command past its timeout, the target gone) it tears the association down at once -- every
+command in flight fails with an `NvmfError` that says what happened -- and builds a new one
+with exponential backoff.  Requests that arrive while it reconnects wait for it up to their
+timeout.  A command whose waiter goes away (timeout or cancellation) always takes the
+association down with it: an NVMe command cannot be recalled, and a late C2HData must not
+land in a buffer its caller has since reused, nor a late R2T send one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from kvtier.daemon.errors import DeviceError
+from kvtier.daemon.nvmf import nvme
+from kvtier.daemon.nvmf.queue import Completed, Connected, HostQueue, Send, Terminated
+
+ADMIN_DEPTH = 32
+ADMIN_QID = 0
+
+
+class NvmfError(DeviceError):
+    """An NVMe-oF request failed: transport, timeout, or an NVMe status."""
+
+
+class NvmeStatusError(NvmfError):
+    def __init__(self, message: str, cqe: nvme.Cqe) -> None:
+        super().__init__(message)
+        self.cqe = cqe
+
+
+@dataclass
+class NvmfTargetConfig:
+    address: str
+    port: int
+    subnqn: str
+    hostnqn: str
+    nsid: int = 1
+    queues: int = 2
+    queue_depth: int = 32
+    header_digest: bool = False
+    data_digest: bool = False
+    kato_ms: int = 10_000
+    io_timeout_s: float = 10.0
+    connect_timeout_s: float = 5.0
+    reconnect_max_s: float = 2.0
+    hostid: bytes = field(default_factory=lambda: uuid.uuid4().bytes)
+
+    @property
+    def where(self) -> str:
+        return f"{self.address}:{self.port} {self.subnqn} ns {self.nsid}"
+
+
+@dataclass
+class Health:
+    state: str = "connecting"
+    connects: int = 0
+    reconnects: int = 0
+    last_error: str = ""
+    commands: int = 0
+    errors: int = 0
+    timeouts: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    since: float = field(default_factory=time.time)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+@dataclass
+class _Waiter:
+    event: trio.Event = field(default_factory=trio.Event)
+    result: Completed | None = None
+    error: str | None = None
+
+
+class _Queue:
+    """One queue: a TCP connection, its state machine, its receiver task."""
+
+    def __init__(self, assoc: _Association, qid: int, depth: int, in_capsule: int | None,
+                 max_data: int) -> None:
+        cfg = assoc.cfg
+        self.assoc = assoc
+        self.qid = qid
+        self.hq = HostQueue(qid, depth, header_digest=cfg.header_digest,
+                            data_digest=cfg.data_digest, in_capsule=in_capsule,
+                            max_data=max_data)
+        self.sock: trio.socket.SocketType | None = None
+        self.waiters: dict[int, _Waiter] = {}
+        self.slots = trio.Semaphore(depth)
+        self.send_lock = trio.Lock()
+        self.connected = trio.Event()
+
+    async def open(self, nursery: trio.Nursery) -> None:
+        cfg = self.assoc.cfg
+        s = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock = s
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            await s.connect((cfg.address, cfg.port))
+        except OSError as e:
+            raise NvmfError(f"cannot connect to {cfg.address}:{cfg.port}: "
+                            f"{e.strerror or e}") from e
+        nursery.start_soon(self.receive)
+        await self.send(self.hq.start().segments)
+        await self.connected.wait()
+        if self.assoc.failed is not None:
+            raise NvmfError(self.assoc.failed)
+
+    async def send(self, segments: Sequence[bytes | memoryview]) -> None:
+        sock = self.sock
+        assert sock is not None
+        segs = list(segments)
+        async with self.send_lock:
+            while segs:
+                try:
+                    n = await sock.sendmsg(segs)
+                except (OSError, trio.ClosedResourceError) as e:
+                    reason = f"queue {self.qid}: send failed: {_why(e)}"
+                    self.assoc.fail(reason)
+                    raise NvmfError(self.assoc.failed or reason) from e
+                while n:
+                    first = segs[0]
+                    ln = len(first)
+                    if n >= ln:
+                        n -= ln
+                        segs.pop(0)
+                    else:
+                        segs[0] = memoryview(first)[n:]
+                        n = 0
+
+    async def receive(self) -> None:
+        sock = self.sock
+        assert sock is not None
+        hq = self.hq
+        try:
+            while True:
+                n = await sock.recv_into(hq.buffer())
+                if n == 0:
+                    self.assoc.fail(f"queue {self.qid}: connection closed by the target")
+                    return
+                for ev in hq.received(n):
+                    if isinstance(ev, Completed):
+                        w = self.waiters.pop(ev.cid, None)
+                        if w is not None:
+                            w.result = ev
+                            w.event.set()
+                    elif isinstance(ev, Send):
+                        self.assoc.nursery.start_soon(self._send_data, ev)
+                    elif isinstance(ev, Connected):
+                        self.connected.set()
+                    elif isinstance(ev, Terminated):
+                        if ev.send is not None:
+                            with trio.move_on_after(0.5):
+                                try:
+                                    await sock.send(ev.send.segments[0])
+                                except OSError:
+                                    pass
+                        self.assoc.fail(ev.reason)
+                        return
+        except (OSError, trio.ClosedResourceError) as e:
+            self.assoc.fail(f"queue {self.qid}: connection lost: {_why(e)}")
+        except Exception as e:  # a bug here must not kill the controller: fail loudly
+            self.assoc.fail(f"queue {self.qid}: receive failed: {type(e).__name__}: {e}")
+
+    async def _send_data(self, ev: Send) -> None:
+        try:
+            await self.send(ev.segments)
+        except NvmfError:
+            pass  # the association is already failing; the command's waiter hears of it
+
+    def close(self, reason: str) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        for cid in self.hq.terminate():
+            w = self.waiters.pop(cid, None)
+            if w is not None:
+                w.error = reason
+                w.event.set()
+        for w in self.waiters.values():
+            w.error = reason
+            w.event.set()
+        self.waiters.clear()
+        self.connected.set()
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e) or type(e).__name__
+
+
+class _Association:
+    def __init__(self, ctrl: Controller, nursery: trio.Nursery) -> None:
+        self.ctrl = ctrl
+        self.cfg = ctrl.cfg
+        self.nursery = nursery
+        self.failed: str | None = None
+        self.failed_event = trio.Event()
+        self.admin: _Queue | None = None
+        self.io: list[_Queue] = []
+        self._rr = 0
+        self.cntlid = 0
+        self.mdts = 0
+        self.lba_size = 0
+        self.nblocks = 0
+        self.in_capsule = 0
+        self.max_io = 0
+
+    def fail(self, reason: str) -> None:
+        """Tear the association down now (synchronously: no buffer is touched after)."""
+        if self.failed is not None:
+            return
+        self.failed = reason
+        for q in ([self.admin] if self.admin else []) + self.io:
+            q.close(reason)
+        self.failed_event.set()
+
+    async def command(self, q: _Queue, sqe: bytearray, what: str, *,
+                      data_out: Sequence[memoryview] = (),
+                      data_in: Sequence[memoryview] = (),
+                      timeout: float | None = None) -> nvme.Cqe:
+        h = self.ctrl.health
+        timeout = self.cfg.io_timeout_s if timeout is None else timeout
+        async with q.slots:
+            if self.failed is not None:
+                raise NvmfError(f"{self.ctrl.name}: {what}: {self.failed}")
+            cid, send = q.hq.submit(sqe, data_out=data_out, data_in=data_in)
+            w = _Waiter()
+            q.waiters[cid] = w
+            finished = False
+            try:
+                with trio.move_on_after(timeout) as cs:
+                    await q.send(send.segments)
+                    await w.event.wait()
+                finished = w.event.is_set()
+            finally:
+                if not finished:
+                    reason = (f"{what} timed out after {timeout:g} s" if cs.cancelled_caught
+                              else f"{what} abandoned by its caller")
+                    if cs.cancelled_caught:
+                        h.timeouts += 1
+                    self.fail(reason)
+            h.commands += 1
+            if w.error is not None or w.result is None:
+                h.errors += 1
+                raise NvmfError(f"{self.ctrl.name}: {what} failed: {w.error}")
+            if w.result.error is not None:
+                h.errors += 1
+                raise NvmfError(f"{self.ctrl.name}: {what} failed: {w.result.error}")
+            cqe = w.result.cqe
+            if not cqe.ok:
+                h.errors += 1
+                raise NvmeStatusError(f"{self.ctrl.name}: {what}: {cqe.describe()}", cqe)
+            return cqe
+
+    async def establish(self) -> None:
+        cfg = self.cfg
+        admin = _Queue(self, ADMIN_QID, ADMIN_DEPTH, None, 1 << 16)
+        self.admin = admin
+        await admin.open(self.nursery)
+        # the admin queue's receiver must be ours before Connect
+        cqe = await self._connect(admin, 0xFFFF, ADMIN_DEPTH, cfg.kato_ms)
+        self.cntlid = cqe.dw0 & 0xFFFF
+        cap = nvme.Cap.parse((await self._get(nvme.REG_CAP, True)).value64)
+        await self.command(admin, nvme.property_set_cmd(nvme.REG_CC, nvme.CC_IOSQES_IOCQES),
+                           "Property Set CC")
+        await self.command(admin, nvme.property_set_cmd(
+            nvme.REG_CC, nvme.CC_IOSQES_IOCQES | nvme.CC_EN), "Property Set CC.EN")
+        deadline = trio.current_time() + max(cap.timeout_ms / 1000, 0.5)
+        while True:
+            csts = (await self._get(nvme.REG_CSTS, False)).dw0
+            if csts & nvme.CSTS_CFS:
+                raise NvmfError(f"{self.ctrl.name}: controller fatal status (CSTS.CFS)")
+            if csts & nvme.CSTS_RDY:
+                break
+            if trio.current_time() > deadline:
+                raise NvmfError(f"{self.ctrl.name}: controller not ready after "
+                                f"{cap.timeout_ms} ms (CSTS.RDY never set)")
+            await trio.sleep(0.01)
+        ident = memoryview(bytearray(nvme.IDENTIFY_LEN))
+        await self.command(admin, nvme.identify_cmd(nvme.Cns.CONTROLLER), "Identify controller",
+                           data_in=[ident])
+        ic = nvme.IdentifyController.parse(ident, cap.mpsmin)
+        if cfg.nsid > ic.nn:
+            raise NvmfError(f"{self.ctrl.name}: namespace {cfg.nsid} does not exist "
+                            f"(the subsystem has {ic.nn})")
+        await self.command(admin, nvme.identify_cmd(nvme.Cns.NAMESPACE, cfg.nsid),
+                           "Identify namespace", data_in=[ident])
+        ns = nvme.IdentifyNamespace.parse(ident)
+        if ns.lba_size < 512 or ns.metadata_size:
+            raise NvmfError(f"{self.ctrl.name}: namespace {cfg.nsid} has LBA size "
+                            f"{ns.lba_size} with {ns.metadata_size} bytes of metadata; "
+                            f"kvtier needs >= 512-byte blocks without metadata")
+        self.lba_size, self.nblocks = ns.lba_size, ns.nsze
+        self.mdts = ic.mdts
+        self.in_capsule = max(ic.ioccsz - nvme.SQE_LEN, 0)
+        # the largest request: MDTS, bounded so one command's data fits a queue's budget
+        self.max_io = min(ic.mdts or (1 << 20), 1 << 20)
+        self.max_io -= self.max_io % self.lba_size
+        cqe = await self.command(admin, nvme.set_number_of_queues_cmd(cfg.queues),
+                                 "Set Features (number of queues)")
+        granted = min((cqe.dw0 & 0xFFFF) + 1, (cqe.dw0 >> 16) + 1)
+        nq = min(cfg.queues, granted)
+        depth = min(cfg.queue_depth, cap.mqes - 1)
+        for qid in range(1, nq + 1):
+            q = _Queue(self, qid, depth, self.in_capsule, self.max_io)
+            await q.open(self.nursery)
+            await self._connect(q, self.cntlid, depth + 1, 0)
+            self.io.append(q)
+
+    async def _connect(self, q: _Queue, cntlid: int, sqsize: int, kato_ms: int) -> nvme.Cqe:
+        cfg = self.cfg
+        data = nvme.connect_data(cfg.hostid, cntlid, cfg.subnqn, cfg.hostnqn)
+        return await self.command(q, nvme.connect_cmd(q.qid, sqsize, kato_ms),
+                                  f"Connect (queue {q.qid})",
+                                  data_out=[memoryview(data)], timeout=cfg.connect_timeout_s)
+
+    async def _get(self, reg: int, size8: bool) -> nvme.Cqe:
+        assert self.admin is not None
+        return await self.command(self.admin, nvme.property_get_cmd(reg, size8),
+                                  f"Property Get {reg:#x}")
+
+    async def keep_alive(self) -> None:
+        assert self.admin is not None
+        period = self.cfg.kato_ms / 2000
+        while True:
+            await trio.sleep(period)
+            try:
+                await self.command(self.admin, nvme.keep_alive_cmd(), "Keep Alive")
+            except NvmfError as e:
+                self.fail(f"keep alive failed: {e}")
+                return
+
+    def pick(self) -> _Queue:
+        """The I/O queue with the most free slots (round robin among equals)."""
+        best = None
+        n = len(self.io)
+        for i in range(n):
+            q = self.io[(self._rr + i) % n]
+            if best is None or q.hq.free_slots > best.hq.free_slots:
+                best = q
+        self._rr = (self._rr + 1) % n
+        assert best is not None
+        return best
+
+
+class Controller:
+    """A namespace on an NVMe-oF target, reached through associations built on demand."""
+
+    def __init__(self, cfg: NvmfTargetConfig, name: str) -> None:
+        if not 1 <= cfg.queues <= 64:
+            raise NvmfError(f"{name}: queues {cfg.queues} out of range 1..64")
+        if not 1 <= cfg.queue_depth <= 1024:
+            raise NvmfError(f"{name}: queue depth {cfg.queue_depth} out of range 1..1024")
+        self.cfg = cfg
+        self.name = name
+        self.health = Health()
+        self._assoc: _Association | None = None
+        self._live = trio.Event()
+        self.lba_size = 0
+        self.nblocks = 0
+        self.max_io = 0
+        self.io_queues = 0
+
+    @property
+    def size(self) -> int:
+        return self.lba_size * self.nblocks
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        first = True
+        backoff = 0.05
+        while True:
+            fatal: NvmfError | None = None
+            async with trio.open_nursery() as nursery:
+                assoc = _Association(self, nursery)
+                error: str | None = None
+                try:
+                    with trio.fail_after(self.cfg.connect_timeout_s):
+                        await assoc.establish()
+                except trio.TooSlowError:
+                    error = f"no answer within {self.cfg.connect_timeout_s:g} s"
+                except NvmfError as e:
+                    error = str(e)
+                if error is not None:
+                    assoc.fail(error)
+                    nursery.cancel_scope.cancel()
+                    self.health.last_error = error
+                    self.health.state = "reconnecting" if not first else "connecting"
+                    if first:
+                        fatal = NvmfError(f"{self.name}: cannot attach {self.cfg.where}: {error}")
+                else:
+                    if not first and (assoc.lba_size, assoc.nblocks) != (self.lba_size,
+                                                                           self.nblocks):
+                        assoc.fail("namespace geometry changed")
+                        self.health.last_error = (
+                            f"namespace changed from {self.nblocks} x {self.lba_size} to "
+                            f"{assoc.nblocks} x {assoc.lba_size} bytes; not using it")
+                    else:
+                        self.lba_size, self.nblocks = assoc.lba_size, assoc.nblocks
+                        self.max_io, self.io_queues = assoc.max_io, len(assoc.io)
+                        self._assoc = assoc
+                        self.health.state = "live"
+                        self.health.connects += 1
+                        self.health.reconnects += 0 if first else 1
+                        self.health.since = time.time()
+                        backoff = 0.05
+                        self._live.set()
+                        if first:
+                            first = False
+                            task_status.started()
+                        nursery.start_soon(assoc.keep_alive)
+                        await assoc.failed_event.wait()
+                        self._assoc = None
+                        self._live = trio.Event()
+                        self.health.state = "reconnecting"
+                        self.health.last_error = assoc.failed or ""
+                    nursery.cancel_scope.cancel()
+            if fatal is not None:
+                raise fatal
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, self.cfg.reconnect_max_s)
+
+    async def _association(self, what: str) -> _Association:
+        assoc = self._assoc
+        if assoc is not None and assoc.failed is None:
+            return assoc
+        with trio.move_on_after(self.cfg.io_timeout_s):
+            while True:
+                await self._live.wait()
+                assoc = self._assoc
+                if assoc is not None and assoc.failed is None:
+                    return assoc
+                await trio.sleep(0.01)
+        raise NvmfError(f"{self.name}: {what}: not connected to {self.cfg.where} "
+                        f"({self.health.last_error or 'connecting'}); still reconnecting")
+
+    # -- I/O --------------------------------------------------------------------------------
+
+    def _pieces(self, offset: int,
+                bufs: Sequence[memoryview]) -> list[tuple[int, list[memoryview]]]:
+        """Split a transfer at MDTS: [(byte offset, views)], each at most `max_io`."""
+        out: list[tuple[int, list[memoryview]]] = []
+        cur: list[memoryview] = []
+        cur_len = 0
+        start = offset
+        for b in bufs:
+            v = b
+            while v.nbytes:
+                take = min(v.nbytes, self.max_io - cur_len)
+                cur.append(v[:take])
+                cur_len += take
+                v = v[take:]
+                if cur_len == self.max_io:
+                    out.append((start, cur))
+                    start += cur_len
+                    cur, cur_len = [], 0
+        if cur_len:
+            out.append((start, cur))
+        return out
+
+    async def _io(self, write: bool, offset: int, views: list[memoryview]) -> None:
+        nbytes = sum(v.nbytes for v in views)
+        lba = self.lba_size
+        if offset % lba or nbytes % lba:
+            raise NvmfError(f"{self.name}: I/O [{offset}, {offset + nbytes}) not aligned to "
+                            f"the {lba}-byte LBA size")
+        if offset + nbytes > self.size:
+            raise NvmfError(f"{self.name}: I/O [{offset}, {offset + nbytes}) beyond the "
+                            f"namespace's {self.size} bytes")
+        what = f"{'write' if write else 'read'} of {nbytes} bytes at {offset}"
+        assoc = await self._association(what)
+        q = assoc.pick()
+        slba, nlb = offset // lba, nbytes // lba
+        if write:
+            await assoc.command(q, nvme.write_cmd(self.cfg.nsid, slba, nlb), what,
+                                data_out=views)
+            self.health.bytes_written += nbytes
+        else:
+            await assoc.command(q, nvme.read_cmd(self.cfg.nsid, slba, nlb), what,
+                                data_in=views)
+            self.health.bytes_read += nbytes
+
+    async def _transfer(self, write: bool, offset: int, bufs: Sequence[memoryview]) -> None:
+        pieces = self._pieces(offset, [b for b in bufs if b.nbytes])
+        if len(pieces) == 1:
+            await self._io(write, *pieces[0])
+            return
+        try:
+            async with trio.open_nursery() as n:
+                for off, views in pieces:
+                    n.start_soon(self._io, write, off, views)
+        except BaseExceptionGroup as eg:
+            raise _first_leaf(eg) from None
+
+    async def readv(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        await self._transfer(False, offset, bufs)
+
+    async def writev(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        await self._transfer(True, offset, bufs)
+
+    async def flush(self) -> None:
+        assoc = await self._association("flush")
+        await assoc.command(assoc.pick(), nvme.flush_cmd(self.cfg.nsid), "flush")
+
+
+def _first_leaf(eg: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first real error of a group (an NvmfError before a Cancelled)."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for x in e.exceptions:
+                walk(x)
+        else:
+            leaves.append(e)
+    walk(eg)
+    for e in leaves:
+        if not isinstance(e, trio.Cancelled):
+            return e
+    return leaves[0]
+
+
+def default_hostnqn() -> str:
+    """A stable host NQN for this machine (from /etc/machine-id when there is one)."""
+    try:
+        with open("/etc/machine-id") as f:
+            mid = f.read().strip()
+        u = uuid.UUID(mid) if len(mid) == 32 else uuid.uuid5(uuid.NAMESPACE_DNS, mid)
+    except (OSError, ValueError):
+        u = uuid.uuid5(uuid.NAMESPACE_DNS, os.uname().nodename)
+    return f"nqn.2014-08.org.nvmexpress:uuid:{u}"

@@ -1,0 +1,103 @@
+"""Namespaces for tests: the test NVMe/TCP target in this process or as its own process.
+
+`InProcessTarget` serves many small namespaces from one listener (cheap enough for one per
+test); `TargetProcess` runs tests/nvmf_target.py as a separate process, so that it can be
+SIGKILLed, stalled (SIGUSR1) or have its connections reset (SIGUSR2) under a live host.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from nvmf_target import Target
+
+from kvtier.daemon.nvmf.device import NvmfDevice
+from kvtier.daemon.nvmf.host import NvmfTargetConfig
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+HOSTNQN = "nqn.2014-08.io.kvtier:test-host"
+_ids = itertools.count()
+
+
+def target_config(port: int, subnqn: str, **kw: object) -> NvmfTargetConfig:
+    kw.setdefault("io_timeout_s", 5.0)
+    kw.setdefault("connect_timeout_s", 3.0)
+    return NvmfTargetConfig("127.0.0.1", port, subnqn, HOSTNQN, **kw)  # type: ignore[arg-type]
+
+
+class InProcessTarget:
+    def __init__(self, **kw: object) -> None:
+        self.target = Target(**kw)  # type: ignore[arg-type]
+        self.port = self.target.listen("127.0.0.1", 0)
+
+    def namespace(self, path: str, size: int, lba_size: int = 4096) -> str:
+        """Serve file `path` (created with `size` bytes) as namespace 1 of a new subsystem;
+        returns the subsystem's NQN."""
+        if not os.path.exists(path):
+            with open(path, "wb") as f:
+                f.truncate(size)
+        n = next(_ids)
+        ns = self.target.add_bdev(f"bdev{n}", path, lba_size)
+        nqn = f"nqn.2016-06.io.kvtier:test{n}"
+        sub = self.target.add_subsystem(nqn)
+        sub.namespaces[1] = ns
+        return nqn
+
+    def device(self, path: str, size: int, **kw: object) -> NvmfDevice:
+        return NvmfDevice(target_config(self.port, self.namespace(path, size), **kw))
+
+
+class NvmfPath(str):
+    """A pool path the pool tests open as an NVMe/TCP namespace instead of a file."""
+
+    target: InProcessTarget
+
+
+class TargetProcess:
+    def __init__(self, path: str, size: int, *args: str, port: int = 0) -> None:
+        self.path, self.size, self.args = path, size, args
+        self.nqn = "nqn.2016-06.io.kvtier:test"
+        self.port = port
+        self.proc: subprocess.Popen[str] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "nvmf_target.py"), "--file", self.path,
+             "--size", str(self.size), "--port", str(self.port), "--nqn", self.nqn,
+             *self.args], stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.startswith("listening"):
+            raise RuntimeError(f"test target did not start: {line!r}")
+        self.port = int(line.split()[1])
+
+    def config(self, **kw: object) -> NvmfTargetConfig:
+        return target_config(self.port, self.nqn, **kw)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def restart(self) -> None:
+        """Start again on the same port (the host reconnects to it)."""
+        self.kill()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.start()
+                return
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
