@@ -14,7 +14,7 @@ import hmac
 import os
 import secrets
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kvtier.daemon.sizes import parse_size
@@ -27,13 +27,33 @@ class ConfigError(Exception):
 
 
 @dataclass
+class NvmfPoolConfig:
+    """Where an `nvmf` pool's namespace is, and how to talk to it (see docs/OPERATIONS.md)."""
+
+    address: str
+    port: int
+    subnqn: str
+    hostnqn: str
+    nsid: int = 1
+    queues: int = 2
+    queue_depth: int = 32
+    header_digest: bool = False
+    data_digest: bool = False
+    keep_alive_ms: int = 10_000
+    io_timeout_s: float = 10.0
+    connect_timeout_s: float = 5.0
+    provision: dict[str, Any] | None = None  # SPDK JSON-RPC provisioning (daemon/spdk.py)
+
+
+@dataclass
 class PoolConfig:
     name: str
-    kind: str  # "file"
-    path: str
-    size: int
+    kind: str  # "file" or "nvmf"
+    path: str  # file pools: the file or block device; nvmf pools: ""
+    size: int  # file: size to create; nvmf: use at most this much of the namespace (0: all)
     segment_size: int
     direct: str = "auto"
+    nvmf: NvmfPoolConfig | None = None
 
 
 @dataclass
@@ -115,7 +135,7 @@ class Config:
             "ack": self.ack, "dram": {"size": self.dram_size,
                                       "segment_size": self.dram_segment_size,
                                       "populate": self.dram_populate},
-            "pools": [vars(p) for p in self.pools],
+            "pools": [asdict(p) for p in self.pools],
             "tenants": [{"id": t.id, "allowed_uids": t.allowed_uids, "dram": t.dram_size,
                          "retention_s": t.retention_s, "encryption": t.encryption,
                          "key_scope": t.key_scope,
@@ -275,8 +295,14 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
             raise pr.fail("name", f"duplicate pool name {name!r}")
         names.add(name)
         kind = pr.get("kind", str, "file")
-        if kind != "file":
-            raise pr.fail("kind", f'unknown pool kind {kind!r} (this build supports "file")')
+        if kind not in ("file", "nvmf"):
+            raise pr.fail("kind", f'unknown pool kind {kind!r} (supported: "file", "nvmf")')
+        if kind == "nvmf":
+            cfg.pools.append(PoolConfig(name, kind, "", pr.size("size", 0),
+                                        pr.size("segment_size", 64 << 20),
+                                        nvmf=_nvmf_pool(pr)))
+            pr.check_unknown()
+            continue
         ppath = pr.get("path", str, required=True)
         if not os.path.isabs(ppath):
             ppath = os.path.join(state, ppath)
@@ -364,6 +390,71 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+_PROVISION_BDEVS = ("aio", "malloc", "nvme")
+
+
+def _nvmf_pool(pr: _Reader) -> NvmfPoolConfig:
+    from kvtier.daemon.nvmf.host import default_hostnqn
+
+    n = NvmfPoolConfig(
+        address=pr.get("address", str, required=True),
+        port=pr.get("port", int, 4420),
+        subnqn=pr.get("subnqn", str, required=True),
+        hostnqn=pr.get("hostnqn", str, "") or default_hostnqn(),
+        nsid=pr.get("nsid", int, 1),
+        queues=pr.get("queues", int, 2),
+        queue_depth=pr.get("queue_depth", int, 32),
+        header_digest=pr.get("header_digest", bool, False),
+        data_digest=pr.get("data_digest", bool, False),
+        keep_alive_ms=pr.get("keep_alive_ms", int, 10_000),
+    )
+    if "io_timeout" in pr.table:
+        n.io_timeout_s = _duration(pr, "io_timeout")
+    if "connect_timeout" in pr.table:
+        n.connect_timeout_s = _duration(pr, "connect_timeout")
+    if not 0 < n.port < 65536:
+        raise pr.fail("port", f"must be 1..65535, got {n.port}")
+    for key, val, lo, hi in (("nsid", n.nsid, 1, 0xFFFFFFFE), ("queues", n.queues, 1, 64),
+                             ("queue_depth", n.queue_depth, 1, 1024),
+                             ("keep_alive_ms", n.keep_alive_ms, 0, 3_600_000)):
+        if not lo <= val <= hi:
+            raise pr.fail(key, f"must be {lo}..{hi}, got {val}")
+    for key, nqn in (("subnqn", n.subnqn), ("hostnqn", n.hostnqn)):
+        if not nqn.startswith("nqn.") or len(nqn.encode()) > 223:
+            raise pr.fail(key, f'must be an NQN ("nqn.yyyy-mm.domain:...", at most 223 '
+                               f'bytes), got {nqn!r}')
+    if n.io_timeout_s <= 0 or n.connect_timeout_s <= 0:
+        raise pr.fail("io_timeout", "timeouts must be positive")
+    if "provision" in pr.table:
+        pr.used.add("provision")
+        pv = pr.sub("provision", pr.table["provision"])
+        prov: dict[str, Any] = {"rpc": pv.get("rpc", str, "/var/tmp/spdk.sock"),
+                                "serial_number": pv.get("serial_number", str, "KVTIER0001"),
+                                "allow_hosts": pv.get("allow_hosts", list, [n.hostnqn]),
+                                "timeout_s": (_duration(pv, "timeout") if "timeout" in pv.table
+                                              else 60.0)}
+        bdev = pv.get("bdev", dict, required=True)
+        br = pv.sub("bdev", bdev)
+        bkind = br.get("kind", str, required=True)
+        if bkind not in _PROVISION_BDEVS:
+            raise br.fail("kind", f"must be one of {', '.join(_PROVISION_BDEVS)}, got {bkind!r}")
+        b: dict[str, Any] = {"kind": bkind, "name": br.get("name", str, required=True)}
+        if bkind == "aio":
+            b["filename"] = br.get("filename", str, required=True)
+            b["block_size"] = br.get("block_size", int, 4096)
+        elif bkind == "malloc":
+            b["size"] = br.size("size", required=True)
+            b["block_size"] = br.get("block_size", int, 4096)
+        else:
+            b["traddr"] = br.get("traddr", str, required=True)
+            b["trtype"] = br.get("trtype", str, "PCIe")
+        br.check_unknown()
+        prov["bdev"] = b
+        pv.check_unknown()
+        n.provision = prov
+    return n
 
 
 def _duration(r: _Reader, key: str) -> float:

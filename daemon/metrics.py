@@ -57,6 +57,20 @@ class _StoreCollector(Collector):
         wa.add_metric([], st["media"]["write_amplification"])
         yield wa
         yield GaugeMetricFamily("kvtier_clients", "Connected clients", value=self.clients())
+        dev = st["media_device"]
+        labels = ["pool", "kind"]
+        lv = [dev["name"], dev["kind"]]
+        up = GaugeMetricFamily("kvtier_pool_up", "1 while the media pool's device is attached",
+                               labels=labels)
+        up.add_metric(lv, 1.0 if dev["state"] == "live" else 0.0)
+        yield up
+        for name, key, doc in (
+                ("kvtier_pool_reconnects", "reconnects", "Reconnections to the pool's target"),
+                ("kvtier_pool_io_errors", "errors", "Failed commands on the pool's device"),
+                ("kvtier_pool_io_timeouts", "timeouts", "Commands past their timeout")):
+            c = CounterMetricFamily(name, doc, labels=labels)
+            c.add_metric(lv, dev.get(key, 0))
+            yield c
 
 
 class Metrics:

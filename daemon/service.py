@@ -38,11 +38,12 @@ from kvtier.client.protocol import (
 )
 from kvtier.daemon.audit import AuditLog
 from kvtier.daemon.blockdev import FileDevice
-from kvtier.daemon.config import Config
+from kvtier.daemon.config import Config, PoolConfig
 from kvtier.daemon.errors import FormatError, StoreError
 from kvtier.daemon.metrics import Metrics, serve_metrics
 from kvtier.daemon.pool import Pool, PoolOptions
 from kvtier.daemon.session import ClientSession, DropClient, SessionResources
+from kvtier.daemon.superblock import superblock_present
 from kvtier.daemon.tiers import TieredStore
 
 log = logging.getLogger("kvtierd")
@@ -56,6 +57,8 @@ _SO_PEERCRED = struct.Struct("3i")
 
 def open_media_pool(cfg: Config) -> Pool:
     p = cfg.pools[0]
+    if p.kind == "nvmf":
+        return open_nvmf_pool(p)
     direct: bool | str = "auto" if p.direct == "auto" else p.direct == "on"
     if os.path.exists(p.path):
         try:
@@ -69,6 +72,34 @@ def open_media_pool(cfg: Config) -> Pool:
     os.makedirs(os.path.dirname(p.path) or ".", exist_ok=True)
     return Pool.format(FileDevice(p.path, direct=direct, create_size=p.size),
                        segment_size=p.segment_size, options=PoolOptions())
+
+
+def open_nvmf_pool(p: PoolConfig) -> Pool:
+    """Attach the namespace (provisioning it first when configured); open its pool, or
+    format it when the namespace holds no pool yet (no superblock magic anywhere)."""
+    from kvtier.daemon.nvmf.device import NvmfDevice
+    from kvtier.daemon.nvmf.host import NvmfTargetConfig
+
+    n = p.nvmf
+    assert n is not None
+    if n.provision is not None:
+        from kvtier.daemon.spdk import provision_pool
+
+        provision_pool(p)
+    dev = NvmfDevice(NvmfTargetConfig(
+        n.address, n.port, n.subnqn, n.hostnqn, nsid=n.nsid, queues=n.queues,
+        queue_depth=n.queue_depth, header_digest=n.header_digest, data_digest=n.data_digest,
+        kato_ms=n.keep_alive_ms, io_timeout_s=n.io_timeout_s,
+        connect_timeout_s=n.connect_timeout_s), name=p.name, size_limit=p.size or None)
+    try:
+        if superblock_present(dev):
+            return Pool.open(dev)
+        log.info("pool %s: no kvtier pool on %s; formatting %d bytes", p.name, dev.name,
+                 dev.size)
+        return Pool.format(dev, segment_size=p.segment_size, options=PoolOptions())
+    except BaseException:
+        dev.close()
+        raise
 
 
 def sd_notify(state: str) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import crc32c
 
+from kvtier.daemon.blockdev import BlockDevice, aligned_buffer
 from kvtier.daemon.errors import CorruptionError, FormatError, VersionError
 
 SB_MAGIC = b"KVTIERPL"
@@ -74,3 +75,18 @@ def decode_superblock(buf: memoryview, *, where: str) -> Superblock:
     segs = list(struct.unpack_from(f"<{nsegs}I", buf, _CKPT_SEGS_AT))
     return Superblock(bs, dev_size, seg_size, seg_count, data_off, uuid, created, gen,
                       ckpt_lsn, ckpt_len, ckpt_crc, segs)
+
+
+def superblock_present(dev: BlockDevice) -> bool:
+    """Whether either superblock copy carries the pool magic (a blank namespace: no).
+
+    A device that has the magic but does not decode is *not* blank: opening it reports
+    the damage instead of formatting over a pool."""
+    buf = aligned_buffer(SB_SIZE)
+    for off in (0, SB_B_OFFSET):
+        if off + SB_SIZE > dev.size:
+            continue
+        dev.readv_into(off, [buf])
+        if bytes(buf[:len(SB_MAGIC)]) == SB_MAGIC:
+            return True
+    return False

@@ -348,6 +348,15 @@ class TieredStore:
 
     # -- introspection ---------------------------------------------------------------------------
 
+    def media_health(self) -> dict[str, Any]:
+        """The media pool's device: state, errors, reconnects (an nvmf pool says more)."""
+        health = getattr(self.media.dev, "health", None)
+        if health is None:
+            return {"kind": "file", "state": "live", "name": self.media.dev.name}
+        out: dict[str, Any] = health()
+        out["name"] = self.media.dev.name
+        return out
+
     def stats(self) -> dict[str, Any]:
         c = self.counters
         return {
@@ -355,6 +364,7 @@ class TieredStore:
             "dram": _sum_stats([p.stats() for p in self.drams.values()]),
             "dram_by_tenant": {t: p.stats() for t, p in self.drams.items()},
             "media": self.media.stats(),
+            "media_device": self.media_health(),
             "tiers": {"dram_hits": c.dram_hits, "pool_hits": c.pool_hits, "misses": c.misses,
                       "promotions": c.promotions, "prefetched": c.prefetched,
                       "writebehind_backlog": self.writebehind_backlog(),

@@ -38,6 +38,7 @@ class Daemon:
     dram_size: str = "64M"
     dram_segment: str = "4M"
     admin_uids: list[int] | None = None
+    pool: str = ""  # TOML of the [[pool]] table; "" = a file pool under the state dir
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -57,8 +58,10 @@ class Daemon:
         lines = [f'state_dir = "{self.dir}"', f'socket = "{self.socket}"', f'ack = "{self.ack}"',
                  f"admin_uids = {admins}", "",
                  "[dram]", f'size = "{self.dram_size}"', f'segment_size = "{self.dram_segment}"',
-                 "", "[[pool]]", 'name = "p0"', 'path = "pool0.img"',
-                 f'size = "{self.pool_size}"', f'segment_size = "{self.segment_size}"', ""]
+                 ""]
+        lines += [self.pool] if self.pool else [
+            "[[pool]]", 'name = "p0"', 'path = "pool0.img"', f'size = "{self.pool_size}"',
+            f'segment_size = "{self.segment_size}"', ""]
         tenants = self.tenants or {t: {} for t in TOKENS}
         for tid, opts in tenants.items():
             lines += ["[[tenant]]", f'id = "{tid}"',
