@@ -29,7 +29,7 @@ from rich.table import Table
 from kvtier.client.admin import AdminClient
 from kvtier.client.errors import KvtierError
 from kvtier.daemon.blockdev import FileDevice
-from kvtier.daemon.config import default_state_dir, hash_token
+from kvtier.daemon.config import ConfigError, PoolConfig, default_state_dir, hash_token, load_config
 from kvtier.daemon.errors import StoreError
 from kvtier.daemon.pool import Pool
 from kvtier.daemon.sizes import format_size, size_arg
@@ -314,14 +314,61 @@ def build_parser() -> argparse.ArgumentParser:
     s = ps.add_parser("scrub", help="verify every live record's checksums")
     s.add_argument("path")
     s.set_defaults(fn=_pool_scrub)
+    hn = ps.add_parser("hostnqn", help="the host NQN kvtierd uses when a pool names none")
+    hn.set_defaults(fn=_pool_hostnqn)
+    for name, fn, doc in (("provision", _pool_provision,
+                           "create an nvmf pool's subsystem on its SPDK target (idempotent)"),
+                          ("decommission", _pool_decommission,
+                           "remove an nvmf pool's subsystem from its SPDK target")):
+        pv = ps.add_parser(name, help=doc)
+        pv.add_argument("--config", required=True, help="kvtierd's config file")
+        pv.add_argument("--pool", default=None, help="the pool's name (default: the first)")
+        if name == "decommission":
+            pv.add_argument("--delete-bdev", action="store_true",
+                            help="delete the bdev too (its data is lost)")
+        pv.set_defaults(fn=fn)
     return p
+
+
+def _nvmf_pool(args: argparse.Namespace) -> PoolConfig:
+    cfg = load_config(args.config)
+    pools = [p for p in cfg.pools if args.pool in (None, p.name)]
+    if not pools:
+        raise ValueError(f"{args.config}: no pool named {args.pool!r}")
+    if pools[0].kind != "nvmf" or pools[0].nvmf is None or pools[0].nvmf.provision is None:
+        raise ValueError(f"{args.config}: pool {pools[0].name} is not an nvmf pool with a "
+                         f"[pool.provision] table")
+    return pools[0]
+
+
+def _pool_hostnqn(args: argparse.Namespace) -> int:
+    from kvtier.daemon.nvmf.host import default_hostnqn
+
+    print(default_hostnqn())
+    return 0
+
+
+def _pool_provision(args: argparse.Namespace) -> int:
+    from kvtier.daemon.spdk import provision_pool
+
+    made = provision_pool(_nvmf_pool(args)).made
+    print("\n".join(made) if made else "nothing to do: the target already serves the pool")
+    return 0
+
+
+def _pool_decommission(args: argparse.Namespace) -> int:
+    from kvtier.daemon.spdk import decommission_pool
+
+    made = decommission_pool(_nvmf_pool(args), delete_bdev=args.delete_bdev).made
+    print("\n".join(made) if made else "nothing to do: the target does not serve the pool")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args))
-    except (StoreError, ValueError, KvtierError) as e:
+    except (StoreError, ValueError, KvtierError, ConfigError) as e:
         print(f"kvtier: {e}", file=sys.stderr)
         return 1
 

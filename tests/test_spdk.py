@@ -1,0 +1,127 @@
+"""The same NVMe/TCP host and provisioning against a real SPDK target, when one is present.
+
+Set `KVTIER_SPDK_BIN` to SPDK's `nvmf_tgt` or `spdk_tgt` (or have `nvmf_tgt` on PATH); the
+target is started without hugepages (`--no-huge -s 1024 -u`) listening on 127.0.0.1 and
+provisioned through daemon/spdk.py.  Without SPDK these tests are skipped and say why.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from harness import TOKENS, Daemon
+from nvmf_support import HOSTNQN
+
+from kvtier.client.client import Client
+from kvtier.daemon.config import NvmfPoolConfig, PoolConfig
+from kvtier.daemon.nvmf.device import NvmfDevice
+from kvtier.daemon.nvmf.host import NvmfTargetConfig
+from kvtier.daemon.pool import Pool
+from kvtier.daemon.spdk import decommission_pool, provision_pool
+
+SPDK_BIN = os.environ.get("KVTIER_SPDK_BIN") or shutil.which("nvmf_tgt") or \
+    shutil.which("spdk_tgt")
+pytestmark = pytest.mark.skipif(
+    not SPDK_BIN, reason="no SPDK target here: set KVTIER_SPDK_BIN to nvmf_tgt or spdk_tgt "
+                         "to run the NVMe/TCP tests against a real SPDK")
+MiB = 1 << 20
+NQN = "nqn.2016-06.io.spdk:kvtier-test"
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = int(s.getsockname()[1])
+    s.close()
+    return port
+
+
+@pytest.fixture
+def spdk(tmp_path: Path) -> Iterator[str]:
+    rpc = str(tmp_path / "spdk.sock")
+    log = open(tmp_path / "spdk.log", "wb")  # noqa: SIM115 - held until the target exits
+    proc = subprocess.Popen([str(SPDK_BIN), "--no-huge", "-s", "1024", "-u", "-m", "0x1",
+                             "-r", rpc], stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(rpc):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("SPDK did not start:\n" + (tmp_path / "spdk.log").read_text())
+            time.sleep(0.1)
+        yield rpc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def pool_config(rpc: str, port: int) -> PoolConfig:
+    prov = {"rpc": rpc, "serial_number": "KVTIER0001", "allow_hosts": [HOSTNQN],
+            "timeout_s": 30.0,
+            "bdev": {"kind": "malloc", "name": "Malloc0", "size": 128 * MiB, "block_size": 4096}}
+    return PoolConfig("spdk0", "nvmf", "", 0, 4 * MiB,
+                      nvmf=NvmfPoolConfig("127.0.0.1", port, NQN, HOSTNQN, queues=2,
+                                          queue_depth=32, provision=prov))
+
+
+def test_provision_round_trip_and_pool_on_spdk(spdk: str) -> None:
+    port = free_port()
+    p = pool_config(spdk, port)
+    assert provision_pool(p).made  # transport, bdev, subsystem, host, namespace, listener
+    assert provision_pool(p).made == []  # idempotent
+    for digests in (False, True):
+        dev = NvmfDevice(NvmfTargetConfig("127.0.0.1", port, NQN, HOSTNQN,
+                                          header_digest=digests, data_digest=digests))
+        try:
+            data = np.random.default_rng(1).integers(0, 256, 3 * MiB, dtype=np.uint8)
+            dev.writev(MiB, [memoryview(data)])
+            out = np.zeros_like(data)
+            dev.readv_into(MiB, [memoryview(out)])
+            assert np.array_equal(out, data)
+        finally:
+            dev.close()
+    dev = NvmfDevice(NvmfTargetConfig("127.0.0.1", port, NQN, HOSTNQN))
+    pool = Pool.format(dev, segment_size=4 * MiB)
+    pool.put("t", "s", b"k" * 16, [b"v" * 100_000])
+    pool.close()
+    dev = NvmfDevice(NvmfTargetConfig("127.0.0.1", port, NQN, HOSTNQN))
+    pool = Pool.open(dev)
+    out = bytearray(100_000)
+    assert pool.get_into("t", b"k" * 16, out).nbytes == 100_000 and out == b"v" * 100_000
+    pool.close()
+    assert decommission_pool(p, delete_bdev=True).made
+    assert decommission_pool(p, delete_bdev=True).made == []
+
+
+def test_daemon_on_a_provisioned_spdk_namespace(spdk: str, tmp_path: Path) -> None:
+    port = free_port()
+    toml = "\n".join([
+        "[[pool]]", 'name = "spdk0"', 'kind = "nvmf"', 'address = "127.0.0.1"',
+        f"port = {port}", f'subnqn = "{NQN}"', f'hostnqn = "{HOSTNQN}"',
+        'segment_size = "4M"', "[pool.provision]", f'rpc = "{spdk}"',
+        'bdev = { kind = "malloc", name = "Malloc0", size = "128M", block_size = 4096 }', ""])
+    d = Daemon(tmp_path / "d", pool=toml)
+    d.dir.mkdir()
+    d.start()
+    try:
+        v = np.random.default_rng(2).integers(0, 256, 200_000, dtype=np.uint8)
+        with Client.connect(d.socket, "alice", TOKENS["alice"], arena_size=16 << 20) as c:
+            c.put("s", b"a" * 16, [v])
+        d.stop()
+        d.start()
+        with Client.connect(d.socket, "alice", TOKENS["alice"], arena_size=16 << 20) as c:
+            assert c.get(b"a" * 16) == v.tobytes()
+    finally:
+        if d.proc is not None:
+            d.stop()
