@@ -1,0 +1,226 @@
+#!/usr/bin/env python3
+"""NVMe-oF/TCP benchmark: kvtier's host reading and writing a namespace over loopback.
+
+    scripts/bench_nvmf.py [--quick] [--json] [--dir DIR] [--digests]
+
+For 128 KiB and 1 MiB I/O at queue depth 1, 8 and 32 (random aligned offsets): read and
+write throughput through `NvmfDevice` (2 I/O queues) against a namespace, as a ratio to the
+same backing file read and written directly (O_DIRECT, the same number of requests in
+flight) in the same run.
+
+The target is SPDK's when `KVTIER_SPDK_BIN` names nvmf_tgt/spdk_tgt (a 512 MiB malloc
+bdev, provisioned through daemon/spdk.py; with `KVTIER_SPDK_PERF` naming
+`spdk_nvme_perf`, its own throughput against the same target is measured too and the
+`*_ratio_to_spdk_perf` figures filled); otherwise the test target of tests/nvmf_target.py,
+a Python program, which bounds what the host can show here.  `target` says which.
+
+`--json` prints every figure as one JSON object on the last line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+from bench_report import bench_arguments, report
+from rich.console import Console
+from rich.progress import Progress
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+from kvtier.daemon.blockdev import FileDevice, aligned_buffer  # noqa: E402
+from kvtier.daemon.nvmf.device import NvmfDevice  # noqa: E402
+from kvtier.daemon.nvmf.host import NvmfTargetConfig  # noqa: E402
+
+MiB = 1 << 20
+HOSTNQN = "nqn.2014-08.io.kvtier:bench"
+SIZES = {"128k": 128 * 1024, "1m": MiB}
+DEPTHS = (1, 8, 32)
+
+Io = Callable[[int, memoryview], None]
+
+
+def run_load(io: Io, dev_size: int, size: int, depth: int, seconds: float) -> float:
+    """Bytes per second with `depth` threads each keeping one request in flight."""
+    slots = dev_size // size
+    done = [0] * depth
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        buf = aligned_buffer(size)
+        buf[:] = np.random.default_rng(i).integers(0, 256, size, dtype=np.uint8).tobytes()
+        rng = np.random.default_rng(1000 + i)
+        try:
+            while not stop.is_set():
+                io(int(rng.integers(0, slots)) * size, buf)
+                done[i] += size
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(depth)]
+    t0 = time.perf_counter()
+    for th in threads:
+        th.start()
+    time.sleep(seconds)
+    stop.set()
+    for th in threads:
+        th.join()
+    dt = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return sum(done) / dt
+
+
+class TestTarget:
+    def __init__(self, path: str, size: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "tests", "nvmf_target.py"), "--file", path,
+             "--size", str(size), "--nqn", "nqn.2016-06.io.kvtier:bench"],
+            stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.startswith("listening"):
+            raise RuntimeError(f"test target did not start: {line!r}")
+        self.port = int(line.split()[1])
+        self.nqn = "nqn.2016-06.io.kvtier:bench"
+        self.name = "kvtier test target (Python, tests/nvmf_target.py)"
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+class SpdkTarget:
+    def __init__(self, workdir: str, size: int) -> None:
+        from kvtier.daemon.config import NvmfPoolConfig, PoolConfig
+        from kvtier.daemon.spdk import provision_pool
+
+        self.rpc = os.path.join(workdir, "spdk.sock")
+        self.proc = subprocess.Popen([os.environ["KVTIER_SPDK_BIN"], "--no-huge", "-s", "1024",
+                                      "-u", "-m", "0x1", "-r", self.rpc],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(self.rpc):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("SPDK target did not start")
+            time.sleep(0.1)
+        self.port = 4420
+        self.nqn = "nqn.2016-06.io.spdk:kvtier-bench"
+        self.name = f"SPDK {os.path.basename(os.environ['KVTIER_SPDK_BIN'])}"
+        prov = {"rpc": self.rpc, "serial_number": "KVTIERBENCH", "allow_hosts": [HOSTNQN],
+                "timeout_s": 60.0, "bdev": {"kind": "malloc", "name": "Malloc0", "size": size,
+                                            "block_size": 4096}}
+        provision_pool(PoolConfig("bench", "nvmf", "", 0, 0, nvmf=NvmfPoolConfig(
+            "127.0.0.1", self.port, self.nqn, HOSTNQN, provision=prov)))
+
+    def perf(self, size: int, depth: int, write: bool, seconds: float) -> float | None:
+        perf = os.environ.get("KVTIER_SPDK_PERF")
+        if not perf:
+            return None
+        r = subprocess.run([perf, "--no-huge", "-s", "512", "-q", str(depth), "-o", str(size),
+                            "-w", "randwrite" if write else "randread", "-t",
+                            str(max(int(seconds), 1)), "-r",
+                            f"trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:{self.port} "
+                            f"subnqn:{self.nqn}"], capture_output=True, text=True, timeout=120)
+        m = re.search(r"Total\s*:\s*([\d.]+)\s+([\d.]+)", r.stdout)
+        return float(m.group(2)) * MiB if m else None
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(20)
+
+
+def main() -> int:
+    ap = bench_arguments(__doc__)
+    ap.add_argument("--digests", action="store_true", help="header and data digests on")
+    args = ap.parse_args()
+    console = Console(stderr=args.json)
+    seconds = 0.6 if args.quick else 3.0
+    dev_size = (64 if args.quick else 512) * MiB
+    workdir = tempfile.mkdtemp(prefix="kvtier-bench-nvmf-", dir=args.dir)
+    fig: dict[str, object] = {}
+    target: TestTarget | SpdkTarget | None = None
+    dev: NvmfDevice | None = None
+    try:
+        backing = os.path.join(workdir, "ns.img")
+        with open(backing, "wb") as f:
+            f.truncate(dev_size)
+        fd = os.open(backing, os.O_RDWR)
+        os.posix_fallocate(fd, 0, dev_size)
+        os.close(fd)
+        if os.environ.get("KVTIER_SPDK_BIN"):
+            target = SpdkTarget(workdir, dev_size)
+        else:
+            target = TestTarget(backing, dev_size)
+        fig["target"] = target.name
+        fig["digests"] = args.digests
+        dev = NvmfDevice(NvmfTargetConfig("127.0.0.1", target.port, target.nqn, HOSTNQN,
+                                          queues=2, queue_depth=32,
+                                          header_digest=args.digests,
+                                          data_digest=args.digests))
+        fig["max_io_bytes"] = dev.health()["max_io"]
+        # fill the namespace once so reads read written blocks
+        chunk = aligned_buffer(4 * MiB)
+        for off in range(0, dev_size, 4 * MiB):
+            dev.writev(off, [chunk])
+        direct = FileDevice(backing, direct="auto")
+        fig["baseline"] = "the backing file, " + ("O_DIRECT" if direct.direct else "buffered")
+
+        def read_dev(off: int, buf: memoryview) -> None:
+            assert dev is not None
+            dev.readv_into(off, [buf])
+
+        def write_dev(off: int, buf: memoryview) -> None:
+            assert dev is not None
+            dev.writev(off, [buf])
+
+        def read_file(off: int, buf: memoryview) -> None:
+            direct.readv_into(off, [buf])
+
+        def write_file(off: int, buf: memoryview) -> None:
+            direct.writev(off, [buf])
+
+        points = [(s, q, w) for s in SIZES for q in DEPTHS for w in (False, True)]
+        with Progress(console=console, transient=True) as prog:
+            task = prog.add_task("nvmf vs file", total=len(points))
+            for sname, qd, write in points:
+                size = SIZES[sname]
+                op = "write" if write else "read"
+                nv = run_load(write_dev if write else read_dev, dev_size, size, qd, seconds)
+                fl = run_load(write_file if write else read_file, dev_size, size, qd, seconds)
+                fig[f"nvmf_{op}_{sname}_qd{qd}_bytes_per_s"] = round(nv)
+                fig[f"file_{op}_{sname}_qd{qd}_bytes_per_s"] = round(fl)
+                fig[f"nvmf_{op}_{sname}_qd{qd}_ratio_to_file"] = round(nv / fl, 3)
+                if isinstance(target, SpdkTarget):
+                    ref = target.perf(size, qd, write, seconds)
+                    fig[f"spdk_perf_{op}_{sname}_qd{qd}_bytes_per_s"] = ref and round(ref)
+                    fig[f"nvmf_{op}_{sname}_qd{qd}_ratio_to_spdk_perf"] = (
+                        round(nv / ref, 3) if ref else None)
+                prog.advance(task)
+        direct.close()
+        h = dev.health()
+        fig["commands"] = h["commands"]
+        fig["errors"] = h["errors"]
+    finally:
+        if dev is not None:
+            dev.close()
+        if target is not None:
+            target.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    report(console, "kvtier NVMe/TCP host" + (" (--quick)" if args.quick else ""), fig,
+           args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
