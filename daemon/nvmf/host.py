@@ -86,11 +86,25 @@ class Health:
         return dict(vars(self))
 
 
-@dataclass
-class _Waiter:
-    event: trio.Event = field(default_factory=trio.Event)
-    result: Completed | None = None
-    error: str | None = None
+class _Batch:
+    """Commands submitted together (the MDTS pieces of one transfer): one wake-up for all."""
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+        self.event = trio.Event()
+        self.results: list[Completed | None] = [None] * n
+        self.error: str | None = None
+
+    def complete(self, i: int, ev: Completed) -> None:
+        self.results[i] = ev
+        self.left -= 1
+        if self.left == 0:
+            self.event.set()
+
+    def fail(self, reason: str) -> None:
+        if self.error is None:
+            self.error = reason
+        self.event.set()
 
 
 class _Queue:
@@ -105,8 +119,8 @@ class _Queue:
                             data_digest=cfg.data_digest, in_capsule=in_capsule,
                             max_data=max_data)
         self.sock: trio.socket.SocketType | None = None
-        self.waiters: dict[int, _Waiter] = {}
-        self.slots = trio.Semaphore(depth)
+        self.waiters: dict[int, tuple[_Batch, int]] = {}
+        self.slots = trio.Semaphore(depth)  # taken per command, given back on completion
         self.send_lock = trio.Lock()
         self.connected = trio.Event()
 
@@ -162,8 +176,8 @@ class _Queue:
                     if isinstance(ev, Completed):
                         w = self.waiters.pop(ev.cid, None)
                         if w is not None:
-                            w.result = ev
-                            w.event.set()
+                            self.slots.release()
+                            w[0].complete(w[1], ev)
                     elif isinstance(ev, Send):
                         self.assoc.nursery.start_soon(self._send_data, ev)
                     elif isinstance(ev, Connected):
@@ -191,14 +205,10 @@ class _Queue:
     def close(self, reason: str) -> None:
         if self.sock is not None:
             self.sock.close()
-        for cid in self.hq.terminate():
-            w = self.waiters.pop(cid, None)
-            if w is not None:
-                w.error = reason
-                w.event.set()
-        for w in self.waiters.values():
-            w.error = reason
-            w.event.set()
+        self.hq.terminate()
+        for batch, _ in self.waiters.values():
+            batch.fail(reason)
+            self.slots.release()  # wakes submitters blocked on a slot: they see the failure
         self.waiters.clear()
         self.connected.set()
 
@@ -239,39 +249,70 @@ class _Association:
                       data_out: Sequence[memoryview] = (),
                       data_in: Sequence[memoryview] = (),
                       timeout: float | None = None) -> nvme.Cqe:
+        cqes = await self.batch([(q, sqe, data_out, data_in)], what, timeout=timeout)
+        return cqes[0]
+
+    async def batch(self, items: Sequence[tuple[_Queue, bytearray, Sequence[memoryview],
+                                                Sequence[memoryview]]],
+                    what: str, *, timeout: float | None = None) -> list[nvme.Cqe]:
+        """Submit commands (queue, SQE, data out, data in) together and wait for all.
+
+        Each queue gets its capsules in one `sendmsg`; a command slot is taken per command
+        (waiting for one flushes what is ready first) and given back by the receiver on
+        completion; the caller wakes once, when the last command completes."""
         h = self.ctrl.health
         timeout = self.cfg.io_timeout_s if timeout is None else timeout
-        async with q.slots:
-            if self.failed is not None:
-                raise NvmfError(f"{self.ctrl.name}: {what}: {self.failed}")
-            cid, send = q.hq.submit(sqe, data_out=data_out, data_in=data_in)
-            w = _Waiter()
-            q.waiters[cid] = w
-            finished = False
-            try:
-                with trio.move_on_after(timeout) as cs:
-                    await q.send(send.segments)
-                    await w.event.wait()
-                finished = w.event.is_set()
-            finally:
-                if not finished:
-                    reason = (f"{what} timed out after {timeout:g} s" if cs.cancelled_caught
-                              else f"{what} abandoned by its caller")
-                    if cs.cancelled_caught:
-                        h.timeouts += 1
-                    self.fail(reason)
-            h.commands += 1
-            if w.error is not None or w.result is None:
+        b = _Batch(len(items))
+        pending: dict[_Queue, list[bytes | memoryview]] = {}
+        submitted = 0
+        finished = False
+        try:
+            with trio.move_on_after(timeout) as cs:
+                for i, (q, sqe, data_out, data_in) in enumerate(items):
+                    try:
+                        q.slots.acquire_nowait()
+                    except trio.WouldBlock:
+                        await self._flush(pending)
+                        await q.slots.acquire()
+                    if self.failed is not None:
+                        raise NvmfError(f"{self.ctrl.name}: {what}: {self.failed}")
+                    cid, send = q.hq.submit(sqe, data_out=data_out, data_in=data_in)
+                    q.waiters[cid] = (b, i)
+                    pending.setdefault(q, []).extend(send.segments)
+                    submitted += 1
+                await self._flush(pending)
+                await b.event.wait()
+            finished = b.event.is_set()
+        finally:
+            if not finished and submitted:
+                if cs.cancelled_caught:
+                    h.timeouts += 1
+                self.fail(f"{what} timed out after {timeout:g} s" if cs.cancelled_caught
+                          else f"{what} abandoned by its caller")
+        if not finished:
+            raise NvmfError(f"{self.ctrl.name}: {what} failed: "
+                            f"{self.failed or f'no slot within {timeout:g} s'}")
+        h.commands += len(items)
+        if b.error is not None:
+            h.errors += 1
+            raise NvmfError(f"{self.ctrl.name}: {what} failed: {b.error}")
+        out: list[nvme.Cqe] = []
+        for r in b.results:
+            assert r is not None
+            if r.error is not None:
                 h.errors += 1
-                raise NvmfError(f"{self.ctrl.name}: {what} failed: {w.error}")
-            if w.result.error is not None:
+                raise NvmfError(f"{self.ctrl.name}: {what} failed: {r.error}")
+            if not r.cqe.ok:
                 h.errors += 1
-                raise NvmfError(f"{self.ctrl.name}: {what} failed: {w.result.error}")
-            cqe = w.result.cqe
-            if not cqe.ok:
-                h.errors += 1
-                raise NvmeStatusError(f"{self.ctrl.name}: {what}: {cqe.describe()}", cqe)
-            return cqe
+                raise NvmeStatusError(f"{self.ctrl.name}: {what}: {r.cqe.describe()}", r.cqe)
+            out.append(r.cqe)
+        return out
+
+    async def _flush(self, pending: dict[_Queue, list[bytes | memoryview]]) -> None:
+        for q, segs in pending.items():
+            if segs:
+                await q.send(segs)
+        pending.clear()
 
     async def establish(self) -> None:
         cfg = self.cfg
@@ -352,16 +393,10 @@ class _Association:
                 return
 
     def pick(self) -> _Queue:
-        """The I/O queue with the most free slots (round robin among equals)."""
-        best = None
-        n = len(self.io)
-        for i in range(n):
-            q = self.io[(self._rr + i) % n]
-            if best is None or q.hq.free_slots > best.hq.free_slots:
-                best = q
-        self._rr = (self._rr + 1) % n
-        assert best is not None
-        return best
+        """The next I/O queue, round robin (a transfer's pieces spread over all queues)."""
+        q = self.io[self._rr]
+        self._rr = (self._rr + 1) % len(self.io)
+        return q
 
 
 class Controller:
@@ -478,7 +513,8 @@ class Controller:
             out.append((start, cur))
         return out
 
-    async def _io(self, write: bool, offset: int, views: list[memoryview]) -> None:
+    async def _transfer(self, write: bool, offset: int, bufs: Sequence[memoryview]) -> None:
+        views = [b for b in bufs if b.nbytes]
         nbytes = sum(v.nbytes for v in views)
         lba = self.lba_size
         if offset % lba or nbytes % lba:
@@ -487,30 +523,24 @@ class Controller:
         if offset + nbytes > self.size:
             raise NvmfError(f"{self.name}: I/O [{offset}, {offset + nbytes}) beyond the "
                             f"namespace's {self.size} bytes")
+        if not nbytes:
+            return
         what = f"{'write' if write else 'read'} of {nbytes} bytes at {offset}"
         assoc = await self._association(what)
-        q = assoc.pick()
-        slba, nlb = offset // lba, nbytes // lba
+        nsid = self.cfg.nsid
+        items: list[tuple[_Queue, bytearray, Sequence[memoryview], Sequence[memoryview]]] = []
+        for off, piece in self._pieces(offset, views):
+            n = sum(v.nbytes for v in piece)
+            q = assoc.pick()
+            if write:
+                items.append((q, nvme.write_cmd(nsid, off // lba, n // lba), piece, []))
+            else:
+                items.append((q, nvme.read_cmd(nsid, off // lba, n // lba), [], piece))
+        await assoc.batch(items, what)
         if write:
-            await assoc.command(q, nvme.write_cmd(self.cfg.nsid, slba, nlb), what,
-                                data_out=views)
             self.health.bytes_written += nbytes
         else:
-            await assoc.command(q, nvme.read_cmd(self.cfg.nsid, slba, nlb), what,
-                                data_in=views)
             self.health.bytes_read += nbytes
-
-    async def _transfer(self, write: bool, offset: int, bufs: Sequence[memoryview]) -> None:
-        pieces = self._pieces(offset, [b for b in bufs if b.nbytes])
-        if len(pieces) == 1:
-            await self._io(write, *pieces[0])
-            return
-        try:
-            async with trio.open_nursery() as n:
-                for off, views in pieces:
-                    n.start_soon(self._io, write, off, views)
-        except BaseExceptionGroup as eg:
-            raise _first_leaf(eg) from None
 
     async def readv(self, offset: int, bufs: Sequence[memoryview]) -> None:
         await self._transfer(False, offset, bufs)
@@ -521,23 +551,6 @@ class Controller:
     async def flush(self) -> None:
         assoc = await self._association("flush")
         await assoc.command(assoc.pick(), nvme.flush_cmd(self.cfg.nsid), "flush")
-
-
-def _first_leaf(eg: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The first real error of a group (an NvmfError before a Cancelled)."""
-    leaves: list[BaseException] = []
-
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for x in e.exceptions:
-                walk(x)
-        else:
-            leaves.append(e)
-    walk(eg)
-    for e in leaves:
-        if not isinstance(e, trio.Cancelled):
-            return e
-    return leaves[0]
 
 
 def default_hostnqn() -> str:
