@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,10 +53,73 @@ class InProcessTarget:
         return NvmfDevice(target_config(self.port, self.namespace(path, size), **kw))
 
 
+SPDK_BIN = os.environ.get("KVTIER_SPDK_BIN") or shutil.which("nvmf_tgt") or \
+    shutil.which("spdk_tgt")
+NO_SPDK = ("no SPDK target here: set KVTIER_SPDK_BIN to nvmf_tgt or spdk_tgt to run the "
+           "NVMe/TCP tests against a real SPDK")
+
+
+class SpdkProcess:
+    """SPDK's nvmf_tgt without hugepages on one core, provisioned per namespace through
+    kvtier.daemon.spdk (an aio bdev over a file, a subsystem, a listener)."""
+
+    def __init__(self, workdir: str) -> None:
+        assert SPDK_BIN, NO_SPDK
+        self.rpc = os.path.join(workdir, "spdk.sock")
+        self.log = open(os.path.join(workdir, "spdk.log"), "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen([SPDK_BIN, "--no-huge", "-s", "1024", "-u", "-m", "0x1",
+                                      "-r", self.rpc], stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(self.rpc):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("SPDK did not start; see " + self.log.name)
+            time.sleep(0.1)
+        from kvtier.daemon.spdk import Changes, SpdkTarget
+
+        self.port = _free_port()
+        with SpdkTarget(self.rpc) as t:
+            t.ensure_transport(Changes())
+
+    def device(self, path: str, size: int, **kw: object) -> NvmfDevice:
+        from kvtier.daemon.spdk import Changes, SpdkTarget
+
+        if not os.path.exists(path):
+            with open(path, "wb") as f:
+                f.truncate(size)
+        n = next(_ids)
+        nqn = f"nqn.2016-06.io.spdk:kvtier{n}"
+        ch = Changes()
+        with SpdkTarget(self.rpc) as t:
+            bdev = t.ensure_bdev(ch, {"kind": "aio", "name": f"aio{n}", "filename": str(path),
+                                      "block_size": 4096})
+            t.ensure_subsystem(ch, nqn, serial=f"KVT{n:06d}", hosts=[HOSTNQN])
+            t.ensure_namespace(ch, nqn, bdev, 1)
+            t.ensure_listener(ch, nqn, "127.0.0.1", self.port)
+        return NvmfDevice(target_config(self.port, nqn, **kw))
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = int(s.getsockname()[1])
+    s.close()
+    return port
+
+
 class NvmfPath(str):
     """A pool path the pool tests open as an NVMe/TCP namespace instead of a file."""
 
-    target: InProcessTarget
+    target: InProcessTarget | SpdkProcess
 
 
 class TargetProcess:

@@ -1,18 +1,20 @@
-"""The pool through its public API, on a real O_DIRECT file and on an NVMe/TCP namespace.
+"""The pool through its public API, on a real O_DIRECT file and on NVMe/TCP namespaces.
 
-Tests that take `media_path` run twice: on a file, and on a namespace of the test NVMe/TCP
-target (tests/nvmf_target.py) reached through kvtier's own host (`NvmfDevice`).
+Tests that take `media_path` run on a file, on a namespace of the test NVMe/TCP target
+(tests/nvmf_target.py), and on a namespace of a real SPDK nvmf_tgt when one is present
+(KVTIER_SPDK_BIN), the last two through kvtier's own host (`NvmfDevice`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 from conftest import FakeClock
-from nvmf_support import InProcessTarget, NvmfPath
+from nvmf_support import NO_SPDK, SPDK_BIN, InProcessTarget, NvmfPath, SpdkProcess
 
 from kvtier.daemon.blockdev import FileDevice, MemDevice, aligned_buffer
 from kvtier.daemon.errors import (
@@ -43,12 +45,21 @@ def nvmf_target() -> InProcessTarget:
     return InProcessTarget()
 
 
-@pytest.fixture(params=["file", "nvmf"])
+@pytest.fixture(scope="module")
+def spdk_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SpdkProcess]:
+    t = SpdkProcess(str(tmp_path_factory.mktemp("spdk")))
+    yield t
+    t.close()
+
+
+@pytest.fixture(params=["file", "nvmf", pytest.param(
+    "spdk", marks=pytest.mark.skipif(not SPDK_BIN, reason=NO_SPDK))])
 def media_path(request: pytest.FixtureRequest, pool_path: str) -> str:
     if request.param == "file":
         return pool_path
     p = NvmfPath(pool_path)
-    p.target = request.getfixturevalue("nvmf_target")
+    p.target = request.getfixturevalue("nvmf_target" if request.param == "nvmf"
+                                       else "spdk_target")
     return p
 
 

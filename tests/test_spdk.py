@@ -125,3 +125,57 @@ def test_daemon_on_a_provisioned_spdk_namespace(spdk: str, tmp_path: Path) -> No
     finally:
         if d.proc is not None:
             d.stop()
+
+
+def test_spdk_killed_mid_write_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    """SIGKILL of nvmf_tgt under writes: requests fail clearly, the host reconnects once
+    the target is back (re-provisioned on the same aio file), acknowledged data is there."""
+    import signal
+    import threading
+
+    from nvmf_support import SpdkProcess
+    from test_nvmf import _check_acked, _writer, wait_for
+
+    backing = str(tmp_path / "aio.img")
+    t = SpdkProcess(str(tmp_path))
+    dev = t.device(backing, 64 * MiB, queues=2, io_timeout_s=3.0)
+    nqn, port = dev.cfg.subnqn, t.port
+    acked: dict[int, int] = {}
+    errors: list[str] = []
+    stop = threading.Event()
+    threads = [threading.Thread(target=_writer, args=(dev, acked, errors, stop))
+               for _ in range(2)]
+    t2: SpdkProcess | None = None
+    try:
+        for th in threads:
+            th.start()
+        wait_for(lambda: len(acked) > 50, what="writes before the kill")
+        t.proc.send_signal(signal.SIGKILL)
+        t.proc.wait()
+        wait_for(lambda: errors, what="a failed request")
+        (tmp_path / "again").mkdir()
+        t2 = SpdkProcess(str(tmp_path / "again"))
+        t2.port = port
+        from kvtier.daemon.spdk import Changes, SpdkTarget
+        with SpdkTarget(t2.rpc) as rpc:
+            ch = Changes()
+            bdev = rpc.ensure_bdev(ch, {"kind": "aio", "name": "again", "filename": backing,
+                                        "block_size": 4096})
+            rpc.ensure_subsystem(ch, nqn, serial="KVT000001", hosts=[HOSTNQN])
+            rpc.ensure_namespace(ch, nqn, bdev, 1)
+            rpc.ensure_listener(ch, nqn, "127.0.0.1", port)
+        wait_for(lambda: dev.health()["reconnects"] >= 1, timeout=20, what="the reconnect")
+        n = dev.health()["bytes_written"]
+        wait_for(lambda: dev.health()["bytes_written"] > n + 20 * 65536, what="writes after")
+    finally:
+        stop.set()
+        for th in threads:
+            th.join()
+    try:
+        assert all("connection" in e or "not connected" in e for e in errors), errors[:3]
+        _check_acked(dev, acked)
+    finally:
+        dev.close()
+        t.close()
+        if t2 is not None:
+            t2.close()
