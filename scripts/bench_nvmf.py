@@ -8,11 +8,14 @@ write throughput through `NvmfDevice` (2 I/O queues) against a namespace, as a r
 same backing file read and written directly (O_DIRECT, the same number of requests in
 flight) in the same run.
 
-The target is SPDK's when `KVTIER_SPDK_BIN` names nvmf_tgt/spdk_tgt (a 512 MiB malloc
-bdev, provisioned through daemon/spdk.py; with `KVTIER_SPDK_PERF` naming
+The target is SPDK's when `KVTIER_SPDK_BIN` names nvmf_tgt/spdk_tgt (an aio bdev over the
+same backing file, provisioned through daemon/spdk.py; with `KVTIER_SPDK_PERF` naming
 `spdk_nvme_perf`, its own throughput against the same target is measured too and the
 `*_ratio_to_spdk_perf` figures filled); otherwise the test target of tests/nvmf_target.py,
 a Python program, which bounds what the host can show here.  `target` says which.
+
+`host_cpu_s_per_gib` and `target_cpu_s_per_gib` (CPU seconds of this process and of
+the target process per GiB moved over all NVMe/TCP runs) say which side bounds the figures.
 
 `--json` prints every figure as one JSON object on the last line.
 """
@@ -95,13 +98,22 @@ class TestTarget:
         self.nqn = "nqn.2016-06.io.kvtier:bench"
         self.name = "kvtier test target (Python, tests/nvmf_target.py)"
 
+    def cpu_seconds(self) -> float:
+        return _proc_cpu(self.proc.pid)
+
     def close(self) -> None:
         self.proc.kill()
         self.proc.wait()
 
 
+def _proc_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class SpdkTarget:
-    def __init__(self, workdir: str, size: int) -> None:
+    def __init__(self, workdir: str, backing: str) -> None:
         from kvtier.daemon.config import NvmfPoolConfig, PoolConfig
         from kvtier.daemon.spdk import provision_pool
 
@@ -118,7 +130,7 @@ class SpdkTarget:
         self.nqn = "nqn.2016-06.io.spdk:kvtier-bench"
         self.name = f"SPDK {os.path.basename(os.environ['KVTIER_SPDK_BIN'])}"
         prov = {"rpc": self.rpc, "serial_number": "KVTIERBENCH", "allow_hosts": [HOSTNQN],
-                "timeout_s": 60.0, "bdev": {"kind": "malloc", "name": "Malloc0", "size": size,
+                "timeout_s": 60.0, "bdev": {"kind": "aio", "name": "Aio0", "filename": backing,
                                             "block_size": 4096}}
         provision_pool(PoolConfig("bench", "nvmf", "", 0, 0, nvmf=NvmfPoolConfig(
             "127.0.0.1", self.port, self.nqn, HOSTNQN, provision=prov)))
@@ -127,13 +139,18 @@ class SpdkTarget:
         perf = os.environ.get("KVTIER_SPDK_PERF")
         if not perf:
             return None
-        r = subprocess.run([perf, "--no-huge", "-s", "512", "-q", str(depth), "-o", str(size),
+        r = subprocess.run([perf, "--no-huge", "-s", "512", "-c", "0x2", "-q", str(depth),
+                            "-o", str(size),
                             "-w", "randwrite" if write else "randread", "-t",
                             str(max(int(seconds), 1)), "-r",
                             f"trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:{self.port} "
-                            f"subnqn:{self.nqn}"], capture_output=True, text=True, timeout=120)
+                            f"subnqn:{self.nqn} hostnqn:{HOSTNQN}"],
+                           capture_output=True, text=True, timeout=120)
         m = re.search(r"Total\s*:\s*([\d.]+)\s+([\d.]+)", r.stdout)
         return float(m.group(2)) * MiB if m else None
+
+    def cpu_seconds(self) -> float:
+        return _proc_cpu(self.proc.pid)  # SPDK's reactor polls: one core, always busy
 
     def close(self) -> None:
         self.proc.terminate()
@@ -159,7 +176,7 @@ def main() -> int:
         os.posix_fallocate(fd, 0, dev_size)
         os.close(fd)
         if os.environ.get("KVTIER_SPDK_BIN"):
-            target = SpdkTarget(workdir, dev_size)
+            target = SpdkTarget(workdir, backing)
         else:
             target = TestTarget(backing, dev_size)
         fig["target"] = target.name
@@ -191,12 +208,17 @@ def main() -> int:
             direct.writev(off, [buf])
 
         points = [(s, q, w) for s in SIZES for q in DEPTHS for w in (False, True)]
+        host_cpu = target_cpu = moved = 0.0
         with Progress(console=console, transient=True) as prog:
             task = prog.add_task("nvmf vs file", total=len(points))
             for sname, qd, write in points:
                 size = SIZES[sname]
                 op = "write" if write else "read"
+                c0, t0, w0 = time.process_time(), target.cpu_seconds(), time.perf_counter()
                 nv = run_load(write_dev if write else read_dev, dev_size, size, qd, seconds)
+                host_cpu += time.process_time() - c0
+                target_cpu += target.cpu_seconds() - t0
+                moved += nv * (time.perf_counter() - w0)
                 fl = run_load(write_file if write else read_file, dev_size, size, qd, seconds)
                 fig[f"nvmf_{op}_{sname}_qd{qd}_bytes_per_s"] = round(nv)
                 fig[f"file_{op}_{sname}_qd{qd}_bytes_per_s"] = round(fl)
@@ -208,6 +230,8 @@ def main() -> int:
                         round(nv / ref, 3) if ref else None)
                 prog.advance(task)
         direct.close()
+        fig["host_cpu_s_per_gib"] = round(host_cpu / (moved / 2**30), 3)
+        fig["target_cpu_s_per_gib"] = round(target_cpu / (moved / 2**30), 3)
         h = dev.health()
         fig["commands"] = h["commands"]
         fig["errors"] = h["errors"]

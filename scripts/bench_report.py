@@ -29,7 +29,8 @@ def report(console: Console, title: str, fig: dict[str, Any], as_json: bool) -> 
     t.add_column("figure")
     t.add_column("value", justify="right")
     for k, v in fig.items():
-        t.add_row(k, f"{v / 1e9:.2f} GB/s" if k.endswith("bytes_per_s") else str(v))
+        t.add_row(k, f"{v / 1e9:.2f} GB/s" if k.endswith("bytes_per_s") and v is not None
+                  else str(v))
     console.print(t)
     if as_json:
         print(json.dumps(fig))
