@@ -35,7 +35,7 @@ class NvmfPoolConfig:
     subnqn: str
     hostnqn: str
     nsid: int = 1
-    queues: int = 2
+    queues: int = 4
     queue_depth: int = 32
     header_digest: bool = False
     data_digest: bool = False
@@ -404,7 +404,7 @@ def _nvmf_pool(pr: _Reader) -> NvmfPoolConfig:
         subnqn=pr.get("subnqn", str, required=True),
         hostnqn=pr.get("hostnqn", str, "") or default_hostnqn(),
         nsid=pr.get("nsid", int, 1),
-        queues=pr.get("queues", int, 2),
+        queues=pr.get("queues", int, 4),
         queue_depth=pr.get("queue_depth", int, 32),
         header_digest=pr.get("header_digest", bool, False),
         data_digest=pr.get("data_digest", bool, False),

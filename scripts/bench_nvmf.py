@@ -4,9 +4,9 @@
     scripts/bench_nvmf.py [--quick] [--json] [--dir DIR] [--digests]
 
 For 128 KiB and 1 MiB I/O at queue depth 1, 8 and 32 (random aligned offsets): read and
-write throughput through `NvmfDevice` (2 I/O queues) against a namespace, as a ratio to the
+write throughput through `NvmfDevice` against a namespace, as a ratio to the
 same backing file read and written directly (O_DIRECT, the same number of requests in
-flight) in the same run.
+flight) in the same run.  `--queues` sets the host's I/O queues (default 4).
 
 The target is SPDK's when `KVTIER_SPDK_BIN` names nvmf_tgt/spdk_tgt (an aio bdev over the
 same backing file, provisioned through daemon/spdk.py; with `KVTIER_SPDK_PERF` naming
@@ -160,6 +160,7 @@ class SpdkTarget:
 def main() -> int:
     ap = bench_arguments(__doc__)
     ap.add_argument("--digests", action="store_true", help="header and data digests on")
+    ap.add_argument("--queues", type=int, default=4, help="I/O queues (TCP connections)")
     args = ap.parse_args()
     console = Console(stderr=args.json)
     seconds = 0.6 if args.quick else 3.0
@@ -181,8 +182,9 @@ def main() -> int:
             target = TestTarget(backing, dev_size)
         fig["target"] = target.name
         fig["digests"] = args.digests
+        fig["queues"] = args.queues
         dev = NvmfDevice(NvmfTargetConfig("127.0.0.1", target.port, target.nqn, HOSTNQN,
-                                          queues=2, queue_depth=32,
+                                          queues=args.queues, queue_depth=32,
                                           header_digest=args.digests,
                                           data_digest=args.digests))
         fig["max_io_bytes"] = dev.health()["max_io"]

@@ -3,9 +3,11 @@
 An *association* is what one connection attempt builds: the admin queue (ICReq, fabrics
 Connect with the keep-alive timeout, CC.EN and CSTS.RDY through Property Set/Get,
 Identify controller and namespace, Set Features for the number of I/O queues), then N
-I/O queues, each its own TCP connection running `queue.HostQueue`.  Every queue has one
+I/O queues, each its own TCP connection running `queue.HostQueue`.  Every queue has a
 receiver task that `recv_into`s wherever the state machine says, so read data lands in the
-caller's buffers.
+caller's buffers, and a sender task that writes the PDUs posted to it with `sendmsg`
+straight from the caller's buffers.  A transfer is split at MDTS and its pieces are
+submitted as one batch over the queues, round robin; its caller wakes once, at the end.
 
 `Controller.run` owns associations: it builds one, keeps it alive with Keep Alive at half
 the KATO, and when anything fails (a connection reset or closed, a protocol error, a
@@ -54,7 +56,7 @@ class NvmfTargetConfig:
     subnqn: str
     hostnqn: str
     nsid: int = 1
-    queues: int = 2
+    queues: int = 4
     queue_depth: int = 32
     header_digest: bool = False
     data_digest: bool = False
@@ -107,8 +109,16 @@ class _Batch:
         self.event.set()
 
 
+IOV_MAX = 1024
+
+
 class _Queue:
-    """One queue: a TCP connection, its state machine, its receiver task."""
+    """One queue: a TCP connection, its state machine, a receiver and a sender task.
+
+    Everything this side sends (capsules, H2CData answering R2Ts) is posted to the
+    queue's outbox; the sender task writes whatever has gathered with one `sendmsg`
+    (whole PDUs, never interleaved), so neither submitters nor the receiver wait on the
+    socket, and commands submitted together leave together."""
 
     def __init__(self, assoc: _Association, qid: int, depth: int, in_capsule: int | None,
                  max_data: int) -> None:
@@ -121,7 +131,8 @@ class _Queue:
         self.sock: trio.socket.SocketType | None = None
         self.waiters: dict[int, tuple[_Batch, int]] = {}
         self.slots = trio.Semaphore(depth)  # taken per command, given back on completion
-        self.send_lock = trio.Lock()
+        self.outbox: list[bytes | memoryview] = []
+        self._posted = trio.Event()
         self.connected = trio.Event()
 
     async def open(self, nursery: trio.Nursery) -> None:
@@ -135,32 +146,40 @@ class _Queue:
             raise NvmfError(f"cannot connect to {cfg.address}:{cfg.port}: "
                             f"{e.strerror or e}") from e
         nursery.start_soon(self.receive)
-        await self.send(self.hq.start().segments)
+        nursery.start_soon(self.sender)
+        self.post(self.hq.start().segments)
         await self.connected.wait()
         if self.assoc.failed is not None:
             raise NvmfError(self.assoc.failed)
 
-    async def send(self, segments: Sequence[bytes | memoryview]) -> None:
+    def post(self, segments: Sequence[bytes | memoryview]) -> None:
+        """Queue whole PDUs for the sender task (references to the caller's buffers)."""
+        self.outbox.extend(segments)
+        self._posted.set()
+
+    async def sender(self) -> None:
         sock = self.sock
         assert sock is not None
-        segs = list(segments)
-        async with self.send_lock:
-            while segs:
-                try:
-                    n = await sock.sendmsg(segs)
-                except (OSError, trio.ClosedResourceError) as e:
-                    reason = f"queue {self.qid}: send failed: {_why(e)}"
-                    self.assoc.fail(reason)
-                    raise NvmfError(self.assoc.failed or reason) from e
-                while n:
-                    first = segs[0]
-                    ln = len(first)
-                    if n >= ln:
-                        n -= ln
-                        segs.pop(0)
-                    else:
-                        segs[0] = memoryview(first)[n:]
-                        n = 0
+        try:
+            while True:
+                await self._posted.wait()
+                self._posted = trio.Event()
+                while self.outbox:
+                    segs, self.outbox = self.outbox, []
+                    while segs:
+                        n = await sock.sendmsg(segs[:IOV_MAX])
+                        i = 0
+                        while n:
+                            ln = len(segs[i])
+                            if n >= ln:
+                                n -= ln
+                                i += 1
+                            else:
+                                segs[i] = memoryview(segs[i])[n:]
+                                n = 0
+                        del segs[:i]
+        except (OSError, trio.ClosedResourceError) as e:
+            self.assoc.fail(f"queue {self.qid}: send failed: {_why(e)}")
 
     async def receive(self) -> None:
         sock = self.sock
@@ -179,7 +198,7 @@ class _Queue:
                             self.slots.release()
                             w[0].complete(w[1], ev)
                     elif isinstance(ev, Send):
-                        self.assoc.nursery.start_soon(self._send_data, ev)
+                        self.post(ev.segments)
                     elif isinstance(ev, Connected):
                         self.connected.set()
                     elif isinstance(ev, Terminated):
@@ -195,12 +214,6 @@ class _Queue:
             self.assoc.fail(f"queue {self.qid}: connection lost: {_why(e)}")
         except Exception as e:  # a bug here must not kill the controller: fail loudly
             self.assoc.fail(f"queue {self.qid}: receive failed: {type(e).__name__}: {e}")
-
-    async def _send_data(self, ev: Send) -> None:
-        try:
-            await self.send(ev.segments)
-        except NvmfError:
-            pass  # the association is already failing; the command's waiter hears of it
 
     def close(self, reason: str) -> None:
         if self.sock is not None:
@@ -257,13 +270,12 @@ class _Association:
                     what: str, *, timeout: float | None = None) -> list[nvme.Cqe]:
         """Submit commands (queue, SQE, data out, data in) together and wait for all.
 
-        Each queue gets its capsules in one `sendmsg`; a command slot is taken per command
-        (waiting for one flushes what is ready first) and given back by the receiver on
+        Capsules go to each queue's sender task (commands posted together leave in one
+        `sendmsg`); a command slot is taken per command and given back by the receiver on
         completion; the caller wakes once, when the last command completes."""
         h = self.ctrl.health
         timeout = self.cfg.io_timeout_s if timeout is None else timeout
         b = _Batch(len(items))
-        pending: dict[_Queue, list[bytes | memoryview]] = {}
         submitted = 0
         finished = False
         try:
@@ -272,15 +284,13 @@ class _Association:
                     try:
                         q.slots.acquire_nowait()
                     except trio.WouldBlock:
-                        await self._flush(pending)
                         await q.slots.acquire()
                     if self.failed is not None:
                         raise NvmfError(f"{self.ctrl.name}: {what}: {self.failed}")
                     cid, send = q.hq.submit(sqe, data_out=data_out, data_in=data_in)
                     q.waiters[cid] = (b, i)
-                    pending.setdefault(q, []).extend(send.segments)
+                    q.post(send.segments)
                     submitted += 1
-                await self._flush(pending)
                 await b.event.wait()
             finished = b.event.is_set()
         finally:
@@ -307,12 +317,6 @@ class _Association:
                 raise NvmeStatusError(f"{self.ctrl.name}: {what}: {r.cqe.describe()}", r.cqe)
             out.append(r.cqe)
         return out
-
-    async def _flush(self, pending: dict[_Queue, list[bytes | memoryview]]) -> None:
-        for q, segs in pending.items():
-            if segs:
-                await q.send(segs)
-        pending.clear()
 
     async def establish(self) -> None:
         cfg = self.cfg
