@@ -25,6 +25,7 @@ import trio
 from kvtier.client.protocol import (
     ALL_FRAMES,
     CQE_SIZE,
+    KEYS_SESSION,
     MAP_ENTRY,
     NOT_MAPPED,
     SQE_SIZE,
@@ -309,12 +310,20 @@ class ClientSession:
             ttl = float(req.ttl) if req.ttl else None
             tier = await self._thread(lambda: self.store.put(t, req.session, key, views,
                                                              ttl_s=ttl))
+            if req.session == KEYS_SESSION:  # a wrapped tenant-scope data key (crypto.py)
+                self._audit("data_key_stored", client=self.id, tenant=t, uid=self.uid,
+                            pid=self.pid, key=key.hex())
             return Completion(req.tag, Status.OK, int(tier), req.data_len)
         if req.op == Op.GET:
             key = self._key(req)
             dest = self._range(req.data_off, req.data_len, "destination")
             rng = None if req.frame_b == ALL_FRAMES else (req.frame_a, req.frame_b)
-            r, tier = await self._thread(lambda: self.store.get_into(t, key, dest, frames=rng))
+            try:
+                r, tier = await self._thread(lambda: self.store.get_into(t, key, dest,
+                                                                         frames=rng))
+            except NotFound:
+                await self._audit_misses("get", [key])
+                raise
             self._frame_table(req, r.frame_lengths)
             return Completion(req.tag, Status.OK, int(tier), r.nbytes, len(r.frame_lengths))
         if req.op == Op.LOOKUP:
@@ -322,11 +331,17 @@ class ClientSession:
             out = self._range(req.aux_off, len(keys), "tier list")
             prefix, tiers = await self._thread(lambda: self.store.lookup(t, keys))
             out[:] = tiers.tobytes()
+            if prefix < len(keys):
+                await self._audit_misses("lookup", [k for k, tier in zip(keys, tiers.tolist(),
+                                                                        strict=True) if not tier])
             return Completion(req.tag, Status.OK, 0, prefix, len(keys))
         if req.op == Op.DELETE:
             keys = self._keylist(req)
-            n = await self._thread(lambda: sum(self.store.delete(t, k) for k in keys))
-            return Completion(req.tag, Status.OK, 0, n)
+            gone = await self._thread(lambda: [self.store.delete(t, k) for k in keys])
+            if not all(gone):
+                await self._audit_misses("delete", [k for k, g in zip(keys, gone, strict=True)
+                                                    if not g])
+            return Completion(req.tag, Status.OK, 0, sum(gone))
         if req.op == Op.PURGE_SESSION:
             if not req.session:
                 raise InvalidArgument("PURGE_SESSION needs a session name")
@@ -343,6 +358,8 @@ class ClientSession:
                 keys = self._keylist(req)
             deadline = (req.ttl or 1000) / 1000.0
             n, met = await self._thread(lambda: self.store.prefetch(t, keys, deadline))
+            if not req.flags & Flag.SESSION:
+                await self._audit_absent("prefetch", keys)
             return Completion(req.tag, Status.OK if met else Status.DEADLINE, 0, n, int(met))
         if req.op == Op.MAP:
             keys = self._keylist(req)
@@ -353,6 +370,9 @@ class ClientSession:
                                       f"(UNMAP some first)")
             rng = None if req.frame_b == ALL_FRAMES else (req.frame_a, req.frame_b)
             maps = await self._thread(lambda: self.store.map_dram(t, keys, rng))
+            if any(m is None for m in maps):
+                await self._audit_absent("map", [k for k, m in zip(keys, maps, strict=True)
+                                                 if m is None])
             tab = np.frombuffer(table, dtype="<u8").reshape(len(keys), 2)
             n = 0
             for i, m in enumerate(maps):
@@ -389,6 +409,30 @@ class ClientSession:
             dest[:len(blob)] = blob
             return Completion(req.tag, Status.OK, 0, len(blob))
         return Completion(req.tag, Status.BAD_OP)
+
+    AUDIT_MISSES_MAX = 64  # keys checked per request for cross-tenant attempts
+
+    async def _audit_misses(self, op: str, missed: list[bytes]) -> None:
+        """Audit every key this tenant asked for that another tenant holds.
+
+        The client's answer does not change (a miss is a miss): it learns nothing about
+        other tenants, but the attempt is on record with the key and its owner."""
+        missed = missed[:self.AUDIT_MISSES_MAX]
+        if not missed:
+            return
+        t = self.tenant
+        owners = await self._thread(lambda: self.store.owners(t, missed))
+        for key, owner in owners.items():
+            self._audit("cross_tenant_attempt", client=self.id, tenant=t, uid=self.uid,
+                        pid=self.pid, op=op, key=key.hex(), owner=owner)
+
+    async def _audit_absent(self, op: str, keys: list[bytes]) -> None:
+        """`_audit_misses` for the keys of `keys` this tenant does not hold at all."""
+        keys = keys[:self.AUDIT_MISSES_MAX]
+        t = self.tenant
+        _, tiers = await self._thread(lambda: self.store.lookup(t, keys))
+        await self._audit_misses(op, [k for k, tier in zip(keys, tiers.tolist(), strict=True)
+                                      if not tier])
 
     def _frames(self, req: Request, data: memoryview) -> list[memoryview]:
         if req.count <= 1:

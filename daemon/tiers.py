@@ -314,6 +314,23 @@ class TieredStore:
         missing = np.flatnonzero(tiers == 0)
         return (int(missing[0]) if len(missing) else len(keys)), tiers.astype(np.uint8)
 
+    def owners(self, tenant: str, keys: Sequence[bytes]) -> dict[bytes, str]:
+        """Which *other* tenant holds each of `keys`, for those some other tenant holds.
+
+        For the audit of cross-tenant attempts only: the asking client gets the same answer
+        as for a key nobody holds."""
+        out: dict[bytes, str] = {}
+        if not keys:
+            return out
+        for other, dram in self.drams.items():
+            if other == tenant:
+                continue
+            held = self.media.lookup_many(other, keys) | dram.lookup_many(other, keys)
+            for k, h in zip(keys, held.tolist(), strict=True):
+                if h:
+                    out.setdefault(bytes(k), other)
+        return out
+
     # -- deletes ---------------------------------------------------------------------------
 
     def delete(self, tenant: str, key: bytes) -> bool:

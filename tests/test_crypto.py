@@ -144,3 +144,20 @@ def test_the_encryption_policy_is_explicit_visible_and_enforced(tmp_path: Path) 
     import json
     start = json.loads((tmp_path / "audit.log").read_text().splitlines()[0])
     assert {t["id"]: t["encryption"] for t in start["tenants"]} == {"alice": "on", "bob": "off"}
+
+
+def test_storing_a_tenant_data_key_is_audited(daemon: Daemon, tmp_path: Path) -> None:
+    daemon.start()
+    kr = Keyring(str(tmp_path / "keyring.json"))
+    with Client.connect(daemon.socket, "alice", TOKENS["alice"]) as c:
+        cipher = FrameCipher(c, kr, "alice", scope="tenant")
+        cipher.put("s1", _k("a"), [PATTERN])
+        cipher.put("s2", _k("b"), [PATTERN])  # the same tenant-scope key: stored once
+        kid = cipher._dk_where("s1")[1]
+        cipher.close()
+    daemon.stop()
+    import json
+
+    recs = [json.loads(x) for x in (daemon.dir / "audit.log").read_text().splitlines()]
+    stored = [r for r in recs if r["event"] == "data_key_stored"]
+    assert [(r["tenant"], r["key"]) for r in stored] == [("alice", kid.hex())]

@@ -66,7 +66,7 @@ def test_round_trip_of_every_op(daemon: Daemon) -> None:
         assert n == 1 and met
 
 
-def test_tenants_are_isolated(daemon: Daemon) -> None:
+def test_tenants_are_isolated_and_attempts_are_audited(daemon: Daemon) -> None:
     daemon.start()
     with connect(daemon, "alice") as a, connect(daemon, "bob") as b:
         a.put("s", k(7), [b"alice's"])
@@ -74,8 +74,21 @@ def test_tenants_are_isolated(daemon: Daemon) -> None:
             b.get(k(7))
         assert b.lookup([k(7)])[0] == 0
         assert not b.delete(k(7))
+        assert b.prefetch([k(7)]) == (0, True)
+        assert b.map([k(7)]) == [None]
         assert b.purge_session("s") == 0
+        # bob's answers for alice's key are those for a key nobody holds
+        with pytest.raises(NotFoundError):
+            b.get(k(8))
+        assert b.lookup([k(8)])[0] == 0
         assert a.get(k(7)) == b"alice's"
+    daemon.stop()
+    recs = [json.loads(x) for x in (daemon.dir / "audit.log").read_text().splitlines()]
+    tries = [r for r in recs if r["event"] == "cross_tenant_attempt"]
+    assert sorted(r["op"] for r in tries) == ["delete", "get", "lookup", "map", "prefetch"]
+    assert all((r["tenant"], r["owner"], r["key"]) == ("bob", "alice", k(7).hex())
+               for r in tries)
+    assert all(r["uid"] == os.geteuid() for r in tries)
 
 
 def test_media_miss_is_promoted_to_dram(daemon: Daemon) -> None:
