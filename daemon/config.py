@@ -78,6 +78,7 @@ class Limits:
     max_clients: int = 256
     inflight_per_client: int = 64
     io_threads: int = 8
+    prefetch_threads: int = 4  # promotion workers for prefetch hints (their own limiter)
     stalled_client_timeout_s: float = 30.0  # drop a client whose completion ring stays full
     sweep_interval_s: float = 10.0  # expiry sweep and retention, this often
 
@@ -345,7 +346,8 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
         lim = cfg.limits
         lim.arena_default = lr.size("arena_default", lim.arena_default)
         lim.arena_max = lr.size("arena_max", lim.arena_max)
-        for k in ("ring_entries", "max_clients", "inflight_per_client", "io_threads"):
+        for k in ("ring_entries", "max_clients", "inflight_per_client", "io_threads",
+                  "prefetch_threads"):
             v = lr.get(k, int, getattr(lim, k))
             if v <= 0:
                 raise lr.fail(k, f"must be positive, got {v}")

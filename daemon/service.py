@@ -42,6 +42,7 @@ from kvtier.daemon.config import Config, PoolConfig
 from kvtier.daemon.errors import FormatError, StoreError
 from kvtier.daemon.metrics import Metrics, serve_metrics
 from kvtier.daemon.pool import Pool, PoolOptions
+from kvtier.daemon.prefetch import PrefetchScheduler
 from kvtier.daemon.session import ClientSession, DropClient, SessionResources
 from kvtier.daemon.superblock import superblock_present
 from kvtier.daemon.tiers import TieredStore
@@ -126,6 +127,7 @@ class Service:
         self.started = time.time()
         self.audit: AuditLog | None = None
         self.store: TieredStore | None = None
+        self.prefetch: PrefetchScheduler | None = None
         self._wake = trio.Event()
         self._stopping = False
         self.socket_path = cfg.socket
@@ -150,6 +152,7 @@ class Service:
         self.store = TieredStore(drams, media, ack=cfg.ack,
                                  notify=lambda: token.run_sync_soon(self._wake.set))
         self.metrics.bind(self.store, lambda: len(self.sessions))
+        self.prefetch = PrefetchScheduler(self.store, workers=cfg.limits.prefetch_threads)
         listener = await self._listen()
         try:
             async with trio.open_nursery() as nursery:
@@ -157,6 +160,7 @@ class Service:
                 nursery.start_soon(self._background_worker)
                 nursery.start_soon(self._maintenance)
                 nursery.start_soon(self._audit_sync)
+                await nursery.start(self.prefetch.run)
                 if cfg.metrics_port:
                     self.metrics_port = await nursery.start(
                         serve_metrics, self.metrics, cfg.metrics_address, cfg.metrics_port)
@@ -393,7 +397,7 @@ class Service:
                                 inflight=lim.inflight_per_client, limiter=self.io_limiter,
                                 record=self.metrics.record, stats=self.stats,
                                 stalled_timeout_s=lim.stalled_client_timeout_s,
-                                audit=self._audit)
+                                audit=self._audit, prefetch=self.prefetch)
         self.sessions[client_id] = session
         self.metrics.connects.inc()
         self._audit("connect", client=client_id, tenant=tenant.id, pid=pid, uid=uid)
@@ -487,6 +491,10 @@ class Service:
                         "tenants": [{"id": t.id, "encryption": t.encryption,
                                      "key_scope": t.key_scope, "retention_s": t.retention_s}
                                     for t in self.cfg.tenants]}
+        if self.prefetch is not None:
+            st["prefetch"] = dict(vars(self.prefetch.stats),
+                                  rate_bytes_per_s=round(self.prefetch.rate),
+                                  workers=self.prefetch.workers)
         return st
 
 

@@ -49,6 +49,7 @@ from kvtier.daemon.errors import (
     StoreError,
     ValueTooLargeError,
 )
+from kvtier.daemon.prefetch import PrefetchScheduler
 from kvtier.daemon.tiers import TieredStore
 
 log = logging.getLogger("kvtierd.session")
@@ -108,7 +109,8 @@ class ClientSession:
                  record: Callable[[str, str, str, int, float], None],
                  stats: Callable[[], dict[str, Any]],
                  stalled_timeout_s: float = CQ_FULL_TIMEOUT_S,
-                 audit: Callable[..., None] | None = None) -> None:
+                 audit: Callable[..., None] | None = None,
+                 prefetch: PrefetchScheduler | None = None) -> None:
         self.id = client_id
         self.tenant = tenant
         self.uid = uid
@@ -126,6 +128,7 @@ class ClientSession:
         self._stats = stats
         self._stalled_timeout_s = stalled_timeout_s
         self._audit = audit or (lambda event, **fields: None)
+        self._prefetch = prefetch
         self.ops = 0
         self.errors = 0
         self.maps: collections.Counter[int] = collections.Counter()  # MAP pins held
@@ -357,7 +360,11 @@ class ClientSession:
             else:
                 keys = self._keylist(req)
             deadline = (req.ttl or 1000) / 1000.0
-            n, met = await self._thread(lambda: self.store.prefetch(t, keys, deadline))
+            if self._prefetch is not None:
+                r = await self._prefetch.hint(t, keys, deadline)
+                n, met = r.promoted, r.met
+            else:
+                n, met = await self._thread(lambda: self.store.prefetch(t, keys, deadline))
             if not req.flags & Flag.SESSION:
                 await self._audit_absent("prefetch", keys)
             return Completion(req.tag, Status.OK if met else Status.DEADLINE, 0, n, int(met))

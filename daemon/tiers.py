@@ -70,6 +70,7 @@ class TieredStore:
         self.ack = ack
         self.notify = notify or (lambda: None)
         self._mu = threading.Lock()
+        self._local = threading.local()
         self._pending: dict[tuple[str, bytes], _Pending] = {}
         self._queue: collections.deque[_Pending] = collections.deque()
         self._promote: collections.deque[tuple[str, bytes]] = collections.deque()
@@ -262,22 +263,36 @@ class TieredStore:
 
     def promote(self, tenant: str, key: bytes) -> bool:
         """Copy a value from the media pool into DRAM (prefetch); False if not on media."""
+        return self.promote_bytes(tenant, key) >= 0
+
+    def promote_bytes(self, tenant: str, key: bytes) -> int:
+        """`promote`, saying how much it moved: payload bytes, 0 if the value was in DRAM
+        already, -1 if it is on no tier.  Safe from many threads at once."""
         dram = self.drams.get(tenant)
         if dram is None:
-            return False
+            return -1
         if dram.contains(tenant, key):
-            return True
+            return 0
         try:
             info = self.media.stat(tenant, key)
         except NotFound:
-            return False
-        buf = aligned_buffer(info.record_bytes)
+            return -1
+        buf = self._scratch(info.record_bytes)
         try:
             r = self.media.get_into(tenant, key, buf)
         except NotFound:
-            return False
+            return -1
         self._promote_from(tenant, key, buf, r)
-        return True
+        return r.nbytes
+
+    def _scratch(self, nbytes: int) -> memoryview:
+        """This thread's reusable aligned buffer of at least `nbytes` (a fresh mapping per
+        value would page-fault its way through every byte)."""
+        buf: memoryview | None = getattr(self._local, "buf", None)
+        if buf is None or buf.nbytes < nbytes:
+            buf = aligned_buffer(max(nbytes, 1 << 20))
+            self._local.buf = buf
+        return buf[:nbytes]
 
     def promote_some(self, max_items: int = 8) -> int:
         done = 0

@@ -1,0 +1,117 @@
+"""Prefetch hints: promote values from the media pool into DRAM before they are asked for.
+
+A hint is (tenant, keys, deadline).  Its keys join one queue ordered by deadline, so the
+most urgent hint is served first whatever arrived before it; `workers` tasks take keys
+from the front and promote them (`TieredStore.promote`, a media read and a DRAM put) in
+worker threads under their own limiter, so prefetch never takes the I/O threads that
+interactive requests use.
+
+A hint answers when its last key is in DRAM, or at its deadline -- whichever is first --
+with how many values it promoted and whether it made the deadline.  A hint past its
+deadline is not dropped: its keys stay queued (behind more urgent ones) so the GET that
+comes later still finds them in DRAM.  Keys already in DRAM, or on no tier at all, cost
+nothing.  `rate` is the measured promotion throughput (bytes/s, moving average).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from kvtier.daemon.tiers import TieredStore
+
+
+@dataclass
+class Hint:
+    tenant: str
+    deadline: float  # trio clock
+    left: int
+    promoted: int = 0
+    bytes: int = 0
+    done: trio.Event = field(default_factory=trio.Event)
+
+    def finish_one(self, promoted: bool, nbytes: int) -> None:
+        self.left -= 1
+        if promoted:
+            self.promoted += 1
+            self.bytes += nbytes
+        if self.left <= 0:
+            self.done.set()
+
+
+@dataclass
+class HintResult:
+    keys: int
+    promoted: int
+    met: bool
+    seconds: float
+
+
+@dataclass
+class PrefetchStats:
+    hints: int = 0
+    hints_met: int = 0
+    values: int = 0
+    bytes: int = 0
+    queued: int = 0
+
+
+class PrefetchScheduler:
+    def __init__(self, store: TieredStore, *, workers: int = 4) -> None:
+        if workers < 1:
+            raise ValueError("prefetch needs at least one worker")
+        self.store = store
+        self.workers = workers
+        self.limiter = trio.CapacityLimiter(workers)
+        self.stats = PrefetchStats()
+        self.rate = 1e9  # bytes/s; replaced by measurements
+        self._heap: list[tuple[float, int, bytes, Hint]] = []
+        self._seq = itertools.count()
+        self._work = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        async with trio.open_nursery() as n:
+            for _ in range(self.workers):
+                n.start_soon(self._worker)
+            task_status.started()
+
+    async def hint(self, tenant: str, keys: Sequence[bytes], deadline_s: float) -> HintResult:
+        """Queue `keys` for promotion; answer when done or at the deadline."""
+        t0 = trio.current_time()
+        h = Hint(tenant, t0 + deadline_s, len(keys))
+        self.stats.hints += 1
+        if not keys:
+            h.done.set()
+        for k in keys:
+            heapq.heappush(self._heap, (h.deadline, next(self._seq), bytes(k), h))
+        self.stats.queued = len(self._heap)
+        self._work.set()
+        with trio.move_on_at(h.deadline):
+            await h.done.wait()
+        met = h.done.is_set()
+        self.stats.hints_met += met
+        return HintResult(len(keys), h.promoted, met, trio.current_time() - t0)
+
+    async def _worker(self) -> None:
+        while True:
+            while not self._heap:
+                await self._work.wait()
+                self._work = trio.Event()
+            _, _, key, h = heapq.heappop(self._heap)
+            self.stats.queued = len(self._heap)
+            t0 = time.perf_counter()
+            nbytes = await trio.to_thread.run_sync(self.store.promote_bytes, h.tenant, key,
+                                                   limiter=self.limiter)
+            dt = time.perf_counter() - t0
+            if nbytes > 0:
+                self.stats.values += 1
+                self.stats.bytes += nbytes
+                # one worker's rate times the workers: the queue's throughput
+                self.rate = 0.8 * self.rate + 0.2 * (nbytes / max(dt, 1e-6) * self.workers)
+            h.finish_one(nbytes >= 0, max(nbytes, 0))
