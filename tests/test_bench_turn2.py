@@ -35,6 +35,11 @@ def test_bench_turn2_quick(tmp_path: Path) -> None:
         assert fig[f"prefetch_values_{ctx}"] == ctx // 256
         assert fig[f"load_file_prefetched_tiers_{ctx}"] == {"dram": ctx // 256}
         assert fig[f"greedy_tokens_identical_file_prefetched_{ctx}"] is True
+        # A hint 1 s before turn 2, not waited for: whatever tier each chunk is in then,
+        # the tokens are the same.
+        assert fig[f"greedy_tokens_identical_file_hint_1s_{ctx}"] is True
+        assert sum(fig[f"load_file_hint_1s_tiers_{ctx}"].values()) == ctx // 256
+        assert isinstance(fig[f"hint_1s_met_{ctx}"], bool)
     assert (tmp_path / "out" / "turn2.png").stat().st_size > 10_000
     doc = json.loads((tmp_path / "out" / "turn2.json").read_text())
     assert len(doc["results"]) == 2
