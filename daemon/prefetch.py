@@ -6,6 +6,15 @@ from the front and promote them (`TieredStore.promote`, a media read and a DRAM 
 worker threads under their own limiter, so prefetch never takes the I/O threads that
 interactive requests use.
 
+Interactive reads come first: while GETs are reading the media pool, the workers hold
+back (strict priority), each for at most `max_yield_s` before it promotes one value anyway
+(the anti-starvation bound).  Without this a hint given shortly before its request made
+that request slower than no hint at all: the request's reads and the promotion shared
+the disk.
+
+Values that a GET read only in part (a frame range, e.g. one layer group) are promoted
+through the same queue (`background`), due a minute later, so they too yield to reads.
+
 A hint answers when its last key is in DRAM, or at its deadline -- whichever is first --
 with how many values it promoted and whether it made the deadline.  A hint past its
 deadline is not dropped: its keys stay queued (behind more urgent ones) so the GET that
@@ -24,6 +33,8 @@ from dataclasses import dataclass, field
 import trio
 
 from kvtier.daemon.tiers import TieredStore
+
+BACKGROUND_DEADLINE_S = 60.0
 
 
 @dataclass
@@ -59,14 +70,17 @@ class PrefetchStats:
     values: int = 0
     bytes: int = 0
     queued: int = 0
+    yielded_s: float = 0.0  # time workers held back for interactive reads
 
 
 class PrefetchScheduler:
-    def __init__(self, store: TieredStore, *, workers: int = 4) -> None:
+    def __init__(self, store: TieredStore, *, workers: int = 4,
+                 max_yield_s: float = 0.25) -> None:
         if workers < 1:
             raise ValueError("prefetch needs at least one worker")
         self.store = store
         self.workers = workers
+        self.max_yield_s = max_yield_s
         self.limiter = trio.CapacityLimiter(workers)
         self.stats = PrefetchStats()
         self.rate = 1e9  # bytes/s; replaced by measurements
@@ -80,6 +94,17 @@ class PrefetchScheduler:
             for _ in range(self.workers):
                 n.start_soon(self._worker)
             task_status.started()
+
+    def background(self, tenant: str, keys: Sequence[bytes]) -> None:
+        """Queue keys nobody waits for (values a GET read only in part) behind every hint
+        due within BACKGROUND_DEADLINE_S."""
+        if not keys:
+            return
+        h = Hint(tenant, trio.current_time() + BACKGROUND_DEADLINE_S, len(keys))
+        for k in keys:
+            heapq.heappush(self._heap, (h.deadline, next(self._seq), bytes(k), h))
+        self.stats.queued = len(self._heap)
+        self._work.set()
 
     async def hint(self, tenant: str, keys: Sequence[bytes], deadline_s: float) -> HintResult:
         """Queue `keys` for promotion; answer when done or at the deadline."""
@@ -98,11 +123,21 @@ class PrefetchScheduler:
         self.stats.hints_met += met
         return HintResult(len(keys), h.promoted, met, trio.current_time() - t0)
 
+    async def _yield_to_interactive(self) -> None:
+        t0 = trio.current_time()
+        end = t0 + self.max_yield_s
+        while self.store.interactive_media_reads > 0 and trio.current_time() < end:
+            await trio.sleep(0.002)
+        self.stats.yielded_s += trio.current_time() - t0
+
     async def _worker(self) -> None:
         while True:
             while not self._heap:
                 await self._work.wait()
                 self._work = trio.Event()
+            await self._yield_to_interactive()
+            if not self._heap:
+                continue
             _, _, key, h = heapq.heappop(self._heap)
             self.stats.queued = len(self._heap)
             t0 = time.perf_counter()

@@ -233,7 +233,8 @@ class Service:
     # -- background work ---------------------------------------------------------------------------
 
     async def _background_worker(self) -> None:
-        """Write-behind and promotion: woken by the store, never blocking the loop."""
+        """Write-behind, and handing partial reads' promotions to the prefetch queue:
+        woken by the store, never blocking the loop."""
         assert self.store is not None
         store = self.store
         while True:
@@ -242,9 +243,14 @@ class Service:
             while True:
                 n = await trio.to_thread.run_sync(store.flush_some, 16,
                                                   limiter=self.io_limiter)
-                m = await trio.to_thread.run_sync(store.promote_some, 8,
-                                                  limiter=self.io_limiter)
-                if not n and not m:
+                todo = store.take_promotions()
+                by_tenant: dict[str, list[bytes]] = {}
+                for tenant, key in todo:
+                    by_tenant.setdefault(tenant, []).append(key)
+                assert self.prefetch is not None
+                for tenant, keys in by_tenant.items():
+                    self.prefetch.background(tenant, keys)
+                if not n and not todo:
                     break
 
     async def _audit_sync(self) -> None:

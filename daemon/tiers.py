@@ -71,6 +71,8 @@ class TieredStore:
         self.notify = notify or (lambda: None)
         self._mu = threading.Lock()
         self._local = threading.local()
+        # GETs reading the media pool right now: prefetch promotion yields to them
+        self.interactive_media_reads = 0
         self._pending: dict[tuple[str, bytes], _Pending] = {}
         self._queue: collections.deque[_Pending] = collections.deque()
         self._promote: collections.deque[tuple[str, bytes]] = collections.deque()
@@ -227,11 +229,16 @@ class TieredStore:
             return self.get_dram_into(tenant, key, dest, frames=frames), Tier.DRAM
         except NotFound:
             pass
+        with self._mu:
+            self.interactive_media_reads += 1
         try:
             r = self.media.get_into(tenant, key, dest, frames=frames)
         except NotFound:
             self.counters.misses += 1
             raise
+        finally:
+            with self._mu:
+                self.interactive_media_reads -= 1
         self.counters.pool_hits += 1
         if frames is None:
             self._promote_from(tenant, key, dest, r)
@@ -294,16 +301,11 @@ class TieredStore:
             self._local.buf = buf
         return buf[:nbytes]
 
-    def promote_some(self, max_items: int = 8) -> int:
-        done = 0
-        while done < max_items:
-            with self._mu:
-                if not self._promote:
-                    break
-                tenant, key = self._promote.popleft()
-            self.promote(tenant, key)
-            done += 1
-        return done
+    def take_promotions(self, max_items: int = 256) -> list[tuple[str, bytes]]:
+        """Values read from the pool in part (a frame range), to promote in the background."""
+        with self._mu:
+            n = min(max_items, len(self._promote))
+            return [self._promote.popleft() for _ in range(n)]
 
     def prefetch(self, tenant: str, keys: Sequence[bytes], deadline_s: float) -> tuple[int, bool]:
         """Promote `keys` to DRAM, most urgent first; returns (promoted, made deadline)."""
