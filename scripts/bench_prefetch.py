@@ -54,13 +54,13 @@ def main() -> int:
     console = Console(stderr=args.json)
     total = (128 if args.quick else 1024) * MiB
     nvals = total // VALUE
-    work = tempfile.mkdtemp(prefix="kvtier-bench-prefetch-", dir=args.dir)
+    work = tempfile.mkdtemp(prefix="kvtier-pf-", dir=args.dir)  # short: socket paths
     fig: dict[str, object] = {"values": nvals, "value_bytes": VALUE, "session_bytes": total}
     try:
         with Progress(console=console, transient=True) as prog:
             task = prog.add_task("prefetch", total=3)
             for workers in (1, 4):
-                sub = os.path.join(work, f"w{workers}")
+                sub = os.path.join(work, str(workers))
                 os.makedirs(sub)
                 d = BenchDaemon(sub, dram=2 * total + 64 * MiB, pool=3 * total,
                                 segment=16 * MiB, extra=f"prefetch_threads = {workers}\n")
