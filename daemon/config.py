@@ -65,6 +65,9 @@ class TenantConfig:
     retention_s: float | None = None  # sessions idle longer than this are purged; None: kept
     encryption: str = "on"  # "on": clients must seal frames (kvtier.client.crypto); "off"
     key_scope: str = "tenant"  # data keys per "tenant" or per "session"
+    quota: int | None = None  # bytes of media pool space; None: no quota
+    bandwidth: int | None = None  # bytes/s of GET + PUT payload; None: unlimited
+    iops: int | None = None  # GET + PUT requests per second; None: unlimited
 
     def check_token(self, token: str) -> bool:
         return verify_token(token, self.token_hash)
@@ -139,7 +142,8 @@ class Config:
             "pools": [asdict(p) for p in self.pools],
             "tenants": [{"id": t.id, "allowed_uids": t.allowed_uids, "dram": t.dram_size,
                          "retention_s": t.retention_s, "encryption": t.encryption,
-                         "key_scope": t.key_scope,
+                         "key_scope": t.key_scope, "quota": t.quota,
+                         "bandwidth": t.bandwidth, "iops": t.iops,
                          "token_hash": "<redacted>"}
                         for t in self.tenants],
             "limits": vars(self.limits), "admin_uids": self.admin_uids,
@@ -339,7 +343,17 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
         scope = tr.get("key_scope", str, "tenant")
         if scope not in ("tenant", "session"):
             raise tr.fail("key_scope", f'must be "tenant" or "session", got {scope!r}')
-        cfg.tenants.append(TenantConfig(tid, th, uids, tdram, retention, enc, scope))
+        tc = TenantConfig(tid, th, uids, tdram, retention, enc, scope)
+        if "quota" in tr.table:
+            tc.quota = tr.size("quota")
+        if "bandwidth" in tr.table:
+            tc.bandwidth = tr.size("bandwidth")
+        if "iops" in tr.table:
+            tc.iops = tr.get("iops", int)
+        for key, val in (("quota", tc.quota), ("bandwidth", tc.bandwidth), ("iops", tc.iops)):
+            if val is not None and val <= 0:
+                raise tr.fail(key, f"must be positive, got {val}")
+        cfg.tenants.append(tc)
         tr.check_unknown()
     if "limits" in data:
         lr = r.sub("limits", data["limits"])

@@ -1359,6 +1359,18 @@ class Pool:
             out.append(self._entry_info(r, key))
         return out
 
+    def tenant_bytes(self) -> dict[str, int]:
+        """Pool space (record bytes) held by each tenant: one vectorised pass over the
+        index, for quotas."""
+        with self._lock:
+            ix = self.index
+            n = ix.n_rows
+            sums = np.bincount(ix.tenant[:n].astype(np.int64),
+                               weights=ix.blocks[:n].astype(np.float64),
+                               minlength=len(self.tenants))
+            return {name: int(sums[i]) * self.B for i, name in enumerate(self.tenants)
+                    if sums[i]}
+
     def usage(self, tenant: str | None = None) -> dict[str, dict[str, int]]:
         """Entries and bytes per tenant, or per session of `tenant` (for listings)."""
         out: dict[str, dict[str, int]] = {}

@@ -43,6 +43,7 @@ from kvtier.daemon.errors import FormatError, StoreError
 from kvtier.daemon.metrics import Metrics, serve_metrics
 from kvtier.daemon.pool import Pool, PoolOptions
 from kvtier.daemon.prefetch import PrefetchScheduler
+from kvtier.daemon.qos import QoS
 from kvtier.daemon.session import ClientSession, DropClient, SessionResources
 from kvtier.daemon.superblock import superblock_present
 from kvtier.daemon.tiers import TieredStore
@@ -128,6 +129,7 @@ class Service:
         self.audit: AuditLog | None = None
         self.store: TieredStore | None = None
         self.prefetch: PrefetchScheduler | None = None
+        self.qos: QoS | None = None
         self._wake = trio.Event()
         self._stopping = False
         self.socket_path = cfg.socket
@@ -153,6 +155,12 @@ class Service:
                                  notify=lambda: token.run_sync_soon(self._wake.set))
         self.metrics.bind(self.store, lambda: len(self.sessions))
         self.prefetch = PrefetchScheduler(self.store, workers=cfg.limits.prefetch_threads)
+        self.qos = QoS.from_config(cfg.tenants, self.store.media.tenant_bytes, self.io_limiter)
+        quotas = sum(t.quota or 0 for t in cfg.tenants)
+        if quotas > media.capacity_bytes:
+            log.warning("tenant quotas add up to %d bytes, more than the media pool's %d: "
+                        "a tenant within its quota can make the pool evict others' values",
+                        quotas, media.capacity_bytes)
         listener = await self._listen()
         try:
             async with trio.open_nursery() as nursery:
@@ -403,7 +411,7 @@ class Service:
                                 inflight=lim.inflight_per_client, limiter=self.io_limiter,
                                 record=self.metrics.record, stats=self.stats,
                                 stalled_timeout_s=lim.stalled_client_timeout_s,
-                                audit=self._audit, prefetch=self.prefetch)
+                                audit=self._audit, prefetch=self.prefetch, qos=self.qos)
         self.sessions[client_id] = session
         self.metrics.connects.inc()
         self._audit("connect", client=client_id, tenant=tenant.id, pid=pid, uid=uid)
@@ -437,8 +445,11 @@ class Service:
         body: dict[str, Any] | None = first
         while body is not None:
             try:
-                result = await trio.to_thread.run_sync(self._admin_cmd, body, uid,
-                                                       limiter=self.io_limiter)
+                if body.get("cmd") == "limits":  # token buckets live on the trio clock
+                    result = self._admin_limits(body, uid)
+                else:
+                    result = await trio.to_thread.run_sync(self._admin_cmd, body, uid,
+                                                           limiter=self.io_limiter)
                 await _sendall(conn, encode_ctrl(Msg.ADMIN_OK, {"result": result},
                                                  MAX_ADMIN_REPLY))
             except (StoreError, ValueError, KeyError) as e:
@@ -453,6 +464,27 @@ class Service:
     def _audit(self, event: str, **fields: Any) -> None:
         if self.audit is not None:
             self.audit.record(event, **fields)
+
+    def _admin_limits(self, body: dict[str, Any], uid: int) -> Any:
+        """Show, or change live, a tenant's quota and rate limits (`kvtier limits`)."""
+        assert self.qos is not None
+        tenant = body.get("tenant")
+        if not isinstance(tenant, str) or self.cfg.tenant(tenant) is None:
+            raise ValueError(f"no tenant {tenant!r} in the configuration")
+        cur = self.qos.tenants.get(tenant)
+        now = cur.describe() if cur else {"quota": None, "bandwidth": None, "iops": None}
+        changes = {k: body[k] for k in ("quota", "bandwidth", "iops") if k in body}
+        for k, v in changes.items():
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise ValueError(f"{k} must be a positive integer or null (unlimited), "
+                                 f"got {v!r}")
+        if changes:
+            new = {k: changes.get(k, now[k]) for k in ("quota", "bandwidth", "iops")}
+            self.qos.set_limits(tenant, **new)
+            self._audit("policy_change", uid=uid, tenant=tenant, before={k: now[k] for k in new},
+                        after=new)
+            log.info("tenant %s: limits now %s (uid %d)", tenant, new, uid)
+        return self.qos.tenants[tenant].describe() if tenant in self.qos.tenants else now
 
     def _admin_cmd(self, body: dict[str, Any], uid: int) -> Any:
         assert self.store is not None
@@ -497,6 +529,8 @@ class Service:
                         "tenants": [{"id": t.id, "encryption": t.encryption,
                                      "key_scope": t.key_scope, "retention_s": t.retention_s}
                                     for t in self.cfg.tenants]}
+        if self.qos is not None:
+            st["qos"] = self.qos.describe()
         if self.prefetch is not None:
             st["prefetch"] = dict(vars(self.prefetch.stats),
                                   rate_bytes_per_s=round(self.prefetch.rate),

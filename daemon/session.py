@@ -50,6 +50,7 @@ from kvtier.daemon.errors import (
     ValueTooLargeError,
 )
 from kvtier.daemon.prefetch import PrefetchScheduler
+from kvtier.daemon.qos import QoS, QuotaExceeded
 from kvtier.daemon.tiers import TieredStore
 
 log = logging.getLogger("kvtierd.session")
@@ -110,7 +111,8 @@ class ClientSession:
                  stats: Callable[[], dict[str, Any]],
                  stalled_timeout_s: float = CQ_FULL_TIMEOUT_S,
                  audit: Callable[..., None] | None = None,
-                 prefetch: PrefetchScheduler | None = None) -> None:
+                 prefetch: PrefetchScheduler | None = None,
+                 qos: QoS | None = None) -> None:
         self.id = client_id
         self.tenant = tenant
         self.uid = uid
@@ -129,6 +131,7 @@ class ClientSession:
         self._stalled_timeout_s = stalled_timeout_s
         self._audit = audit or (lambda event, **fields: None)
         self._prefetch = prefetch
+        self._qos = qos
         self.ops = 0
         self.errors = 0
         self.maps: collections.Counter[int] = collections.Counter()  # MAP pins held
@@ -298,6 +301,8 @@ class ClientSession:
             st = _status_of(e)
             if st in (Status.CORRUPT, Status.IO_ERROR, Status.INTERNAL):
                 log.error("client %d (%s): %s", self.id, self.tenant, e)
+            elif isinstance(e, QuotaExceeded):
+                log.warning("client %d: %s", self.id, e)
             return Completion(req.tag, st)
 
     async def _dispatch(self, req: Request) -> Completion:
@@ -311,6 +316,9 @@ class ClientSession:
             data = self._range(req.data_off, req.data_len, "data")
             views = self._frames(req, data)
             ttl = float(req.ttl) if req.ttl else None
+            if self._qos is not None:
+                await self._qos.admit_put(t, req.data_len)
+                await self._qos.throttle(t, req.data_len)
             tier = await self._thread(lambda: self.store.put(t, req.session, key, views,
                                                              ttl_s=ttl))
             if req.session == KEYS_SESSION:  # a wrapped tenant-scope data key (crypto.py)
@@ -321,12 +329,16 @@ class ClientSession:
             key = self._key(req)
             dest = self._range(req.data_off, req.data_len, "destination")
             rng = None if req.frame_b == ALL_FRAMES else (req.frame_a, req.frame_b)
+            if self._qos is not None:
+                await self._qos.throttle(t, 0)  # a request now; its bytes once known
             try:
                 r, tier = await self._thread(lambda: self.store.get_into(t, key, dest,
                                                                          frames=rng))
             except NotFound:
                 await self._audit_misses("get", [key])
                 raise
+            if self._qos is not None:
+                await self._qos.throttle_bytes(t, r.nbytes)
             self._frame_table(req, r.frame_lengths)
             return Completion(req.tag, Status.OK, int(tier), r.nbytes, len(r.frame_lengths))
         if req.op == Op.LOOKUP:

@@ -155,6 +155,34 @@ def _purge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _limit_arg(kind: str) -> Any:
+    def parse(v: str) -> int | None:
+        if v in ("off", "none", "unlimited"):
+            return None
+        return int(v) if kind == "count" else size_arg(v)
+    return parse
+
+
+def _limits(args: argparse.Namespace) -> int:
+    changes = {k: getattr(args, k) for k in ("quota", "bandwidth", "iops")
+               if getattr(args, k) is not _UNSET}
+    res = _admin(args, "limits", tenant=args.tenant, **changes)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+
+    def show(v: int | None, unit: str) -> str:
+        return "unlimited" if v is None else (format_size(v) + unit if unit != " ops/s"
+                                               else f"{v}{unit}")
+    print(f"tenant {args.tenant}: quota {show(res['quota'], '')}, bandwidth "
+          f"{show(res['bandwidth'], '/s')}, iops {show(res['iops'], ' ops/s')}; throttled "
+          f"{res['throttled_s']} s, {res['refused_puts']} puts refused")
+    return 0
+
+
+_UNSET: Any = object()
+
+
 def _token_hash(args: argparse.Namespace) -> int:
     token = args.token if args.token is not None else sys.stdin.readline().strip()
     if not token:
@@ -273,6 +301,17 @@ def build_parser() -> argparse.ArgumentParser:
     pu.add_argument("tenant")
     pu.add_argument("session", nargs="?")
     pu.set_defaults(fn=_purge)
+    li = sub.add_parser("limits", help="show or change a tenant's quota and rate limits, "
+                                       "live (no restart)")
+    li.add_argument("tenant")
+    li.add_argument("--quota", type=_limit_arg("size"), default=_UNSET,
+                    help="media pool space, e.g. 10G, or off")
+    li.add_argument("--bandwidth", type=_limit_arg("size"), default=_UNSET,
+                    help="GET + PUT payload bytes per second, e.g. 500M, or off")
+    li.add_argument("--iops", type=_limit_arg("count"), default=_UNSET,
+                    help="GET + PUT requests per second, or off")
+    li.add_argument("--json", action="store_true")
+    li.set_defaults(fn=_limits)
     tk = sub.add_parser("token", help="token helpers")
     tks = tk.add_subparsers(dest="token_cmd", required=True)
     th = tks.add_parser("hash", help="print a token_hash line for the config")

@@ -73,6 +73,11 @@ class Daemon:
                 lines.append(f'key_scope = "{opts["key_scope"]}"')
             if "retention" in opts:
                 lines.append(f'retention = "{opts["retention"]}"')
+            for key in ("quota", "bandwidth"):
+                if key in opts:
+                    lines.append(f'{key} = "{opts[key]}"')
+            if "iops" in opts:
+                lines.append(f"iops = {opts['iops']}")
             lines.append("")
         lines.append(self.extra)
         self.config.write_text("\n".join(lines))
