@@ -24,6 +24,7 @@ import trio
 from kvtier.daemon.blockdev import aligned_buffer
 from kvtier.daemon.errors import DeviceError
 from kvtier.daemon.nvmf.host import Controller, NvmfError, NvmfTargetConfig
+from kvtier.daemon.nvmf.queue import slice_views
 
 
 class NvmfDevice:
@@ -136,13 +137,13 @@ class NvmfDevice:
         mid_start = a0 + lba if head else offset
         mid_end = a1 - lba if tail else end
         views = ([first] if first is not None else []) + \
-            _slice(bufs, mid_start - offset, mid_end - mid_start) + \
+            slice_views(bufs, mid_start - offset, mid_end - mid_start) + \
             ([last] if last is not None else [])
         self._call(self._ctrl.readv, a0, views)
         if first is not None:
-            _scatter(first[head:], _slice(bufs, 0, lba - head))
+            _scatter(first[head:], slice_views(bufs, 0, lba - head))
         if last is not None:
-            _scatter(last[:lba - tail], _slice(bufs, mid_end - offset, lba - tail))
+            _scatter(last[:lba - tail], slice_views(bufs, mid_end - offset, lba - tail))
 
     def writev(self, offset: int, bufs: Sequence[memoryview]) -> None:
         total = sum(b.nbytes for b in bufs)
@@ -173,23 +174,6 @@ class NvmfDevice:
             except trio.RunFinishedError:
                 pass
         self._thread.join(10)
-
-
-def _slice(bufs: Sequence[memoryview], offset: int, length: int) -> list[memoryview]:
-    out: list[memoryview] = []
-    for b in bufs:
-        n = b.nbytes
-        if offset >= n:
-            offset -= n
-            continue
-        take = min(n - offset, length)
-        if take:
-            out.append(b[offset:offset + take])
-        length -= take
-        offset = 0
-        if length <= 0:
-            break
-    return out
 
 
 def _scatter(src: memoryview, dst: Sequence[memoryview]) -> None:
