@@ -69,7 +69,6 @@ class PrefetchStats:
     hints_met: int = 0
     values: int = 0
     bytes: int = 0
-    queued: int = 0
     yielded_s: float = 0.0  # time workers held back for interactive reads
 
 
@@ -100,11 +99,7 @@ class PrefetchScheduler:
         due within BACKGROUND_DEADLINE_S."""
         if not keys:
             return
-        h = Hint(tenant, trio.current_time() + BACKGROUND_DEADLINE_S, len(keys))
-        for k in keys:
-            heapq.heappush(self._heap, (h.deadline, next(self._seq), bytes(k), h))
-        self.stats.queued = len(self._heap)
-        self._work.set()
+        self._queue(Hint(tenant, trio.current_time() + BACKGROUND_DEADLINE_S, len(keys)), keys)
 
     async def hint(self, tenant: str, keys: Sequence[bytes], deadline_s: float) -> HintResult:
         """Queue `keys` for promotion; answer when done or at the deadline."""
@@ -113,15 +108,22 @@ class PrefetchScheduler:
         self.stats.hints += 1
         if not keys:
             h.done.set()
-        for k in keys:
-            heapq.heappush(self._heap, (h.deadline, next(self._seq), bytes(k), h))
-        self.stats.queued = len(self._heap)
-        self._work.set()
+        self._queue(h, keys)
         with trio.move_on_at(h.deadline):
             await h.done.wait()
         met = h.done.is_set()
         self.stats.hints_met += met
         return HintResult(len(keys), h.promoted, met, trio.current_time() - t0)
+
+    def _queue(self, h: Hint, keys: Sequence[bytes]) -> None:
+        for k in keys:
+            heapq.heappush(self._heap, (h.deadline, next(self._seq), bytes(k), h))
+        self._work.set()
+
+    @property
+    def queued(self) -> int:
+        """Keys waiting for a worker."""
+        return len(self._heap)
 
     async def _yield_to_interactive(self) -> None:
         t0 = trio.current_time()
@@ -139,7 +141,6 @@ class PrefetchScheduler:
             if not self._heap:
                 continue
             _, _, key, h = heapq.heappop(self._heap)
-            self.stats.queued = len(self._heap)
             t0 = time.perf_counter()
             nbytes = await trio.to_thread.run_sync(self.store.promote_bytes, h.tenant, key,
                                                    limiter=self.limiter)

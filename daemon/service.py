@@ -406,6 +406,7 @@ class Service:
             for fd in fds[:3]:
                 os.close(fd)  # the maps keep the memory; the client has its own fds
             os.close(dram_fd)
+        assert self.prefetch is not None  # both are set up before accepting
         session = ClientSession(client_id=client_id, tenant=tenant.id, uid=uid, pid=pid,
                                 store=self.store, res=res, ring_entries=entries,
                                 inflight=lim.inflight_per_client, limiter=self.io_limiter,
@@ -532,7 +533,7 @@ class Service:
         if self.qos is not None:
             st["qos"] = self.qos.describe()
         if self.prefetch is not None:
-            st["prefetch"] = dict(vars(self.prefetch.stats),
+            st["prefetch"] = dict(vars(self.prefetch.stats), queued=self.prefetch.queued,
                                   rate_bytes_per_s=round(self.prefetch.rate),
                                   workers=self.prefetch.workers)
         return st

@@ -111,7 +111,7 @@ class ClientSession:
                  stats: Callable[[], dict[str, Any]],
                  stalled_timeout_s: float = CQ_FULL_TIMEOUT_S,
                  audit: Callable[..., None] | None = None,
-                 prefetch: PrefetchScheduler | None = None,
+                 prefetch: PrefetchScheduler,
                  qos: QoS | None = None) -> None:
         self.id = client_id
         self.tenant = tenant
@@ -372,11 +372,8 @@ class ClientSession:
             else:
                 keys = self._keylist(req)
             deadline = (req.ttl or 1000) / 1000.0
-            if self._prefetch is not None:
-                r = await self._prefetch.hint(t, keys, deadline)
-                n, met = r.promoted, r.met
-            else:
-                n, met = await self._thread(lambda: self.store.prefetch(t, keys, deadline))
+            r = await self._prefetch.hint(t, keys, deadline)
+            n, met = r.promoted, r.met
             if not req.flags & Flag.SESSION:
                 await self._audit_absent("prefetch", keys)
             return Completion(req.tag, Status.OK if met else Status.DEADLINE, 0, n, int(met))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,7 +55,6 @@ class TierCounters:
     writebehind_flushed: int = 0
     writebehind_bytes: int = 0
     writebehind_fallbacks: int = 0  # ack=memory puts written straight to media
-    prefetched: int = 0
     by_op: dict[str, int] = field(default_factory=dict)
 
 
@@ -268,13 +266,10 @@ class TieredStore:
         except (PoolFullError, ValueTooLargeError):
             pass
 
-    def promote(self, tenant: str, key: bytes) -> bool:
-        """Copy a value from the media pool into DRAM (prefetch); False if not on media."""
-        return self.promote_bytes(tenant, key) >= 0
-
     def promote_bytes(self, tenant: str, key: bytes) -> int:
-        """`promote`, saying how much it moved: payload bytes, 0 if the value was in DRAM
-        already, -1 if it is on no tier.  Safe from many threads at once."""
+        """Copy a value from the media pool into DRAM (prefetch), saying how much it moved:
+        payload bytes, 0 if the value was in DRAM already, -1 if it is on no tier.  Safe
+        from many threads at once."""
         dram = self.drams.get(tenant)
         if dram is None:
             return -1
@@ -306,16 +301,6 @@ class TieredStore:
         with self._mu:
             n = min(max_items, len(self._promote))
             return [self._promote.popleft() for _ in range(n)]
-
-    def prefetch(self, tenant: str, keys: Sequence[bytes], deadline_s: float) -> tuple[int, bool]:
-        """Promote `keys` to DRAM, most urgent first; returns (promoted, made deadline)."""
-        t_end = time.monotonic() + deadline_s
-        n = 0
-        for k in keys:
-            if self.promote(tenant, k):
-                n += 1
-        self.counters.prefetched += n
-        return n, time.monotonic() <= t_end
 
     def session_keys(self, tenant: str, session: str) -> list[bytes]:
         return [e.key for e in self.media.entries(tenant, session)]
@@ -400,7 +385,7 @@ class TieredStore:
             "media": self.media.stats(),
             "media_device": self.media_health(),
             "tiers": {"dram_hits": c.dram_hits, "pool_hits": c.pool_hits, "misses": c.misses,
-                      "promotions": c.promotions, "prefetched": c.prefetched,
+                      "promotions": c.promotions,
                       "writebehind_backlog": self.writebehind_backlog(),
                       "writebehind_flushed": c.writebehind_flushed,
                       "writebehind_bytes": c.writebehind_bytes,
