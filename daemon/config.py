@@ -17,6 +17,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from kvtier.daemon.nvmf.host import NvmfTargetConfig, default_hostnqn
 from kvtier.daemon.sizes import parse_size
 
 MIN_DRAM_SEGMENTS = 4  # the smallest pool the engine formats
@@ -27,21 +28,10 @@ class ConfigError(Exception):
 
 
 @dataclass
-class NvmfPoolConfig:
-    """Where an `nvmf` pool's namespace is, and how to talk to it (see docs/OPERATIONS.md)."""
+class NvmfPoolConfig(NvmfTargetConfig):
+    """Where an `nvmf` pool's namespace is, how to talk to it (the host's own settings),
+    and how to provision it (see docs/OPERATIONS.md)."""
 
-    address: str
-    port: int
-    subnqn: str
-    hostnqn: str
-    nsid: int = 1
-    queues: int = 4
-    queue_depth: int = 32
-    header_digest: bool = False
-    data_digest: bool = False
-    keep_alive_ms: int = 10_000
-    io_timeout_s: float = 10.0
-    connect_timeout_s: float = 5.0
     provision: dict[str, Any] | None = None  # SPDK JSON-RPC provisioning (daemon/spdk.py)
 
 
@@ -412,19 +402,18 @@ _PROVISION_BDEVS = ("aio", "malloc", "nvme")
 
 
 def _nvmf_pool(pr: _Reader) -> NvmfPoolConfig:
-    from kvtier.daemon.nvmf.host import default_hostnqn
-
+    d = NvmfPoolConfig  # the host's defaults
     n = NvmfPoolConfig(
         address=pr.get("address", str, required=True),
         port=pr.get("port", int, 4420),
         subnqn=pr.get("subnqn", str, required=True),
         hostnqn=pr.get("hostnqn", str, "") or default_hostnqn(),
-        nsid=pr.get("nsid", int, 1),
-        queues=pr.get("queues", int, 4),
-        queue_depth=pr.get("queue_depth", int, 32),
-        header_digest=pr.get("header_digest", bool, False),
-        data_digest=pr.get("data_digest", bool, False),
-        keep_alive_ms=pr.get("keep_alive_ms", int, 10_000),
+        nsid=pr.get("nsid", int, d.nsid),
+        queues=pr.get("queues", int, d.queues),
+        queue_depth=pr.get("queue_depth", int, d.queue_depth),
+        header_digest=pr.get("header_digest", bool, d.header_digest),
+        data_digest=pr.get("data_digest", bool, d.data_digest),
+        kato_ms=pr.get("keep_alive_ms", int, d.kato_ms),
     )
     if "io_timeout" in pr.table:
         n.io_timeout_s = _duration(pr, "io_timeout")
@@ -434,7 +423,7 @@ def _nvmf_pool(pr: _Reader) -> NvmfPoolConfig:
         raise pr.fail("port", f"must be 1..65535, got {n.port}")
     for key, val, lo, hi in (("nsid", n.nsid, 1, 0xFFFFFFFE), ("queues", n.queues, 1, 64),
                              ("queue_depth", n.queue_depth, 1, 1024),
-                             ("keep_alive_ms", n.keep_alive_ms, 0, 3_600_000)):
+                             ("keep_alive_ms", n.kato_ms, 0, 3_600_000)):
         if not lo <= val <= hi:
             raise pr.fail(key, f"must be {lo}..{hi}, got {val}")
     for key, nqn in (("subnqn", n.subnqn), ("hostnqn", n.hostnqn)):

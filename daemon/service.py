@@ -80,7 +80,6 @@ def open_nvmf_pool(p: PoolConfig) -> Pool:
     """Attach the namespace (provisioning it first when configured); open its pool, or
     format it when the namespace holds no pool yet (no superblock magic anywhere)."""
     from kvtier.daemon.nvmf.device import NvmfDevice
-    from kvtier.daemon.nvmf.host import NvmfTargetConfig
 
     n = p.nvmf
     assert n is not None
@@ -88,11 +87,7 @@ def open_nvmf_pool(p: PoolConfig) -> Pool:
         from kvtier.daemon.spdk import provision_pool
 
         provision_pool(p)
-    dev = NvmfDevice(NvmfTargetConfig(
-        n.address, n.port, n.subnqn, n.hostnqn, nsid=n.nsid, queues=n.queues,
-        queue_depth=n.queue_depth, header_digest=n.header_digest, data_digest=n.data_digest,
-        kato_ms=n.keep_alive_ms, io_timeout_s=n.io_timeout_s,
-        connect_timeout_s=n.connect_timeout_s), name=p.name, size_limit=p.size or None)
+    dev = NvmfDevice(n, name=p.name, size_limit=p.size or None)
     try:
         if superblock_present(dev):
             return Pool.open(dev)
