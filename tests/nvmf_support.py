@@ -63,7 +63,7 @@ class SpdkProcess:
     """SPDK's nvmf_tgt without hugepages on one core, provisioned per namespace through
     kvtier.daemon.spdk (an aio bdev over a file, a subsystem, a listener)."""
 
-    def __init__(self, workdir: str) -> None:
+    def __init__(self, workdir: str, port: int | None = None) -> None:
         assert SPDK_BIN, NO_SPDK
         self.rpc = os.path.join(workdir, "spdk.sock")
         self.log = open(os.path.join(workdir, "spdk.log"), "wb")  # noqa: SIM115
@@ -76,18 +76,20 @@ class SpdkProcess:
             time.sleep(0.1)
         from kvtier.daemon.spdk import Changes, SpdkTarget
 
-        self.port = _free_port()
+        self.port = port or free_port()
         with SpdkTarget(self.rpc) as t:
             t.ensure_transport(Changes())
 
-    def device(self, path: str, size: int, **kw: object) -> NvmfDevice:
+    def serve(self, path: str, size: int, nqn: str | None = None) -> str:
+        """Serve file `path` (created with `size` bytes if missing) as namespace 1 of
+        subsystem `nqn` (a new one by default); returns the NQN."""
         from kvtier.daemon.spdk import Changes, SpdkTarget
 
         if not os.path.exists(path):
             with open(path, "wb") as f:
                 f.truncate(size)
         n = next(_ids)
-        nqn = f"nqn.2016-06.io.spdk:kvtier{n}"
+        nqn = nqn or f"nqn.2016-06.io.spdk:kvtier{n}"
         ch = Changes()
         with SpdkTarget(self.rpc) as t:
             bdev = t.ensure_bdev(ch, {"kind": "aio", "name": f"aio{n}", "filename": str(path),
@@ -95,7 +97,10 @@ class SpdkProcess:
             t.ensure_subsystem(ch, nqn, serial=f"KVT{n:06d}", hosts=[HOSTNQN])
             t.ensure_namespace(ch, nqn, bdev, 1)
             t.ensure_listener(ch, nqn, "127.0.0.1", self.port)
-        return NvmfDevice(target_config(self.port, nqn, **kw))
+        return nqn
+
+    def device(self, path: str, size: int, **kw: object) -> NvmfDevice:
+        return NvmfDevice(target_config(self.port, self.serve(path, size), **kw))
 
     def close(self) -> None:
         self.proc.terminate()
@@ -106,7 +111,8 @@ class SpdkProcess:
         self.log.close()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on right now."""
     import socket
 
     s = socket.socket()

@@ -4,15 +4,20 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 from harness import TOKENS, Daemon
-from nvmf_support import HOSTNQN, TargetProcess, target_config
+from nvmf_support import HERE, HOSTNQN, TargetProcess, free_port, target_config
 
 from kvtier.client.client import Client
 from kvtier.client.errors import KvtierError
@@ -133,18 +138,29 @@ def _check_acked(dev: NvmfDevice, acked: dict[int, int]) -> None:
         assert np.array_equal(out, rnd(i, 64 * 1024)), f"slot {slot} lost write {i}"
 
 
+@contextmanager
+def writing(dev: NvmfDevice, threads: int = 2) -> Iterator[tuple[dict[int, int], list[str]]]:
+    """Writers hammering `dev` until the block ends: (slot -> acknowledged write, errors)."""
+    acked: dict[int, int] = {}
+    errors: list[str] = []
+    stop = threading.Event()
+    ths = [threading.Thread(target=_writer, args=(dev, acked, errors, stop))
+           for _ in range(threads)]
+    for th in ths:
+        th.start()
+    try:
+        yield acked, errors
+    finally:
+        stop.set()
+        for th in ths:
+            th.join()
+
+
 @pytest.mark.parametrize("fault", ["kill", "reset"])
 def test_target_faults_fail_requests_clearly_and_lose_nothing_acknowledged(
         target: TargetProcess, fault: str) -> None:
     dev = NvmfDevice(target.config(queues=2, io_timeout_s=3.0))
-    acked: dict[int, int] = {}
-    errors: list[str] = []
-    stop = threading.Event()
-    threads = [threading.Thread(target=_writer, args=(dev, acked, errors, stop))
-               for _ in range(2)]
-    try:
-        for th in threads:
-            th.start()
+    with writing(dev) as (acked, errors):
         wait_for(lambda: len(acked) > 50, what="writes before the fault")
         if fault == "kill":
             target.kill()
@@ -160,10 +176,6 @@ def test_target_faults_fail_requests_clearly_and_lose_nothing_acknowledged(
         wait_for(lambda: dev.health()["reconnects"] >= 1, what="the reconnect")
         n = dev.health()["bytes_written"]
         wait_for(lambda: dev.health()["bytes_written"] > n + 20 * 65536, what="writes after it")
-    finally:
-        stop.set()
-        for th in threads:
-            th.join()
     try:
         assert errors, "the fault failed no request"
         assert all("connection" in e or "not connected" in e for e in errors), errors[:3]
@@ -283,25 +295,15 @@ def test_bad_nvmf_pool_config_is_named(tmp_path: Path) -> None:
 def test_provisioning_is_idempotent_and_reversible(tmp_path: Path) -> None:
     """daemon/spdk.py against the target's SPDK JSON-RPC subset; a real SPDK runs the same
     calls in test_spdk.py."""
-    import subprocess
-    import sys
-
-    from nvmf_support import HERE
-
     rpc = str(tmp_path / "spdk.sock")
     proc = subprocess.Popen([sys.executable, f"{HERE}/nvmf_target.py", "--rpc-socket", rpc],
                             stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().startswith("rpc")
         backing = tmp_path / "disk.img"
-        backing.write_bytes(b"")
-        import os
-        os.truncate(backing, 32 * MiB)
-        import socket as so
-        s = so.socket()
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
+        with open(backing, "wb") as f:
+            f.truncate(32 * MiB)
+        port = free_port()
         nqn = "nqn.2016-06.io.kvtier:prov"
         toml = nvmf_pool_toml(port, nqn, "\n".join([
             "[pool.provision]", f'rpc = "{rpc}"', 'serial_number = "KVT0001"',

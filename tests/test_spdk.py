@@ -7,18 +7,15 @@ provisioned through daemon/spdk.py.  Without SPDK these tests are skipped and sa
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import time
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from harness import TOKENS, Daemon
-from nvmf_support import HOSTNQN
+from nvmf_support import HOSTNQN, NO_SPDK, SPDK_BIN, SpdkProcess, free_port
+from test_nvmf import _check_acked, wait_for, writing
 
 from kvtier.client.client import Client
 from kvtier.daemon.config import NvmfPoolConfig, PoolConfig
@@ -27,43 +24,16 @@ from kvtier.daemon.nvmf.host import NvmfTargetConfig
 from kvtier.daemon.pool import Pool
 from kvtier.daemon.spdk import decommission_pool, provision_pool
 
-SPDK_BIN = os.environ.get("KVTIER_SPDK_BIN") or shutil.which("nvmf_tgt") or \
-    shutil.which("spdk_tgt")
-pytestmark = pytest.mark.skipif(
-    not SPDK_BIN, reason="no SPDK target here: set KVTIER_SPDK_BIN to nvmf_tgt or spdk_tgt "
-                         "to run the NVMe/TCP tests against a real SPDK")
+pytestmark = pytest.mark.skipif(not SPDK_BIN, reason=NO_SPDK)
 MiB = 1 << 20
 NQN = "nqn.2016-06.io.spdk:kvtier-test"
 
 
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = int(s.getsockname()[1])
-    s.close()
-    return port
-
-
 @pytest.fixture
 def spdk(tmp_path: Path) -> Iterator[str]:
-    rpc = str(tmp_path / "spdk.sock")
-    log = open(tmp_path / "spdk.log", "wb")  # noqa: SIM115 - held until the target exits
-    proc = subprocess.Popen([str(SPDK_BIN), "--no-huge", "-s", "1024", "-u", "-m", "0x1",
-                             "-r", rpc], stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 60
-        while not os.path.exists(rpc):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("SPDK did not start:\n" + (tmp_path / "spdk.log").read_text())
-            time.sleep(0.1)
-        yield rpc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    t = SpdkProcess(str(tmp_path))
+    yield t.rpc
+    t.close()
 
 
 def pool_config(rpc: str, port: int) -> PoolConfig:
@@ -130,48 +100,23 @@ def test_daemon_on_a_provisioned_spdk_namespace(spdk: str, tmp_path: Path) -> No
 def test_spdk_killed_mid_write_loses_nothing_acknowledged(tmp_path: Path) -> None:
     """SIGKILL of nvmf_tgt under writes: requests fail clearly, the host reconnects once
     the target is back (re-provisioned on the same aio file), acknowledged data is there."""
-    import signal
-    import threading
-
-    from nvmf_support import SpdkProcess
-    from test_nvmf import _check_acked, _writer, wait_for
-
     backing = str(tmp_path / "aio.img")
     t = SpdkProcess(str(tmp_path))
     dev = t.device(backing, 64 * MiB, queues=2, io_timeout_s=3.0)
-    nqn, port = dev.cfg.subnqn, t.port
-    acked: dict[int, int] = {}
-    errors: list[str] = []
-    stop = threading.Event()
-    threads = [threading.Thread(target=_writer, args=(dev, acked, errors, stop))
-               for _ in range(2)]
     t2: SpdkProcess | None = None
     try:
-        for th in threads:
-            th.start()
-        wait_for(lambda: len(acked) > 50, what="writes before the kill")
-        t.proc.send_signal(signal.SIGKILL)
-        t.proc.wait()
-        wait_for(lambda: errors, what="a failed request")
-        (tmp_path / "again").mkdir()
-        t2 = SpdkProcess(str(tmp_path / "again"))
-        t2.port = port
-        from kvtier.daemon.spdk import Changes, SpdkTarget
-        with SpdkTarget(t2.rpc) as rpc:
-            ch = Changes()
-            bdev = rpc.ensure_bdev(ch, {"kind": "aio", "name": "again", "filename": backing,
-                                        "block_size": 4096})
-            rpc.ensure_subsystem(ch, nqn, serial="KVT000001", hosts=[HOSTNQN])
-            rpc.ensure_namespace(ch, nqn, bdev, 1)
-            rpc.ensure_listener(ch, nqn, "127.0.0.1", port)
-        wait_for(lambda: dev.health()["reconnects"] >= 1, timeout=20, what="the reconnect")
-        n = dev.health()["bytes_written"]
-        wait_for(lambda: dev.health()["bytes_written"] > n + 20 * 65536, what="writes after")
-    finally:
-        stop.set()
-        for th in threads:
-            th.join()
-    try:
+        with writing(dev) as (acked, errors):
+            wait_for(lambda: len(acked) > 50, what="writes before the kill")
+            t.proc.send_signal(signal.SIGKILL)
+            t.proc.wait()
+            wait_for(lambda: errors, what="a failed request")
+            (tmp_path / "again").mkdir()
+            t2 = SpdkProcess(str(tmp_path / "again"), port=t.port)
+            t2.serve(backing, 0, nqn=dev.cfg.subnqn)
+            wait_for(lambda: dev.health()["reconnects"] >= 1, timeout=20, what="the reconnect")
+            n = dev.health()["bytes_written"]
+            wait_for(lambda: dev.health()["bytes_written"] > n + 20 * 65536,
+                     what="writes after")
         assert all("connection" in e or "not connected" in e for e in errors), errors[:3]
         _check_acked(dev, acked)
     finally:
