@@ -31,6 +31,7 @@ from typing import Any
 
 import trio
 
+from kvtier.daemon.blockdev import IOV_MAX
 from kvtier.daemon.errors import DeviceError
 from kvtier.daemon.nvmf import nvme
 from kvtier.daemon.nvmf.queue import Completed, Connected, HostQueue, Send, Terminated
@@ -107,9 +108,6 @@ class _Batch:
         if self.error is None:
             self.error = reason
         self.event.set()
-
-
-IOV_MAX = 1024
 
 
 class _Queue:
