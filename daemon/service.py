@@ -401,7 +401,7 @@ class Service:
             for fd in fds[:3]:
                 os.close(fd)  # the maps keep the memory; the client has its own fds
             os.close(dram_fd)
-        assert self.prefetch is not None  # both are set up before accepting
+        assert self.prefetch is not None and self.qos is not None  # set up before accepting
         session = ClientSession(client_id=client_id, tenant=tenant.id, uid=uid, pid=pid,
                                 store=self.store, res=res, ring_entries=entries,
                                 inflight=lim.inflight_per_client, limiter=self.io_limiter,
@@ -467,8 +467,7 @@ class Service:
         tenant = body.get("tenant")
         if not isinstance(tenant, str) or self.cfg.tenant(tenant) is None:
             raise ValueError(f"no tenant {tenant!r} in the configuration")
-        cur = self.qos.tenants.get(tenant)
-        now = cur.describe() if cur else {"quota": None, "bandwidth": None, "iops": None}
+        now = self.qos.tenants[tenant].describe()  # every configured tenant has an entry
         changes = {k: body[k] for k in ("quota", "bandwidth", "iops") if k in body}
         for k, v in changes.items():
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
@@ -480,7 +479,7 @@ class Service:
             self._audit("policy_change", uid=uid, tenant=tenant, before={k: now[k] for k in new},
                         after=new)
             log.info("tenant %s: limits now %s (uid %d)", tenant, new, uid)
-        return self.qos.tenants[tenant].describe() if tenant in self.qos.tenants else now
+        return self.qos.tenants[tenant].describe()
 
     def _admin_cmd(self, body: dict[str, Any], uid: int) -> Any:
         assert self.store is not None

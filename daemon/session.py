@@ -112,7 +112,7 @@ class ClientSession:
                  stalled_timeout_s: float = CQ_FULL_TIMEOUT_S,
                  audit: Callable[..., None] | None = None,
                  prefetch: PrefetchScheduler,
-                 qos: QoS | None = None) -> None:
+                 qos: QoS) -> None:
         self.id = client_id
         self.tenant = tenant
         self.uid = uid
@@ -316,9 +316,8 @@ class ClientSession:
             data = self._range(req.data_off, req.data_len, "data")
             views = self._frames(req, data)
             ttl = float(req.ttl) if req.ttl else None
-            if self._qos is not None:
-                await self._qos.admit_put(t, req.data_len)
-                await self._qos.throttle(t, req.data_len)
+            await self._qos.admit_put(t, req.data_len)
+            await self._qos.throttle(t, req.data_len)
             tier = await self._thread(lambda: self.store.put(t, req.session, key, views,
                                                              ttl_s=ttl))
             if req.session == KEYS_SESSION:  # a wrapped tenant-scope data key (crypto.py)
@@ -329,16 +328,14 @@ class ClientSession:
             key = self._key(req)
             dest = self._range(req.data_off, req.data_len, "destination")
             rng = None if req.frame_b == ALL_FRAMES else (req.frame_a, req.frame_b)
-            if self._qos is not None:
-                await self._qos.throttle(t, 0)  # a request now; its bytes once known
+            await self._qos.throttle(t, 0)  # a request now; its bytes once known
             try:
                 r, tier = await self._thread(lambda: self.store.get_into(t, key, dest,
                                                                          frames=rng))
             except NotFound:
                 await self._audit_misses("get", [key])
                 raise
-            if self._qos is not None:
-                await self._qos.throttle_bytes(t, r.nbytes)
+            await self._qos.throttle_bytes(t, r.nbytes)
             self._frame_table(req, r.frame_lengths)
             return Completion(req.tag, Status.OK, int(tier), r.nbytes, len(r.frame_lengths))
         if req.op == Op.LOOKUP:
