@@ -30,7 +30,7 @@ import uuid as uuidlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import crc32c
 import numpy as np
@@ -69,6 +69,9 @@ Clock = Callable[[], float]
 Buffer = Any  # anything exposing the buffer protocol (bytes, memoryview, numpy array, mmap)
 
 
+T = TypeVar("T")
+
+
 class SegState(enum.IntEnum):
     FREE = 0
     OPEN = 1
@@ -86,6 +89,8 @@ class PoolOptions:
     sync: bool = False  # fdatasync after every write (power-loss durability)
     evict: bool = True  # when full, evict LRU segments (a cache); False: PoolFullError
     verify_reads: bool = True  # check frame CRCs on every read (DRAM tier: off)
+    volatile: bool = False  # nothing outlives the process (DRAM tier): a dead segment is
+    #                         free at once, with no checkpoint to wait for
 
 
 @dataclass(slots=True)
@@ -196,6 +201,9 @@ class Pool:
         self.counters = Counters()
         self.recovery = RecoveryReport()
         self._closed = False
+        self._dead = SegState.FREE if options.volatile else SegState.PENDING_FREE
+        # Which candidate segment to evict (a DRAM policy, kvtier.daemon.policy); None: LRU.
+        self.evictor: Callable[[Pool, npt.NDArray[np.int64]], int] | None = None
 
     @classmethod
     def format(cls, dev: BlockDevice, *, segment_size: int = DEFAULT_SEGMENT,
@@ -283,6 +291,30 @@ class Pool:
         return s
 
     # -- segment allocation ------------------------------------------------------------------
+
+    @property
+    def segment_count(self) -> int:
+        return self.sb.segment_count
+
+    def segments_of_rows(self, rows: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """The segment holding each index row's record."""
+        return np.asarray(self._seg_of_block(self.index.loc[rows]), dtype=np.int64)
+
+    def inspect(self, fn: Callable[[Pool], T]) -> T:
+        """Run `fn(self)` with the pool locked (a policy reading the index and the
+        segment table consistently)."""
+        with self._lock:
+            return fn(self)
+
+    def lru_victim(self, cand: npt.NDArray[np.int64]) -> int:
+        """The candidate whose newest access is oldest; ties: the oldest segment."""
+        ix = self.index
+        rows = ix.live_rows()
+        recent = np.zeros(len(self.segs), dtype=np.int64)
+        if len(rows):
+            np.maximum.at(recent, self.segments_of_rows(rows), ix.atime[rows].astype(np.int64))
+        order = np.lexsort((self.segs["epoch"][cand], recent[cand]))
+        return int(cand[order[0]])
 
     def _checkpoint_segments(self) -> int:
         """Segments the next checkpoint needs (an upper bound)."""
@@ -930,7 +962,7 @@ class Pool:
             ((st == SegState.OPEN) & (self.segs["bucket_end"] <= now)))
         for seg in np.flatnonzero(dead).tolist():
             self._seal(seg)
-            st[seg] = SegState.PENDING_FREE
+            st[seg] = self._dead
             self.counters.freed_segments += 1
 
     def sweep(self) -> int:
@@ -993,7 +1025,7 @@ class Pool:
         finally:
             self._in_maintenance = False
         self._seal(seg)
-        self.segs["state"][seg] = SegState.PENDING_FREE
+        self.segs["state"][seg] = self._dead
         self.counters.cleaned_segments += 1
         self.counters.freed_segments += 1
 
@@ -1031,27 +1063,24 @@ class Pool:
         return h, payload
 
     def _evict_one(self) -> bool:
-        """Evict the least recently used data segment (by its newest access)."""
+        """Evict one data segment: the one `self.evictor` picks (default: least recently
+        used, by its newest access)."""
         ix = self.index
         st, kind = self.segs["state"], self.segs["kind"]
         ok = ((st == SegState.SEALED) | (st == SegState.OPEN)) & (kind == SegKind.DATA) & \
             (self.pins == 0)
         if not ok.any():
             return False
-        rows = ix.live_rows()
-        recent = np.zeros(len(self.segs), dtype=np.int64)
-        if len(rows):
-            segs = self._seg_of_block(ix.loc[rows]).astype(np.int64)
-            np.maximum.at(recent, segs, ix.atime[rows].astype(np.int64))
         cand = np.flatnonzero(ok)
-        # Least recent access first; equal (second-granular) access times: oldest segment.
-        order = np.lexsort((self.segs["epoch"][cand], recent[cand]))
-        victim = int(cand[order[0]])
+        victim = self.evictor(self, cand) if self.evictor is not None else \
+            self.lru_victim(cand)
+        if not ok[victim]:
+            raise AssertionError(f"eviction policy chose segment {victim}, not a candidate")
         lo = self._seg_offset(victim) // self.B
         victims = ix.select(loc_range=(lo, lo + self.seg_blocks))
         self._remove_rows(victims)
         self._seal(victim)
-        st[victim] = SegState.PENDING_FREE
+        st[victim] = self._dead
         c = self.counters
         c.evicted_entries += len(victims)
         c.evicted_segments += 1

@@ -75,6 +75,8 @@ class TieredStore:
         self._queue: collections.deque[_Pending] = collections.deque()
         self._promote: collections.deque[tuple[str, bytes]] = collections.deque()
         self.counters = TierCounters()
+        # told (tenant, session or None for all) after a purge: reuse statistics forget it
+        self.on_purge: Callable[[str, str | None], None] = lambda tenant, session: None
 
     @classmethod
     def create_dram(cls, size: int, segment_size: int, populate: bool = True,
@@ -82,7 +84,7 @@ class TieredStore:
         name = f"kvtier-dram-{tenant}" if tenant else "kvtier-dram"
         return Pool.format(MemDevice(size, name=name, populate=populate),
                            segment_size=segment_size,
-                           options=PoolOptions(verify_reads=False,
+                           options=PoolOptions(verify_reads=False, volatile=True,
                                                checkpoint_every_bytes=1 << 62))
 
     @classmethod
@@ -353,6 +355,7 @@ class TieredStore:
             a = self.drams[tenant].purge_session(tenant, session) \
                 if tenant in self.drams else 0
             b = self.media.purge_session(tenant, session)
+        self.on_purge(tenant, session)
         return max(a, b)
 
     def purge_tenant(self, tenant: str) -> int:
@@ -363,6 +366,7 @@ class TieredStore:
                     del self._pending[k]
             a = self.drams[tenant].purge_tenant(tenant) if tenant in self.drams else 0
             b = self.media.purge_tenant(tenant)
+        self.on_purge(tenant, None)
         return max(a, b)
 
     # -- introspection ---------------------------------------------------------------------------
