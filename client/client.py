@@ -352,12 +352,17 @@ class Client:
 
     @contextmanager
     def get_slot(self, key: bytes, *, size: int | None = None, frames: tuple[int, int] | None
-                 = None, max_frames: int = 1024) -> Iterator[tuple[memoryview, list[int]]]:
-        """Read a value into an arena slot and lend it: (bytes, frame lengths) in place."""
+                 = None, max_frames: int = 1024, deadline_ms: int = 0,
+                 ) -> Iterator[tuple[memoryview, list[int]]]:
+        """Read a value into an arena slot and lend it: (bytes, frame lengths) in place.
+
+        With `deadline_ms`, a read the daemon cannot start within that many milliseconds
+        fails at once with DeadlineError instead of arriving late."""
         cap = size or self.arena_size // 4
         slot = self.allocator.alloc(cap + 8 * max_frames)
         try:
-            comp = self._call(self.get_request(key, slot, cap, frames, max_frames), "get")
+            comp = self._call(self.get_request(key, slot, cap, frames, max_frames,
+                                               deadline_ms), "get")
             table = np.frombuffer(slot.view[cap:cap + 8 * max_frames], dtype="<u8")
             fl = table[:min(comp.aux, max_frames)].tolist()
             yield slot.view[:comp.result], fl
@@ -365,15 +370,17 @@ class Client:
             self.allocator.free(slot)
 
     def get_request(self, key: bytes, slot: Slot, cap: int,
-                    frames: tuple[int, int] | None = None, max_frames: int = 0) -> Request:
+                    frames: tuple[int, int] | None = None, max_frames: int = 0,
+                    deadline_ms: int = 0) -> Request:
         a, b = frames if frames is not None else (0, ALL_FRAMES)
         return Request(Op.GET, 0, key=bytes(key), data_off=slot.offset, data_len=cap,
-                       frame_a=a, frame_b=b, count=max_frames, aux_off=slot.offset + cap)
+                       frame_a=a, frame_b=b, count=max_frames, aux_off=slot.offset + cap,
+                       ttl=deadline_ms)
 
     def get(self, key: bytes, *, frames: tuple[int, int] | None = None,
-            size: int | None = None) -> bytes:
+            size: int | None = None, deadline_ms: int = 0) -> bytes:
         """Convenience: the value as bytes (one copy out of the arena)."""
-        with self.get_slot(key, size=size, frames=frames) as (view, _):
+        with self.get_slot(key, size=size, frames=frames, deadline_ms=deadline_ms) as (view, _):
             return bytes(view)
 
     def get_into(self, key: bytes, out: Any, *, frames: tuple[int, int] | None = None) -> int:
@@ -383,8 +390,14 @@ class Client:
             dst[:view.nbytes] = view
             return view.nbytes
 
-    def lookup(self, keys: Sequence[bytes]) -> tuple[int, list[Tier]]:
-        """Longest stored prefix of a chained key list, and the tier of each key."""
+    def lookup(self, keys: Sequence[bytes], *, session: str | None = None
+               ) -> tuple[int, list[Tier]]:
+        """Longest stored prefix of a chained key list, and the tier of each key.
+
+        With `session`, the lookup also tells the daemon that this session's turn starts
+        (the prompt's keys): its reuse statistics learn when the session comes back and
+        what it reads, to keep or bring it in DRAM ahead of its next turn.  Look up without
+        a session for anything else (e.g. checking what is stored before a save)."""
         if not keys:
             return 0, []
         klen = len(keys[0])
@@ -395,8 +408,9 @@ class Client:
         try:
             slot.view[:n * klen] = b"".join(keys)
             comp = self._call(Request(Op.LOOKUP, 0, flags=Flag.KEYLIST, key=bytes(klen),
-                                      count=n, data_off=slot.offset, data_len=n * klen,
-                                      aux_off=slot.offset + n * klen), "lookup")
+                                      session=session or "", count=n, data_off=slot.offset,
+                                      data_len=n * klen, aux_off=slot.offset + n * klen),
+                              "lookup")
             tiers = [Tier(b) for b in bytes(slot.view[n * klen:n * klen + n])]
             return comp.result, tiers
         finally:

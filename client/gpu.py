@@ -394,20 +394,24 @@ class KVLoader:
             maps, self._mapped, self._copied = self._mapped, [], None
             self.client.unmap(maps)
 
-    def lookup(self, token_ids: Sequence[int] | torch.Tensor) -> tuple[list[bytes], int, list[Any]]:
+    def lookup(self, token_ids: Sequence[int] | torch.Tensor, session: str | None = None
+               ) -> tuple[list[bytes], int, list[Any]]:
         # As an array: a 128k-token Python list costs ~10 ms to build and hash.
         ids = token_ids.detach().reshape(-1).to("cpu", torch.int64).numpy() \
             if isinstance(token_ids, torch.Tensor) else np.asarray(token_ids, dtype=np.int64)
         keys = chunk_keys(ids, self.fingerprint, chunk_tokens=self.layout.chunk_tokens)
         if not keys:
             return [], 0, []
-        hit, tiers = self.client.lookup(keys)
+        hit, tiers = self.client.lookup(keys, session=session)
         return keys, hit, tiers
 
     def load(self, token_ids: Sequence[int] | torch.Tensor, device: torch.device | str,
-             reserve_tokens: int = 0,
+             reserve_tokens: int = 0, session: str | None = None,
              ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], LoadReport]:
         """Per-layer (K, V) tensors [1, heads, n*T, D] on `device` for the stored prefix.
+
+        `session` names the conversation whose turn this is (the daemon's reuse
+        statistics; see `Client.lookup`).
 
         With `reserve_tokens`, each is a view of a buffer with room for that many more
         tokens (`self.buffers`), so a cache built on them can grow in place.
@@ -417,7 +421,7 @@ class KVLoader:
         """
         rep = LoadReport()
         t0 = time.perf_counter()
-        keys, hit, tiers = self.lookup(token_ids)
+        keys, hit, tiers = self.lookup(token_ids, session)
         rep.lookup_s = time.perf_counter() - t0
         for t in tiers[:hit]:
             rep.tiers[t.name.lower()] = rep.tiers.get(t.name.lower(), 0) + 1
@@ -631,7 +635,7 @@ class ResumeResult:
 
 
 def resume(model: Any, loader: KVLoader, token_ids: torch.Tensor,
-           reserve_tokens: int | None = None) -> ResumeResult:
+           reserve_tokens: int | None = None, session: str | None = None) -> ResumeResult:
     """Load the longest stored prefix of `token_ids` into a DynamicCache for `model`.
 
     The cache's layers fill asynchronously on CUDA; hooks on the decoder layers make each
@@ -645,7 +649,7 @@ def resume(model: Any, loader: KVLoader, token_ids: torch.Tensor,
     device = next(model.parameters()).device
     if reserve_tokens is None:
         reserve_tokens = token_ids.numel() % loader.layout.chunk_tokens + 1024
-    per_layer, rep = loader.load(token_ids.reshape(-1), device, reserve_tokens)
+    per_layer, rep = loader.load(token_ids.reshape(-1), device, reserve_tokens, session)
     if device.type == "cuda" and rep.chunks:
         remove = loader.attach_layer_waits(decoder_layers(model))
         loader._remove_hooks = remove  # type: ignore[attr-defined]

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kvtier.daemon.nvmf.host import NvmfTargetConfig, default_hostnqn
+from kvtier.daemon.policy import POLICIES
 from kvtier.daemon.sizes import parse_size
 
 MIN_DRAM_SEGMENTS = 4  # the smallest pool the engine formats
@@ -58,6 +59,7 @@ class TenantConfig:
     quota: int | None = None  # bytes of media pool space; None: no quota
     bandwidth: int | None = None  # bytes/s of GET + PUT payload; None: unlimited
     iops: int | None = None  # GET + PUT requests per second; None: unlimited
+    weight: float = 1.0  # its share of contended I/O threads within a class (fair queueing)
 
     def check_token(self, token: str) -> bool:
         return verify_token(token, self.token_hash)
@@ -74,6 +76,18 @@ class Limits:
     prefetch_threads: int = 4  # promotion workers for prefetch hints (their own limiter)
     stalled_client_timeout_s: float = 30.0  # drop a client whose completion ring stays full
     sweep_interval_s: float = 10.0  # expiry sweep and retention, this often
+    starvation_s: float = 0.05  # a lower I/O class waits at most about this long
+
+
+@dataclass
+class PolicyConfig:
+    """The DRAM policy (kvtier.daemon.policy) and what its statistics may hold."""
+
+    name: str = "reuse"  # "reuse" (predicted next use) or "lru"
+    horizon_s: float = 60.0  # pre-promote sessions expected back within this
+    fill: float = 0.9  # ...while the sessions due first fill this share of DRAM
+    tracked_sessions: int = 100_000
+    tracked_keys: int = 200_000
 
 
 @dataclass
@@ -87,6 +101,7 @@ class Config:
     pools: list[PoolConfig] = field(default_factory=list)
     tenants: list[TenantConfig] = field(default_factory=list)
     limits: Limits = field(default_factory=Limits)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     admin_uids: list[int] = field(default_factory=lambda: [0])
     metrics_address: str = "127.0.0.1"
     metrics_port: int = 0  # 0: no metrics endpoint
@@ -133,10 +148,11 @@ class Config:
             "tenants": [{"id": t.id, "allowed_uids": t.allowed_uids, "dram": t.dram_size,
                          "retention_s": t.retention_s, "encryption": t.encryption,
                          "key_scope": t.key_scope, "quota": t.quota,
-                         "bandwidth": t.bandwidth, "iops": t.iops,
+                         "bandwidth": t.bandwidth, "iops": t.iops, "weight": t.weight,
                          "token_hash": "<redacted>"}
                         for t in self.tenants],
-            "limits": vars(self.limits), "admin_uids": self.admin_uids,
+            "limits": vars(self.limits), "policy": asdict(self.policy),
+            "admin_uids": self.admin_uids,
             "metrics": {"address": self.metrics_address, "port": self.metrics_port},
             "fuse": {"mountpoint": self.fuse_mountpoint, "admin_gid": self.fuse_admin_gid},
         }
@@ -340,6 +356,11 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
             tc.bandwidth = tr.size("bandwidth")
         if "iops" in tr.table:
             tc.iops = tr.get("iops", int)
+        tr.used.add("weight")
+        weight = tr.table.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or weight <= 0:
+            raise tr.fail("weight", f"must be a positive number, got {weight!r}")
+        tc.weight = float(weight)
         for key, val in (("quota", tc.quota), ("bandwidth", tc.bandwidth), ("iops", tc.iops)):
             if val is not None and val <= 0:
                 raise tr.fail(key, f"must be positive, got {val}")
@@ -364,12 +385,17 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
         lim.stalled_client_timeout_s = float(stall)
         if "sweep_interval_s" in lr.table:
             lim.sweep_interval_s = _duration(lr, "sweep_interval_s")
+        if "starvation_s" in lr.table:
+            lim.starvation_s = _duration(lr, "starvation_s")
         if lim.ring_entries & (lim.ring_entries - 1):
             raise lr.fail("ring_entries", f"must be a power of two, got {lim.ring_entries}")
         if lim.arena_default > lim.arena_max:
             raise lr.fail("arena_default", "must not exceed arena_max")
         lr.check_unknown()
         r.used.add("limits")
+    if "policy" in data:
+        cfg.policy = _policy(r.sub("policy", data["policy"]))
+        r.used.add("policy")
     if "metrics" in data:
         mr = r.sub("metrics", data["metrics"])
         cfg.metrics_address = mr.get("address", str, cfg.metrics_address)
@@ -393,6 +419,27 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
     if cfg.tenants:
         cfg.dram_shares()
     return cfg
+
+
+def _policy(pr: _Reader) -> PolicyConfig:
+    pc = PolicyConfig()
+    pc.name = pr.get("name", str, pc.name)
+    if pc.name not in POLICIES:
+        raise pr.fail("name", f"must be one of {', '.join(POLICIES)}, got {pc.name!r}")
+    if "horizon_s" in pr.table:
+        pc.horizon_s = _duration(pr, "horizon_s")
+    pr.used.add("fill")
+    fill = pr.table.get("fill", pc.fill)
+    if isinstance(fill, bool) or not isinstance(fill, int | float) or not 0 < fill <= 1:
+        raise pr.fail("fill", f"must be a number in (0, 1], got {fill!r}")
+    pc.fill = float(fill)
+    for k in ("tracked_sessions", "tracked_keys"):
+        v = pr.get(k, int, getattr(pc, k))
+        if v <= 0:
+            raise pr.fail(k, f"must be positive, got {v}")
+        setattr(pc, k, v)
+    pr.check_unknown()
+    return pc
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}

@@ -22,9 +22,13 @@ _BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.
 
 
 class _StoreCollector(Collector):
-    def __init__(self, store: TieredStore, clients: Callable[[], int]) -> None:
+    def __init__(self, store: TieredStore, clients: Callable[[], int],
+                 io_queued: Callable[[], dict[str, int]] | None,
+                 throttled: Callable[[], dict[str, float]] | None) -> None:
         self.store = store
         self.clients = clients
+        self.io_queued = io_queued
+        self.throttled = throttled
 
     def collect(self) -> Iterator[Any]:
         st = self.store.stats()
@@ -57,6 +61,19 @@ class _StoreCollector(Collector):
         wa.add_metric([], st["media"]["write_amplification"])
         yield wa
         yield GaugeMetricFamily("kvtier_clients", "Connected clients", value=self.clients())
+        if self.io_queued is not None:
+            q = GaugeMetricFamily("kvtier_io_queue_depth", "Requests waiting for an I/O thread",
+                                  labels=["io_class"])
+            for cls, n in self.io_queued().items():
+                q.add_metric([cls], n)
+            yield q
+        if self.throttled is not None:
+            th = CounterMetricFamily("kvtier_throttled_seconds",
+                                     "Time requests waited on their tenant's rate limits",
+                                     labels=["tenant"])
+            for tenant, secs in self.throttled().items():
+                th.add_metric([tenant], secs)
+            yield th
         dev = st["media_device"]
         labels = ["pool", "kind"]
         lv = [dev["name"], dev["kind"]]
@@ -87,9 +104,21 @@ class Metrics:
                              registry=r)
         self.auth_failures = Counter("kvtier_auth_failures", "Refused HELLOs", registry=r)
         self._children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
+        self.io_wait = Histogram("kvtier_io_wait_seconds",
+                                 "Time a request queued for an I/O thread, by class and tenant",
+                                 ["io_class", "tenant"], buckets=_BUCKETS, registry=r)
+        self._io_children: dict[tuple[str, str], Any] = {}
 
-    def bind(self, store: TieredStore, clients: Callable[[], int]) -> None:
-        self.registry.register(_StoreCollector(store, clients))
+    def observe_io(self, io_class: str, tenant: str, seconds: float) -> None:
+        h = self._io_children.get((io_class, tenant))
+        if h is None:
+            h = self._io_children[(io_class, tenant)] = self.io_wait.labels(io_class, tenant)
+        h.observe(seconds)
+
+    def bind(self, store: TieredStore, clients: Callable[[], int],
+             io_queued: Callable[[], dict[str, int]] | None = None,
+             throttled: Callable[[], dict[str, float]] | None = None) -> None:
+        self.registry.register(_StoreCollector(store, clients, io_queued, throttled))
 
     def record(self, op: str, status: str, tier: str, nbytes: int, seconds: float) -> None:
         children = self._children.get((op, status, tier))

@@ -2,9 +2,8 @@
 
 A hint is (tenant, keys, deadline).  Its keys join one queue ordered by deadline, so the
 most urgent hint is served first whatever arrived before it; `workers` tasks take keys
-from the front and promote them (`TieredStore.promote`, a media read and a DRAM put) in
-worker threads under their own limiter, so prefetch never takes the I/O threads that
-interactive requests use.
+from the front and promote them (`TieredStore.promote_bytes`, a media read and a DRAM
+put) in I/O threads of the `prefetch` class, which interactive requests overtake.
 
 Interactive reads come first: while GETs are reading the media pool, the workers hold
 back (strict priority), each for at most `max_yield_s` before it promotes one value anyway
@@ -32,6 +31,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from kvtier.daemon.iosched import IoClass, IoScheduler
 from kvtier.daemon.tiers import TieredStore
 
 BACKGROUND_DEADLINE_S = 60.0
@@ -73,14 +73,14 @@ class PrefetchStats:
 
 
 class PrefetchScheduler:
-    def __init__(self, store: TieredStore, *, workers: int = 4,
+    def __init__(self, store: TieredStore, io: IoScheduler, *, workers: int = 4,
                  max_yield_s: float = 0.25) -> None:
         if workers < 1:
             raise ValueError("prefetch needs at least one worker")
         self.store = store
+        self.io = io
         self.workers = workers
         self.max_yield_s = max_yield_s
-        self.limiter = trio.CapacityLimiter(workers)
         self.stats = PrefetchStats()
         self.rate = 1e9  # bytes/s; replaced by measurements
         self._heap: list[tuple[float, int, bytes, Hint]] = []
@@ -94,12 +94,17 @@ class PrefetchScheduler:
                 n.start_soon(self._worker)
             task_status.started()
 
-    def background(self, tenant: str, keys: Sequence[bytes]) -> None:
-        """Queue keys nobody waits for (values a GET read only in part) behind every hint
-        due within BACKGROUND_DEADLINE_S."""
+    def background(self, tenant: str, keys: Sequence[bytes],
+                   due_in_s: float = BACKGROUND_DEADLINE_S) -> Hint:
+        """Queue keys nobody waits for: values a GET read only in part (behind every hint
+        due within BACKGROUND_DEADLINE_S), or a DRAM policy's predictions (due when the
+        policy expects them to be read).  The returned hint's `done` is set once every key
+        was promoted (or found in DRAM, or on no tier)."""
+        h = Hint(tenant, trio.current_time() + max(due_in_s, 0.0), len(keys))
         if not keys:
-            return
-        self._queue(Hint(tenant, trio.current_time() + BACKGROUND_DEADLINE_S, len(keys)), keys)
+            h.done.set()
+        self._queue(h, keys)
+        return h
 
     async def hint(self, tenant: str, keys: Sequence[bytes], deadline_s: float) -> HintResult:
         """Queue `keys` for promotion; answer when done or at the deadline."""
@@ -142,8 +147,8 @@ class PrefetchScheduler:
                 continue
             _, _, key, h = heapq.heappop(self._heap)
             t0 = time.perf_counter()
-            nbytes = await trio.to_thread.run_sync(self.store.promote_bytes, h.tenant, key,
-                                                   limiter=self.limiter)
+            nbytes = await self.io.run(IoClass.PREFETCH, h.tenant, self.store.promote_bytes,
+                                       h.tenant, key)
             dt = time.perf_counter() - t0
             if nbytes > 0:
                 self.stats.values += 1

@@ -2,9 +2,10 @@
 
 One nursery owns everything: the control-socket listener, one task per connection, the
 write-behind and promotion workers, the sweeper/checkpointer, the metrics endpoint and
-the signal watcher.  Blocking engine calls go through `trio.to_thread` with one explicit
-limiter (`limits.io_threads`).  SIGTERM/SIGINT stop accepting, let requests in flight
-finish (bounded), flush write-behind, checkpoint the pools and remove the socket.
+the signal watcher.  Blocking engine calls run in `limits.io_threads` worker threads,
+handed out by the I/O scheduler (`iosched.py`: classes, fair queueing between tenants).
+SIGTERM/SIGINT stop accepting, let requests in flight finish (bounded), flush
+write-behind, checkpoint the pools and remove the socket.
 """
 
 from __future__ import annotations
@@ -40,10 +41,13 @@ from kvtier.daemon.audit import AuditLog
 from kvtier.daemon.blockdev import FileDevice
 from kvtier.daemon.config import Config, PoolConfig
 from kvtier.daemon.errors import FormatError, StoreError
+from kvtier.daemon.iosched import IoClass, IoScheduler
 from kvtier.daemon.metrics import Metrics, serve_metrics
+from kvtier.daemon.policy import PLAN_EVERY_S, make_policy
 from kvtier.daemon.pool import Pool, PoolOptions
-from kvtier.daemon.prefetch import PrefetchScheduler
+from kvtier.daemon.prefetch import Hint, PrefetchScheduler
 from kvtier.daemon.qos import QoS
+from kvtier.daemon.reuse import ReuseStats
 from kvtier.daemon.session import ClientSession, DropClient, SessionResources
 from kvtier.daemon.superblock import superblock_present
 from kvtier.daemon.tiers import TieredStore
@@ -117,7 +121,10 @@ class Service:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.metrics = Metrics()
-        self.io_limiter = trio.CapacityLimiter(cfg.limits.io_threads)
+        self.io = IoScheduler(cfg.limits.io_threads, starvation_s=cfg.limits.starvation_s,
+                              weights={t.id: t.weight for t in cfg.tenants},
+                              observe=self.metrics.observe_io)
+        self.io_limiter = self.io.limiter  # the same threads, unclassed (admin tree reads)
         self.sessions: dict[int, ClientSession] = {}
         self._next_client = 1
         self.started = time.time()
@@ -125,6 +132,9 @@ class Service:
         self.store: TieredStore | None = None
         self.prefetch: PrefetchScheduler | None = None
         self.qos: QoS | None = None
+        pc = cfg.policy
+        self.reuse = ReuseStats(max_sessions=pc.tracked_sessions, max_keys=pc.tracked_keys)
+        self.policy = make_policy(pc.name, self.reuse, horizon_s=pc.horizon_s, fill=pc.fill)
         self._wake = trio.Event()
         self._stopping = False
         self.socket_path = cfg.socket
@@ -148,8 +158,14 @@ class Service:
         token = trio.lowlevel.current_trio_token()
         self.store = TieredStore(drams, media, ack=cfg.ack,
                                  notify=lambda: token.run_sync_soon(self._wake.set))
-        self.metrics.bind(self.store, lambda: len(self.sessions))
-        self.prefetch = PrefetchScheduler(self.store, workers=cfg.limits.prefetch_threads)
+        self.store.on_purge = self.reuse.forget
+        for dram in drams.values():
+            dram.evictor = self.policy.victim
+        self.metrics.bind(self.store, lambda: len(self.sessions),
+                          lambda: {c.name.lower(): self.io.queued(c) for c in IoClass},
+                          lambda: {t: q.throttled_s for t, q in self._qos_tenants().items()})
+        self.prefetch = PrefetchScheduler(self.store, self.io,
+                                          workers=cfg.limits.prefetch_threads)
         self.qos = QoS.from_config(cfg.tenants, self.store.media.tenant_bytes, self.io_limiter)
         quotas = sum(t.quota or 0 for t in cfg.tenants)
         if quotas > media.capacity_bytes:
@@ -164,6 +180,7 @@ class Service:
                 nursery.start_soon(self._maintenance)
                 nursery.start_soon(self._audit_sync)
                 await nursery.start(self.prefetch.run)
+                nursery.start_soon(self._plan_promotions)
                 if cfg.metrics_port:
                     self.metrics_port = await nursery.start(
                         serve_metrics, self.metrics, cfg.metrics_address, cfg.metrics_port)
@@ -244,8 +261,7 @@ class Service:
             await self._wake.wait()
             self._wake = trio.Event()
             while True:
-                n = await trio.to_thread.run_sync(store.flush_some, 16,
-                                                  limiter=self.io_limiter)
+                n = await self.io.run(IoClass.BACKGROUND, "", store.flush_some, 16)
                 todo = store.take_promotions()
                 by_tenant: dict[str, list[bytes]] = {}
                 for tenant, key in todo:
@@ -255,6 +271,21 @@ class Service:
                     self.prefetch.background(tenant, keys)
                 if not n and not todo:
                     break
+
+    async def _plan_promotions(self) -> None:
+        """Queue what the DRAM policy expects to be read soon (nothing, for `lru`)."""
+        assert self.store is not None and self.prefetch is not None
+        store, prefetch, policy = self.store, self.prefetch, self.policy
+        limiter = trio.CapacityLimiter(1)
+        queued: dict[tuple[str, str], Hint] = {}  # a session's promotion still under way
+        while True:
+            await trio.sleep(PLAN_EVERY_S)
+            now = self.reuse.clock()
+            queued = {k: h for k, h in queued.items() if not h.done.is_set()}
+            for p in await trio.to_thread.run_sync(policy.plan, store, now, limiter=limiter):
+                if (p.tenant, p.session) not in queued:
+                    queued[(p.tenant, p.session)] = prefetch.background(
+                        p.tenant, p.keys, due_in_s=p.due - now)
 
     async def _audit_sync(self) -> None:
         """fsync the audit log in batches: at most AUDIT_SYNC_S of records at risk."""
@@ -292,10 +323,10 @@ class Service:
         while True:
             await trio.sleep(self.cfg.limits.sweep_interval_s)
             for pool in store.pools():
-                await trio.to_thread.run_sync(pool.sweep, limiter=self.io_limiter)
-            await trio.to_thread.run_sync(self._apply_retention, limiter=self.io_limiter)
+                await self.io.run(IoClass.BACKGROUND, "", pool.sweep)
+            await self.io.run(IoClass.BACKGROUND, "", self._apply_retention)
             if trio.current_time() - last_ckpt >= CHECKPOINT_EVERY_S:
-                await trio.to_thread.run_sync(store.media.checkpoint, limiter=self.io_limiter)
+                await self.io.run(IoClass.BACKGROUND, "", store.media.checkpoint)
                 last_ckpt = trio.current_time()
 
     # -- connections -------------------------------------------------------------------------------
@@ -404,10 +435,11 @@ class Service:
         assert self.prefetch is not None and self.qos is not None  # set up before accepting
         session = ClientSession(client_id=client_id, tenant=tenant.id, uid=uid, pid=pid,
                                 store=self.store, res=res, ring_entries=entries,
-                                inflight=lim.inflight_per_client, limiter=self.io_limiter,
+                                inflight=lim.inflight_per_client, io=self.io,
                                 record=self.metrics.record, stats=self.stats,
                                 stalled_timeout_s=lim.stalled_client_timeout_s,
-                                audit=self._audit, prefetch=self.prefetch, qos=self.qos)
+                                audit=self._audit, prefetch=self.prefetch, qos=self.qos,
+                                reuse=self.reuse)
         self.sessions[client_id] = session
         self.metrics.connects.inc()
         self._audit("connect", client=client_id, tenant=tenant.id, pid=pid, uid=uid)
@@ -444,8 +476,8 @@ class Service:
                 if body.get("cmd") == "limits":  # token buckets live on the trio clock
                     result = self._admin_limits(body, uid)
                 else:
-                    result = await trio.to_thread.run_sync(self._admin_cmd, body, uid,
-                                                           limiter=self.io_limiter)
+                    result = await self.io.run(IoClass.INTERACTIVE, "admin", self._admin_cmd,
+                                               body, uid)
                 await _sendall(conn, encode_ctrl(Msg.ADMIN_OK, {"result": result},
                                                  MAX_ADMIN_REPLY))
             except (StoreError, ValueError, KeyError) as e:
@@ -512,6 +544,9 @@ class Service:
             return {"purged": n}
         raise ValueError(f"unknown admin command {cmd!r}")
 
+    def _qos_tenants(self) -> dict[str, Any]:
+        return self.qos.tenants if self.qos is not None else {}
+
     def stats(self) -> dict[str, Any]:
         assert self.store is not None
         st = self.store.stats()
@@ -526,6 +561,8 @@ class Service:
                                     for t in self.cfg.tenants]}
         if self.qos is not None:
             st["qos"] = self.qos.describe()
+        st["policy"] = self.policy.describe()
+        st["io"] = self.io.describe()
         if self.prefetch is not None:
             st["prefetch"] = dict(vars(self.prefetch.stats), queued=self.prefetch.queued,
                                   rate_bytes_per_s=round(self.prefetch.rate),

@@ -49,8 +49,10 @@ from kvtier.daemon.errors import (
     StoreError,
     ValueTooLargeError,
 )
+from kvtier.daemon.iosched import MIN_COST, DeadlineMissed, IoClass, IoScheduler
 from kvtier.daemon.prefetch import PrefetchScheduler
 from kvtier.daemon.qos import QoS, QuotaExceeded
+from kvtier.daemon.reuse import ReuseStats
 from kvtier.daemon.tiers import TieredStore
 
 log = logging.getLogger("kvtierd.session")
@@ -86,6 +88,8 @@ class SessionResources:
 
 
 def _status_of(e: BaseException) -> Status:
+    if isinstance(e, DeadlineMissed):
+        return Status.DEADLINE
     if isinstance(e, NotFound):
         return Status.NOT_FOUND
     if isinstance(e, BufferTooSmall):
@@ -106,13 +110,13 @@ def _status_of(e: BaseException) -> Status:
 class ClientSession:
     def __init__(self, *, client_id: int, tenant: str, uid: int, pid: int,
                  store: TieredStore, res: SessionResources, ring_entries: int,
-                 inflight: int, limiter: trio.CapacityLimiter,
+                 inflight: int, io: IoScheduler,
                  record: Callable[[str, str, str, int, float], None],
                  stats: Callable[[], dict[str, Any]],
                  stalled_timeout_s: float = CQ_FULL_TIMEOUT_S,
                  audit: Callable[..., None] | None = None,
                  prefetch: PrefetchScheduler,
-                 qos: QoS) -> None:
+                 qos: QoS, reuse: ReuseStats) -> None:
         self.id = client_id
         self.tenant = tenant
         self.uid = uid
@@ -125,13 +129,14 @@ class ClientSession:
         self.ring_entries = ring_entries
         self._max_inflight = min(inflight, ring_entries)
         self._slots = trio.Semaphore(self._max_inflight)
-        self._limiter = limiter
+        self._io = io
         self._record = record
         self._stats = stats
         self._stalled_timeout_s = stalled_timeout_s
         self._audit = audit or (lambda event, **fields: None)
         self._prefetch = prefetch
         self._qos = qos
+        self._reuse = reuse
         self.ops = 0
         self.errors = 0
         self.maps: collections.Counter[int] = collections.Counter()  # MAP pins held
@@ -196,6 +201,7 @@ class ClientSession:
                 rng = None if req.frame_b == ALL_FRAMES else (req.frame_a, req.frame_b)
                 r = self.store.get_dram_into(self.tenant, key, dest, frames=rng)
                 self._frame_table(req, r.frame_lengths)
+                self._reuse.read(self.tenant, [key])
             except NotFound:
                 return False  # not in DRAM: the media path runs in a worker thread
             except (StoreError, ValueError) as e:
@@ -289,8 +295,9 @@ class ClientSession:
         raw = bytes(self._range(req.data_off, req.count * klen, "key list"))
         return [raw[i * klen:(i + 1) * klen] for i in range(req.count)]
 
-    async def _thread(self, fn: Callable[[], Any]) -> Any:
-        return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+    async def _thread(self, fn: Callable[[], Any], cls: IoClass = IoClass.INTERACTIVE,
+                      cost: int = MIN_COST, deadline: float | None = None) -> Any:
+        return await self._io.run(cls, self.tenant, fn, cost=cost, deadline=deadline)
 
     # -- operations --------------------------------------------------------------------------------
 
@@ -319,7 +326,9 @@ class ClientSession:
             await self._qos.admit_put(t, req.data_len)
             await self._qos.throttle(t, req.data_len)
             tier = await self._thread(lambda: self.store.put(t, req.session, key, views,
-                                                             ttl_s=ttl))
+                                                             ttl_s=ttl),
+                                      IoClass.WRITE, req.data_len)
+            self._reuse.put(t, req.session, key, req.data_len)
             if req.session == KEYS_SESSION:  # a wrapped tenant-scope data key (crypto.py)
                 self._audit("data_key_stored", client=self.id, tenant=t, uid=self.uid,
                             pid=self.pid, key=key.hex())
@@ -328,14 +337,18 @@ class ClientSession:
             key = self._key(req)
             dest = self._range(req.data_off, req.data_len, "destination")
             rng = None if req.frame_b == ALL_FRAMES else (req.frame_a, req.frame_b)
+            # A deadline (ttl, ms): not served by then, the GET fails with DEADLINE at once.
+            deadline = trio.current_time() + req.ttl / 1000 if req.ttl else None
             await self._qos.throttle(t, 0)  # a request now; its bytes once known
             try:
                 r, tier = await self._thread(lambda: self.store.get_into(t, key, dest,
-                                                                         frames=rng))
+                                                                         frames=rng),
+                                             IoClass.INTERACTIVE, req.data_len, deadline)
             except NotFound:
                 await self._audit_misses("get", [key])
                 raise
             await self._qos.throttle_bytes(t, r.nbytes)
+            self._reuse.read(t, [key])
             self._frame_table(req, r.frame_lengths)
             return Completion(req.tag, Status.OK, int(tier), r.nbytes, len(r.frame_lengths))
         if req.op == Op.LOOKUP:
@@ -343,6 +356,8 @@ class ClientSession:
             out = self._range(req.aux_off, len(keys), "tier list")
             prefix, tiers = await self._thread(lambda: self.store.lookup(t, keys))
             out[:] = tiers.tobytes()
+            if req.session:  # a turn of that session starts (reuse statistics)
+                self._reuse.turn(t, req.session, keys, prefix)
             if prefix < len(keys):
                 await self._audit_misses("lookup", [k for k, tier in zip(keys, tiers.tolist(),
                                                                         strict=True) if not tier])
@@ -369,6 +384,7 @@ class ClientSession:
             else:
                 keys = self._keylist(req)
             deadline = (req.ttl or 1000) / 1000.0
+            self._reuse.expect(t, keys, self._reuse.clock() + deadline)
             r = await self._prefetch.hint(t, keys, deadline)
             n, met = r.promoted, r.met
             if not req.flags & Flag.SESSION:
@@ -383,6 +399,7 @@ class ClientSession:
                                       f"(UNMAP some first)")
             rng = None if req.frame_b == ALL_FRAMES else (req.frame_a, req.frame_b)
             maps = await self._thread(lambda: self.store.map_dram(t, keys, rng))
+            self._reuse.read(t, [k for k, m in zip(keys, maps, strict=True) if m is not None])
             if any(m is None for m in maps):
                 await self._audit_absent("map", [k for k, m in zip(keys, maps, strict=True)
                                                  if m is None])

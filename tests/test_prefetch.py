@@ -99,6 +99,7 @@ def test_promotion_yields_to_interactive_reads_within_a_bound(tmp_path: Path) ->
     import trio
 
     from kvtier.daemon.blockdev import FileDevice
+    from kvtier.daemon.iosched import IoScheduler
     from kvtier.daemon.pool import Pool
     from kvtier.daemon.prefetch import PrefetchScheduler
     from kvtier.daemon.tiers import TieredStore
@@ -109,7 +110,7 @@ def test_promotion_yields_to_interactive_reads_within_a_bound(tmp_path: Path) ->
     store = TieredStore(TieredStore.create_drams({"t": 32 * MiB}, 4 * MiB, False), media)
     for i in range(10):
         media.put("t", "s", k("y", i), [bytes(100_000)])
-    sched = PrefetchScheduler(store, workers=1, max_yield_s=0.2)
+    sched = PrefetchScheduler(store, IoScheduler(2), workers=1, max_yield_s=0.2)
 
     async def main() -> None:
         async with trio.open_nursery() as n:
