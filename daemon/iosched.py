@@ -5,10 +5,11 @@ busy, waiting requests are granted a thread in this order:
 
 1. strict priority between classes -- `interactive` (client GETs, lookups, deletes) >
    `prefetch` (hint and policy promotions) > `write` (client PUTs) > `background`
-   (write-behind, expiry sweeps, retention, checkpoints).  Strictly: while an
-   interactive request runs, no request of another class starts (the device's queue
-   belongs to the interactive read), and `reserved` threads are only ever given to
-   interactive requests, so one never waits for a thread behind a long write;
+   (write-behind, expiry sweeps, retention, checkpoints).  `reserved` threads only ever
+   run interactive requests, so one never waits for a thread behind a long write; and
+   writes and background work yield the device to reads: none starts while an
+   interactive request runs, and one at a time while interactive requests ran within
+   `recent_s`;
 2. except that a request of a lower class that has waited `starvation_s` is served
    then, interactive work or not (the anti-starvation bound: background work always
    progresses);
@@ -124,43 +125,47 @@ class IoScheduler:
             heapq.heappop(q)
         return q[0] if q else None
 
+    def _allowed(self, cls: IoClass, now: float) -> bool:
+        """May a request of a non-interactive class start now (queue order aside)?
+
+        No class takes the reserved threads.  Writes and background work also yield the
+        device to reads: none starts while an interactive request runs, and only one
+        runs while interactive requests ran within `recent_s`.  Prefetch is a read
+        itself and is only kept off the reserve."""
+        if self.busy >= self.slots - self.reserved:
+            return False
+        if cls == IoClass.PREFETCH:
+            return True
+        if self.running[IoClass.INTERACTIVE]:
+            return False
+        writers = self.running[IoClass.WRITE] + self.running[IoClass.BACKGROUND]
+        return now - self._last_interactive >= self.recent_s or writers == 0
+
     def _pick(self) -> _Waiter | None:
         now = trio.current_time()
-        lower_ok = self.busy < self.slots - self.reserved and \
-            self._lower_running() < self._lower_cap(now)  # the reserve is interactive's
         heads = [(c, self._head(c)) for c in IoClass if c != IoClass.INTERACTIVE]
         # The anti-starvation bound first: the longest-waiting head past it (lower
-        # classes first on ties), whatever else is queued or running.
+        # classes first on ties) goes, as soon as a non-reserved thread is free.
         starving = [(h[2].since, -c, c, h[2].tenant) for c, h in heads
                     if h is not None and now - h[2].since >= self.starvation_s]
-        chosen: IoClass
-        if starving and lower_ok:
+        chosen: IoClass | None = None
+        if starving and self.busy < self.slots - self.reserved:
             _, _, chosen, tenant = min(starving)
             if self.running[IoClass.INTERACTIVE] or self._head(IoClass.INTERACTIVE):
                 self._stats(chosen, tenant).starvation_grants += 1
         elif self._head(IoClass.INTERACTIVE) is not None:
             chosen = IoClass.INTERACTIVE
-        elif not lower_ok or self.running[IoClass.INTERACTIVE]:
-            return None  # nothing else starts while an interactive request runs
         else:
-            ready = [c for c, h in heads if h is not None]
-            if not ready:
-                return None
-            chosen = ready[0]
+            for c, h in heads:
+                if h is not None:
+                    if self._allowed(c, now):
+                        chosen = c
+                    break  # strict priority: a lower class never passes a waiting higher
+        if chosen is None:
+            return None
         tag, _, w = heapq.heappop(self._queues[chosen])
         self._vtime[chosen] = max(self._vtime[chosen], tag)
         return w
-
-    def _lower_running(self) -> int:
-        return self.busy - self.running[IoClass.INTERACTIVE]
-
-    def _lower_cap(self, now: float) -> int:
-        """Threads the other classes may hold: all but the reserve; one while interactive
-        requests ran within `recent_s` (their reads then share the device with one
-        write, not with a full queue of them)."""
-        if now - self._last_interactive < self.recent_s:
-            return 1
-        return self.slots - self.reserved
 
     def _grant(self) -> None:
         while self.busy < self.slots:
@@ -184,9 +189,7 @@ class IoScheduler:
         """Can `cls` start at once, with nobody queued?"""
         if cls == IoClass.INTERACTIVE:
             return self.busy < self.slots and not self.queued(IoClass.INTERACTIVE)
-        return not self.queued() and not self.running[IoClass.INTERACTIVE] and \
-            self.busy < self.slots and \
-            self._lower_running() < self._lower_cap(trio.current_time())
+        return not self.queued() and self._allowed(cls, trio.current_time())
 
     # -- the API ------------------------------------------------------------------------------
 
