@@ -173,6 +173,8 @@ class ReusePolicy:
         out: list[Promotion] = []
         for tenant, dram in store.drams.items():
             budget = self.fill * dram.capacity_bytes
+            if self.stats.prior(tenant) is None:
+                continue  # no session came back yet: nothing to predict a return from
             ranked = []
             for _, session, s in self.stats.sessions(tenant):
                 nu = self.stats.next_use(tenant, session, now)

@@ -35,6 +35,8 @@ from kvtier.daemon.blockdev import MemDevice, aligned_buffer
 from kvtier.daemon.errors import NotFound, PoolFullError, ValueTooLargeError
 from kvtier.daemon.pool import Buffer, GetResult, Pool, PoolOptions
 
+VERSION_SLOTS = 1 << 16
+
 
 @dataclass
 class _Pending:
@@ -75,6 +77,12 @@ class TieredStore:
         self._queue: collections.deque[_Pending] = collections.deque()
         self._promote: collections.deque[tuple[str, bytes]] = collections.deque()
         self.counters = TierCounters()
+        # Write versions, by key hash: a PUT or DELETE bumps its key's slot, a purge bumps
+        # them all.  A promotion (media -> DRAM) remembers the version before it reads the
+        # media and installs its copy only if nothing changed since, under `_mu`, so a
+        # promotion that read an older value can never overwrite a newer one in DRAM.
+        self._versions = np.zeros(VERSION_SLOTS, dtype=np.int64)
+        self._epoch = 0
         # told (tenant, session or None for all) after a purge: reuse statistics forget it
         self.on_purge: Callable[[str, str | None], None] = lambda tenant, session: None
 
@@ -110,9 +118,21 @@ class TieredStore:
 
     # -- writes ------------------------------------------------------------------------------
 
+    def _slot(self, tenant: str, key: bytes) -> int:
+        return hash((tenant, bytes(key))) & (VERSION_SLOTS - 1)
+
+    def _version(self, tenant: str, key: bytes) -> tuple[int, int]:
+        with self._mu:
+            return self._epoch, int(self._versions[self._slot(tenant, key)])
+
+    def _bump(self, tenant: str, key: bytes) -> None:
+        with self._mu:
+            self._versions[self._slot(tenant, key)] += 1
+
     def put(self, tenant: str, session: str, key: bytes, frames: Sequence[Buffer], *,
             ttl_s: float | None = None) -> Tier:
         """Store a value; returns the tier that holds it when the put is acknowledged."""
+        self._bump(tenant, key)
         dram = self.drams.get(tenant)
         if self.ack == "memory" and dram is not None:
             try:
@@ -231,6 +251,7 @@ class TieredStore:
             pass
         with self._mu:
             self.interactive_media_reads += 1
+        version = self._version(tenant, key)
         try:
             r = self.media.get_into(tenant, key, dest, frames=frames)
         except NotFound:
@@ -241,14 +262,17 @@ class TieredStore:
                 self.interactive_media_reads -= 1
         self.counters.pool_hits += 1
         if frames is None:
-            self._promote_from(tenant, key, dest, r)
+            self._promote_from(tenant, key, dest, r, version)
         else:
             with self._mu:
                 self._promote.append((tenant, bytes(key)))
             self.notify()
         return r, Tier.POOL
 
-    def _promote_from(self, tenant: str, key: bytes, dest: Buffer, r: GetResult) -> None:
+    def _promote_from(self, tenant: str, key: bytes, dest: Buffer, r: GetResult,
+                      version: tuple[int, int]) -> None:
+        """Cache a value just read from the media pool in DRAM, unless a write, delete or
+        purge of the key came after `version` (taken before the read)."""
         try:
             info = self.media.stat(tenant, key)
         except NotFound:
@@ -261,12 +285,15 @@ class TieredStore:
         ttl = info.expiry - self.media.clock() if info.expiry else None
         if (ttl is not None and ttl <= 0) or tenant not in self.drams:
             return
-        try:
-            self.drams[tenant].put(tenant, info.session, key, views, ttl_s=ttl,
-                          key_generation=info.key_generation)
-            self.counters.promotions += 1
-        except (PoolFullError, ValueTooLargeError):
-            pass
+        with self._mu:
+            if (self._epoch, int(self._versions[self._slot(tenant, key)])) != version:
+                return  # what we read may be older than what the tiers hold now
+            try:
+                self.drams[tenant].put(tenant, info.session, key, views, ttl_s=ttl,
+                                       key_generation=info.key_generation)
+                self.counters.promotions += 1
+            except (PoolFullError, ValueTooLargeError):
+                pass
 
     def promote_bytes(self, tenant: str, key: bytes) -> int:
         """Copy a value from the media pool into DRAM (prefetch), saying how much it moved:
@@ -282,11 +309,12 @@ class TieredStore:
         except NotFound:
             return -1
         buf = self._scratch(info.record_bytes)
+        version = self._version(tenant, key)
         try:
             r = self.media.get_into(tenant, key, buf)
         except NotFound:
             return -1
-        self._promote_from(tenant, key, buf, r)
+        self._promote_from(tenant, key, buf, r, version)
         return r.nbytes
 
     def _scratch(self, nbytes: int) -> memoryview:
@@ -339,6 +367,7 @@ class TieredStore:
 
     def delete(self, tenant: str, key: bytes) -> bool:
         with self._mu:
+            self._versions[self._slot(tenant, key)] += 1
             item = self._pending.pop((tenant, bytes(key)), None)
             if item is not None:
                 item.deleted = True
@@ -348,6 +377,7 @@ class TieredStore:
 
     def purge_session(self, tenant: str, session: str) -> int:
         with self._mu:
+            self._epoch += 1
             for k, item in list(self._pending.items()):
                 if item.tenant == tenant and item.session == session:
                     item.deleted = True
@@ -360,6 +390,7 @@ class TieredStore:
 
     def purge_tenant(self, tenant: str) -> int:
         with self._mu:
+            self._epoch += 1
             for k, item in list(self._pending.items()):
                 if item.tenant == tenant:
                     item.deleted = True
