@@ -1,7 +1,8 @@
 """Prefetch hints: promote values from the media pool into DRAM before they are asked for.
 
 A hint is (tenant, keys, deadline).  Its keys join one queue ordered by deadline, so the
-most urgent hint is served first whatever arrived before it; `workers` tasks take keys
+most urgent hint is served first whatever arrived before it (and every client's hint
+before work nobody waits on: partial-read promotions, the DRAM policy's predictions); `workers` tasks take keys
 from the front and promote them (`TieredStore.promote_bytes`, a media read and a DRAM
 put) in I/O threads of the `prefetch` class, which interactive requests overtake.
 
@@ -83,7 +84,8 @@ class PrefetchScheduler:
         self.max_yield_s = max_yield_s
         self.stats = PrefetchStats()
         self.rate = 1e9  # bytes/s; replaced by measurements
-        self._heap: list[tuple[float, int, bytes, Hint]] = []
+        # (0 for a client's hint, 1 for work nobody waits on; deadline; order; key; hint)
+        self._heap: list[tuple[int, float, int, bytes, Hint]] = []
         self._seq = itertools.count()
         self._work = trio.Event()
 
@@ -103,7 +105,7 @@ class PrefetchScheduler:
         h = Hint(tenant, trio.current_time() + max(due_in_s, 0.0), len(keys))
         if not keys:
             h.done.set()
-        self._queue(h, keys)
+        self._queue(h, keys, 1)
         return h
 
     async def hint(self, tenant: str, keys: Sequence[bytes], deadline_s: float) -> HintResult:
@@ -113,16 +115,16 @@ class PrefetchScheduler:
         self.stats.hints += 1
         if not keys:
             h.done.set()
-        self._queue(h, keys)
+        self._queue(h, keys, 0)
         with trio.move_on_at(h.deadline):
             await h.done.wait()
         met = h.done.is_set()
         self.stats.hints_met += met
         return HintResult(len(keys), h.promoted, met, trio.current_time() - t0)
 
-    def _queue(self, h: Hint, keys: Sequence[bytes]) -> None:
+    def _queue(self, h: Hint, keys: Sequence[bytes], level: int) -> None:
         for k in keys:
-            heapq.heappush(self._heap, (h.deadline, next(self._seq), bytes(k), h))
+            heapq.heappush(self._heap, (level, h.deadline, next(self._seq), bytes(k), h))
         self._work.set()
 
     @property
@@ -145,7 +147,7 @@ class PrefetchScheduler:
             await self._yield_to_interactive()
             if not self._heap:
                 continue
-            _, _, key, h = heapq.heappop(self._heap)
+            _, _, _, key, h = heapq.heappop(self._heap)
             t0 = time.perf_counter()
             nbytes = await self.io.run(IoClass.PREFETCH, h.tenant, self.store.promote_bytes,
                                        h.tenant, key)
