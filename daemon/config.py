@@ -73,7 +73,7 @@ class Limits:
     max_clients: int = 256
     inflight_per_client: int = 64
     io_threads: int = 8
-    prefetch_threads: int = 4  # promotion workers for prefetch hints (their own limiter)
+    prefetch_threads: int = 4  # promotions in flight at once (the `prefetch` I/O class)
     stalled_client_timeout_s: float = 30.0  # drop a client whose completion ring stays full
     sweep_interval_s: float = 10.0  # expiry sweep and retention, this often
     starvation_s: float = 0.05  # a lower I/O class waits at most about this long

@@ -2,9 +2,10 @@
 
 A hint is (tenant, keys, deadline).  Its keys join one queue ordered by deadline, so the
 most urgent hint is served first whatever arrived before it (and every client's hint
-before work nobody waits on: partial-read promotions, the DRAM policy's predictions); `workers` tasks take keys
-from the front and promote them (`TieredStore.promote_bytes`, a media read and a DRAM
-put) in I/O threads of the `prefetch` class, which interactive requests overtake.
+before work nobody waits on: partial-read promotions, the DRAM policy's predictions);
+`workers` tasks take keys from the front and promote them (`TieredStore.promote_bytes`,
+a media read and a DRAM put) in I/O threads of the `prefetch` class, which interactive
+requests overtake.
 
 Interactive reads come first: while GETs are reading the media pool, the workers hold
 back (strict priority), each for at most `max_yield_s` before it promotes one value anyway
