@@ -64,6 +64,10 @@ class KeyStats:
     interval: float | None = None
 
 
+def _ewma(mean: float | None, sample: float) -> float:
+    return sample if mean is None else (1 - EWMA_ALPHA) * mean + EWMA_ALPHA * sample
+
+
 def predict(now: float, last: float, interval: float | None) -> float:
     """The formula in the module docstring."""
     if interval is None:
@@ -105,9 +109,7 @@ class ReuseStats:
                 s = SessionStats(first=now, last_turn=now)
                 self.turns += 1
             elif now - s.last_turn >= SAME_TURN_S:
-                gap = now - s.last_turn
-                s.interval = gap if s.interval is None else \
-                    (1 - EWMA_ALPHA) * s.interval + EWMA_ALPHA * gap
+                s.interval = _ewma(s.interval, now - s.last_turn)
                 s.turns += 1
                 s.last_turn = now
                 self.turns += 1
@@ -117,9 +119,7 @@ class ReuseStats:
             avg = s.nbytes / len(s.keys) if s.keys and s.nbytes else self._mean_value(tenant)
             s.keys = dict.fromkeys(bytes(k) for k in keys[:self.max_keys_per_session])
             s.nbytes = int(avg * len(s.keys))
-            self._sessions[(tenant, session)] = s  # most recent last
-            if len(self._sessions) > self.max_sessions:
-                del self._sessions[next(iter(self._sessions))]
+            self._keep_session(tenant, session, s)  # most recent last
             self._prune_expected()
             for i, k in enumerate(keys):
                 self._use_key(tenant, session, bytes(k), now)
@@ -131,9 +131,7 @@ class ReuseStats:
         if ks is None:
             ks = KeyStats(now, session)
         elif ks.last_session != session:
-            gap = now - ks.last
-            ks.interval = gap if ks.interval is None else \
-                (1 - EWMA_ALPHA) * ks.interval + EWMA_ALPHA * gap
+            ks.interval = _ewma(ks.interval, now - ks.last)
             ks.sessions += 1
             ks.last, ks.last_session = now, session
             self._shared[(tenant, key)] = ks
@@ -153,14 +151,20 @@ class ReuseStats:
             s = self._sessions.get((tenant, session))
             if s is None:
                 now = self.clock()
-                s = self._sessions[(tenant, session)] = SessionStats(first=now, last_turn=now)
-                if len(self._sessions) > self.max_sessions:
-                    del self._sessions[next(iter(self._sessions))]
+                s = SessionStats(first=now, last_turn=now)
+                self._keep_session(tenant, session, s)
             if len(s.keys) < self.max_keys_per_session and bytes(key) not in s.keys:
                 s.keys[bytes(key)] = None
                 s.nbytes += nbytes
             n, b = self._value_bytes.get(tenant, (0, 0))
             self._value_bytes[tenant] = (n + 1, b + nbytes)
+
+    def _keep_session(self, tenant: str, session: str, s: SessionStats) -> None:
+        """Track `s` as the most recently used session, forgetting the least recently
+        used beyond `max_sessions`."""
+        self._sessions[(tenant, session)] = s
+        if len(self._sessions) > self.max_sessions:
+            del self._sessions[next(iter(self._sessions))]
 
     def _mean_value(self, tenant: str) -> float:
         n, b = self._value_bytes.get(tenant, (0, 0))
@@ -182,9 +186,11 @@ class ReuseStats:
 
     def _prune_expected(self) -> None:
         if len(self._expected) > self.max_keys:
-            now = self.clock()
-            self._expected = {k: t for k, t in self._expected.items()
-                              if t >= now - self.grace_s}
+            self._drop_expired(self.clock())
+
+    def _drop_expired(self, now: float) -> None:
+        """Forget expectations more than `grace_s` past their time."""
+        self._expected = {k: t for k, t in self._expected.items() if t >= now - self.grace_s}
 
     def forget(self, tenant: str, session: str | None = None) -> None:
         """A purge: drop a session's statistics (or every session of a tenant)."""
@@ -235,8 +241,7 @@ class ReuseStats:
             for (t, k), ks in self._shared.items():
                 if t == tenant:
                     out[k] = predict(now, ks.last, ks.interval)
-            self._expected = {tk: at for tk, at in self._expected.items()
-                              if at >= now - self.grace_s}
+            self._drop_expired(now)
             for (t, k), at in self._expected.items():
                 if t == tenant:
                     out[k] = min(out.get(k, at), max(at, now))
