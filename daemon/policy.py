@@ -24,9 +24,12 @@ Built in:
     recently used);
   * pre-promotes: it ranks the tenant's sessions by predicted next use and walks them in
     that order until their bytes fill `fill` of the tenant's DRAM tier -- the set a
-    clairvoyant cache would hold -- and queues, once per turn, the values of those due
-    within `horizon_s` with their predicted time as the deadline.  Evicting by the same
-    prediction keeps the promoted values in: what they displace is due later.
+    clairvoyant cache would hold -- and queues the values of those due
+    within `horizon_s` that are not in DRAM (at most every REQUEUE_S per session), with
+    their predicted time as the deadline -- but only a session worth PROMOTE_MARGIN times
+    more per block than the least valuable segment DRAM would evict for it, so
+    promotions never chase each other out.  Evicting by the same prediction keeps the
+    promoted values in: what they displace is due later.
 """
 
 from __future__ import annotations
@@ -133,8 +136,10 @@ class ReusePolicy:
             nxt[sel] = np.minimum(nxt[sel], kn[pos[hit]])
         return nxt
 
-    def segment_values(self, pool: Pool, now: float) -> npt.NDArray[np.float64]:
-        """Each segment's value: the sum over its records of blocks / time to next use."""
+    def segment_density(self, pool: Pool, now: float) -> npt.NDArray[np.float64]:
+        """Each segment's value per block it holds: the sum over its records of
+        blocks / time to next use, over the segment's used blocks (an open segment frees
+        only what it holds)."""
         ix = pool.index
         rows = ix.live_rows()
         value = np.zeros(pool.segment_count)
@@ -142,14 +147,11 @@ class ReusePolicy:
             nxt = self.row_next_use(pool, rows, now)
             w = ix.blocks[rows].astype(np.float64) / np.maximum(nxt - now, MIN_WAIT_S)
             np.add.at(value, pool.segments_of_rows(rows), w)
-        return value
+        return value / np.maximum(pool.segs["used"].astype(np.float64), 1.0)
 
     def victim(self, pool: Pool, candidates: npt.NDArray[np.int64]) -> int:
-        """The candidate that loses the least value per block it frees (an open segment
-        frees only what it holds)."""
-        value = self.segment_values(pool, self.stats.clock())
-        used = np.maximum(pool.segs["used"].astype(np.float64), 1.0)
-        density = value[candidates] / used[candidates]
+        """The candidate that loses the least value per block it frees."""
+        density = self.segment_density(pool, self.stats.clock())[candidates]
         order = np.lexsort((pool.segs["epoch"][candidates], density))
         self.evictions += 1
         return int(candidates[order[0]])
@@ -163,9 +165,7 @@ class ReusePolicy:
         sealed = np.flatnonzero(st == SegState.SEALED)
         if not len(sealed):
             return 0.0
-        value = self.segment_values(pool, now)
-        used = np.maximum(pool.segs["used"][sealed].astype(np.float64), 1.0)
-        return float((value[sealed] / used).min())
+        return float(self.segment_density(pool, now)[sealed].min())
 
     # -- pre-promotion -----------------------------------------------------------------------
 
