@@ -226,7 +226,6 @@ class IoScheduler:
                 raise
             if not w.granted.is_set():
                 w.gone = True
-            if not w.granted.is_set():
                 st.deadline_missed += 1
                 raise DeadlineMissed(f"no I/O thread free before the deadline "
                                      f"({self.queued()} requests queued)")

@@ -121,18 +121,21 @@ class TieredStore:
     def _slot(self, tenant: str, key: bytes) -> int:
         return hash((tenant, bytes(key))) & (VERSION_SLOTS - 1)
 
+    def _version_locked(self, tenant: str, key: bytes) -> tuple[int, int]:
+        return self._epoch, int(self._versions[self._slot(tenant, key)])
+
     def _version(self, tenant: str, key: bytes) -> tuple[int, int]:
         with self._mu:
-            return self._epoch, int(self._versions[self._slot(tenant, key)])
+            return self._version_locked(tenant, key)
 
-    def _bump(self, tenant: str, key: bytes) -> None:
-        with self._mu:
-            self._versions[self._slot(tenant, key)] += 1
+    def _bump_locked(self, tenant: str, key: bytes) -> None:
+        self._versions[self._slot(tenant, key)] += 1
 
     def put(self, tenant: str, session: str, key: bytes, frames: Sequence[Buffer], *,
             ttl_s: float | None = None) -> Tier:
         """Store a value; returns the tier that holds it when the put is acknowledged."""
-        self._bump(tenant, key)
+        with self._mu:
+            self._bump_locked(tenant, key)
         dram = self.drams.get(tenant)
         if self.ack == "memory" and dram is not None:
             try:
@@ -286,7 +289,7 @@ class TieredStore:
         if (ttl is not None and ttl <= 0) or tenant not in self.drams:
             return
         with self._mu:
-            if (self._epoch, int(self._versions[self._slot(tenant, key)])) != version:
+            if self._version_locked(tenant, key) != version:
                 return  # what we read may be older than what the tiers hold now
             try:
                 self.drams[tenant].put(tenant, info.session, key, views, ttl_s=ttl,
@@ -367,7 +370,7 @@ class TieredStore:
 
     def delete(self, tenant: str, key: bytes) -> bool:
         with self._mu:
-            self._versions[self._slot(tenant, key)] += 1
+            self._bump_locked(tenant, key)
             item = self._pending.pop((tenant, bytes(key)), None)
             if item is not None:
                 item.deleted = True
