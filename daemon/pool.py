@@ -103,6 +103,25 @@ class PutResult:
 
 
 @dataclass(slots=True)
+class PutReservation:
+    """A placed record with its LSN, waiting for its frames (Pool.reserve -> complete)."""
+    tenant: str
+    session: str
+    key: bytes
+    key_generation: int
+    frame_lengths: list[int]
+    seg: int
+    at: int  # block within the segment
+    lsn: int
+    epoch: int
+    ikey: tuple[int, int, int]
+    hblocks: int
+    nblocks: int
+    exp: float
+    now: float
+
+
+@dataclass(slots=True)
 class GetResult:
     nbytes: int  # bytes written into the caller's buffer
     frame_lengths: list[int]  # lengths of the frames returned
@@ -468,21 +487,33 @@ class Pool:
 
         Returns once the record is written (and flushed when `options.sync`).
         """
+        views = [as_bytes_view(f) for f in frames]
+        r = self.reserve(tenant, session, key, [v.nbytes for v in views], ttl_s=ttl_s,
+                         expiry_s=expiry_s, key_generation=key_generation)
+        return self.complete(r, views)
+
+    def reserve(self, tenant: str, session: str, key: bytes, frame_lengths: Sequence[int], *,
+                ttl_s: float | None = None, expiry_s: float | None = None,
+                key_generation: int = 0) -> PutReservation:
+        """The first half of a put: place the record and take its LSN (its order among
+        puts, deletes and purges of the key), without writing it.  `complete` must follow
+        (it writes and commits; the reservation is released however it ends).  A caller
+        that orders its puts under a lock of its own reserves under that lock and copies
+        the payload outside it."""
         self._check_open()
         record.validate_names(tenant, session)
         if len(key) not in record.KEY_LENGTHS:
             raise InvalidArgument(f"key must be 16 or 32 bytes, got {len(key)}")
         if not 0 <= key_generation <= 0xFFFF:
             raise InvalidArgument(f"key generation {key_generation} out of range 0..65535")
-        views = [as_bytes_view(f) for f in frames]
-        if not views:
+        if not frame_lengths:
             raise InvalidArgument("a value needs at least one frame")
-        if len(views) > record.MAX_FRAMES:
+        if len(frame_lengths) > record.MAX_FRAMES:
             raise InvalidArgument(f"a value has at most {record.MAX_FRAMES} frames")
         now = self.clock()
         exp = _deadline(now, ttl_s, expiry_s)
-        payload_len = sum(v.nbytes for v in views)
-        hblocks = record.header_blocks(len(views), tenant, session, self.B)
+        payload_len = sum(frame_lengths)
+        hblocks = record.header_blocks(len(frame_lengths), tenant, session, self.B)
         nblocks = hblocks + -(-payload_len // self.B)
         with self._lock:
             self._check_open()
@@ -495,13 +526,24 @@ class Pool:
             self._n_inflight += 1
             self.pins[seg] += 1
             epoch = int(self.segs["epoch"][seg])
-        h = RecordHeader(Kind.PUT, lsn, epoch, int(now * 1e6), int(exp * 1e6) if exp else 0,
-                         bytes(key), tenant, session, key_generation,
-                         [v.nbytes for v in views], record.frame_crcs(views))
+        return PutReservation(tenant, session, bytes(key), key_generation,
+                              list(frame_lengths), seg, at, lsn, epoch, ikey, hblocks,
+                              nblocks, exp, now)
+
+    def complete(self, r: PutReservation, frames: Sequence[Buffer]) -> PutResult:
+        """Write a reserved record's frames and commit it (unless a later put, a delete or
+        a purge of its key came first: then it is written and stays dead)."""
+        views = [as_bytes_view(f) for f in frames]
+        seg, at, lsn, ikey, nblocks = r.seg, r.at, r.lsn, r.ikey, r.nblocks
         ok = False
         try:
+            if [v.nbytes for v in views] != r.frame_lengths:
+                raise InvalidArgument("frames differ from the reserved frame lengths")
+            h = RecordHeader(Kind.PUT, lsn, r.epoch, int(r.now * 1e6),
+                             int(r.exp * 1e6) if r.exp else 0, r.key, r.tenant, r.session,
+                             r.key_generation, r.frame_lengths, record.frame_crcs(views))
             # If the write fails the space stays allocated (dead): nothing is acknowledged.
-            bounced = self._write_record(seg, at, h, views, hblocks)
+            bounced = self._write_record(seg, at, h, views, r.hblocks)
             ok = True
         finally:
             with self._lock:
@@ -512,8 +554,9 @@ class Pool:
                     del self._inflight[ikey]
                 replaced = False
                 if ok and current:
-                    replaced = self._index_put(tenant, session, key, seg, at, nblocks,
-                                               len(views), key_generation, int(exp), int(now))
+                    replaced = self._index_put(r.tenant, r.session, r.key, seg, at, nblocks,
+                                               len(views), r.key_generation, int(r.exp),
+                                               int(r.now))
                 self._account_write(seg, lsn)
                 if self._n_inflight == 0:
                     self._idle.notify_all()

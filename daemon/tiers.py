@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,11 @@ from kvtier.daemon.errors import NotFound, PoolFullError, ValueTooLargeError
 from kvtier.daemon.pool import Buffer, GetResult, Pool, PoolOptions
 
 VERSION_SLOTS = 1 << 16
+# promote_bytes' answers besides a byte count
+PROMOTE_ABSENT = -1  # the key is on no tier
+PROMOTE_SUPERSEDED = -2  # a GET read it from the media pool meanwhile: not read twice
+READ_MEMORY = 1 << 16  # media reads by GETs remembered (key -> when), for supersede
+SINGLE_FLIGHT_WAIT_S = 5.0  # a GET waits at most this long for a promotion of its key
 
 
 @dataclass
@@ -73,6 +79,13 @@ class TieredStore:
         self._local = threading.local()
         # GETs reading the media pool right now: prefetch promotion yields to them
         self.interactive_media_reads = 0
+        # One media read per value at a time: promotions in progress (a GET of the same
+        # key waits for it and reads DRAM), and when GETs last read a key from the media
+        # (a hint's promotion of a key its client is reading already is dropped).
+        self._promoting: dict[tuple[str, bytes], threading.Event] = {}
+        self._media_read_at: collections.OrderedDict[tuple[str, bytes], float] = \
+            collections.OrderedDict()
+        self.single_flight_waits = 0
         self._pending: dict[tuple[str, bytes], _Pending] = {}
         self._queue: collections.deque[_Pending] = collections.deque()
         self._promote: collections.deque[tuple[str, bytes]] = collections.deque()
@@ -252,8 +265,25 @@ class TieredStore:
             return self.get_dram_into(tenant, key, dest, frames=frames), Tier.DRAM
         except NotFound:
             pass
+        k = (tenant, bytes(key))
+        with self._mu:
+            busy = self._promoting.get(k)
+        if busy is not None:
+            # A prefetch is reading this value right now: wait for it rather than read the
+            # same bytes off the media a second time.
+            with self._mu:
+                self.single_flight_waits += 1
+            if busy.wait(SINGLE_FLIGHT_WAIT_S):
+                try:
+                    return self.get_dram_into(tenant, key, dest, frames=frames), Tier.DRAM
+                except NotFound:
+                    pass  # not promoted (DRAM full, or gone): read it below
         with self._mu:
             self.interactive_media_reads += 1
+            self._media_read_at[k] = time.monotonic()
+            self._media_read_at.move_to_end(k)
+            if len(self._media_read_at) > READ_MEMORY:
+                self._media_read_at.popitem(last=False)
         version = self._version(tenant, key)
         try:
             r = self.media.get_into(tenant, key, dest, frames=frames)
@@ -288,37 +318,64 @@ class TieredStore:
         ttl = info.expiry - self.media.clock() if info.expiry else None
         if (ttl is not None and ttl <= 0) or tenant not in self.drams:
             return
+        dram = self.drams[tenant]
         with self._mu:
             if self._version_locked(tenant, key) != version:
                 return  # what we read may be older than what the tiers hold now
+            # The DRAM record's LSN is taken here, so a later PUT or DELETE of the key
+            # (which bumps the version under this lock first) supersedes it; the copy
+            # itself runs outside the lock, in parallel with other promotions and GETs.
             try:
-                self.drams[tenant].put(tenant, info.session, key, views, ttl_s=ttl,
-                                       key_generation=info.key_generation)
-                self.counters.promotions += 1
+                res = dram.reserve(tenant, info.session, key, [v.nbytes for v in views],
+                                   ttl_s=ttl, key_generation=info.key_generation)
             except (PoolFullError, ValueTooLargeError):
-                pass
+                return
+        dram.complete(res, views)
+        with self._mu:
+            self.counters.promotions += 1
 
-    def promote_bytes(self, tenant: str, key: bytes) -> int:
+    def promote_bytes(self, tenant: str, key: bytes, *,
+                      unless_read_within_s: float | None = None) -> int:
         """Copy a value from the media pool into DRAM (prefetch), saying how much it moved:
-        payload bytes, 0 if the value was in DRAM already, -1 if it is on no tier.  Safe
-        from many threads at once."""
+        payload bytes, 0 if the value was in DRAM already (or another thread promoted it
+        meanwhile), PROMOTE_ABSENT if it is on no tier, PROMOTE_SUPERSEDED if a GET read it
+        from the media within `unless_read_within_s` (that GET's client has it: a second
+        read would only take disk bandwidth from its other reads).  Safe from many threads
+        at once: one of them reads a given value, the others wait for it."""
         dram = self.drams.get(tenant)
         if dram is None:
-            return -1
+            return PROMOTE_ABSENT
         if dram.contains(tenant, key):
             return 0
+        k = (tenant, bytes(key))
+        with self._mu:
+            read_at = self._media_read_at.get(k)
+            if (unless_read_within_s is not None and read_at is not None
+                    and time.monotonic() - read_at < unless_read_within_s):
+                return PROMOTE_SUPERSEDED
+            busy = self._promoting.get(k)
+            if busy is None:
+                self._promoting[k] = mine = threading.Event()
+        if busy is not None:
+            busy.wait(SINGLE_FLIGHT_WAIT_S)
+            return 0
         try:
-            info = self.media.stat(tenant, key)
-        except NotFound:
-            return -1
-        buf = self._scratch(info.record_bytes)
-        version = self._version(tenant, key)
-        try:
-            r = self.media.get_into(tenant, key, buf)
-        except NotFound:
-            return -1
-        self._promote_from(tenant, key, buf, r, version)
-        return r.nbytes
+            try:
+                info = self.media.stat(tenant, key)
+            except NotFound:
+                return PROMOTE_ABSENT
+            buf = self._scratch(info.record_bytes)
+            version = self._version(tenant, key)
+            try:
+                r = self.media.get_into(tenant, key, buf)
+            except NotFound:
+                return PROMOTE_ABSENT
+            self._promote_from(tenant, key, buf, r, version)
+            return r.nbytes
+        finally:
+            with self._mu:
+                del self._promoting[k]
+            mine.set()
 
     def _scratch(self, nbytes: int) -> memoryview:
         """This thread's reusable aligned buffer of at least `nbytes` (a fresh mapping per
@@ -424,6 +481,7 @@ class TieredStore:
             "media_device": self.media_health(),
             "tiers": {"dram_hits": c.dram_hits, "pool_hits": c.pool_hits, "misses": c.misses,
                       "promotions": c.promotions,
+                      "single_flight_waits": self.single_flight_waits,
                       "writebehind_backlog": self.writebehind_backlog(),
                       "writebehind_flushed": c.writebehind_flushed,
                       "writebehind_bytes": c.writebehind_bytes,

@@ -150,3 +150,79 @@ def test_a_partial_get_promotes_the_whole_value_in_the_background(tmp_path: Path
             assert c.get(k("p", 0)) == b"".join(f.tobytes() for f in frames)
     finally:
         d.stop()
+
+
+def _store_with(tmp_path: Path, values: int, size: int, frames: int = 1):  # type: ignore[no-untyped-def]
+    """A real TieredStore over a file pool holding `values` values (on media only)."""
+    from kvtier.daemon.blockdev import FileDevice
+    from kvtier.daemon.pool import Pool
+    from kvtier.daemon.tiers import TieredStore
+
+    MiB = 1 << 20
+    seg = max(4 * MiB, 2 * size)
+    room = seg * (values * size // seg + 6)
+    media = Pool.format(FileDevice(str(tmp_path / "p.img"), create_size=MiB + room),
+                        segment_size=seg)
+    store = TieredStore(TieredStore.create_drams({"t": room}, seg, False), media)
+    per = size // frames
+    for i in range(values):
+        media.put("t", "s", k("v", i), [np.full(per, (i + f) % 251, np.uint8)
+                                         for f in range(frames)])
+    return store
+
+
+def test_a_hinted_key_its_client_has_read_already_is_not_read_again(tmp_path: Path) -> None:
+    """A hint that arrives after its client started reading: the keys already read from
+    the media (here in part, one layer group's frames, as the GPU loader does) are dropped
+    from the hint instead of read a second time; the others are promoted."""
+    import trio
+
+    from kvtier.daemon.iosched import IoScheduler
+    from kvtier.daemon.prefetch import PrefetchScheduler
+
+    store = _store_with(tmp_path, 10, 256 * KiB, frames=2)
+    buf = bytearray(256 * KiB)
+    for i in range(4):  # the client reads frame 0 of values 0..3 from the media
+        r, tier = store.get_into("t", k("v", i), buf, frames=(0, 1))
+        assert tier == Tier.POOL and buf[:r.nbytes] == bytes([i % 251]) * (128 * KiB)
+    read0 = store.media.counters.bytes_read
+    sched = PrefetchScheduler(store, IoScheduler(4), workers=2)
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            await n.start(sched.run)
+            r = await sched.hint("t", [k("v", i) for i in range(10)], 30.0)
+            n.cancel_scope.cancel()
+        assert (r.keys, r.promoted, r.met) == (10, 6, True)
+
+    trio.run(main)
+    assert sched.stats.superseded == 4
+    assert store.lookup("t", [k("v", i) for i in range(10)])[1].tolist() == [2] * 4 + [1] * 6
+    # Six whole values (record headers included) and nothing else came off the media.
+    moved = store.media.counters.bytes_read - read0
+    assert 6 * 256 * KiB <= moved < 7 * 256 * KiB
+    # The rest of a superseded value is still served, from the media.
+    r, tier = store.get_into("t", k("v", 2), buf, frames=(1, 2))
+    assert tier == Tier.POOL and buf[:r.nbytes] == bytes([3]) * (128 * KiB)
+
+
+def test_a_get_during_the_promotion_of_its_key_waits_for_it(tmp_path: Path) -> None:
+    """Single flight: a GET that misses DRAM while a prefetch is reading the same value
+    from the media waits for that read and is served from DRAM (one media read)."""
+    MiB = 1 << 20
+    store = _store_with(tmp_path, 1, 32 * MiB)
+    read0 = store.media.counters.bytes_read
+    key = k("v", 0)
+    th = threading.Thread(target=store.promote_bytes, args=("t", key))
+    th.start()
+    deadline = time.monotonic() + 10
+    while not store._promoting:  # the promotion has started reading
+        assert th.is_alive() or store.lookup("t", [key])[1][0] == 1, "promotion never started"
+        assert time.monotonic() < deadline
+    buf = bytearray(32 * MiB)
+    r, tier = store.get_into("t", key, buf)
+    th.join()
+    assert tier == Tier.DRAM and r.nbytes == 32 * MiB
+    assert buf[:: MiB] == bytes(32)
+    assert store.single_flight_waits == 1
+    assert store.media.counters.bytes_read - read0 < 33 * MiB  # read once
