@@ -26,6 +26,12 @@ def test_bench_turn2_quick(tmp_path: Path) -> None:
             assert fig[f"greedy_tokens_identical_{tier}_{ctx}"] is True
             assert fig[f"max_abs_logit_diff_{tier}_{ctx}"] < 1e-4
             assert fig[f"speedup_{tier}_{ctx}"] > 0
+        # Against turn 1's own cache kept: the loaded prefix reproduces it bit for bit.
+        for tier in ("dram", "dram_get", "file", "file_prefetched", "file_hint_1s",
+                     "file_hint_auto"):
+            assert fig[f"max_abs_logit_diff_kept_{tier}_{ctx}"] == 0.0
+            assert fig[f"greedy_tokens_identical_kept_{tier}_{ctx}"] is True
+        assert fig[f"hint_auto_lead_s_{ctx}"] > 0
         assert fig[f"load_dram_tiers_{ctx}"] == {"dram": ctx // 256}
         assert fig[f"load_dram_mapped_{ctx}"] == ctx // 256  # one layer group
         assert fig[f"load_dram_get_mapped_{ctx}"] == 0
