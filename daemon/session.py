@@ -60,6 +60,8 @@ log = logging.getLogger("kvtierd.session")
 CQ_FULL_TIMEOUT_S = 30.0
 MAX_MAPS = 1 << 16  # DRAM pins one client may hold at once
 INLINE_MAX = 256 * 1024  # DRAM GETs up to this size complete on the event loop
+INLINE_MAP_KEYS = 64  # ... and MAPs of up to this many keys (pure Python: a thread
+# would only fight the event loop for the GIL)
 
 
 class DropClient(Exception):
@@ -173,7 +175,14 @@ class ClientSession:
                     # Cheap requests (NOP, DRAM hits) complete right here, without a task.
                     if self._inline(raw):
                         posted = True
+                        if raw[0] == Op.MAP:  # a few ms of work: let the others run too
+                            os.eventfd_write(self.res.cq_efd, 1)
+                            posted = False
+                            await trio.lowlevel.checkpoint()
                         continue
+                    if posted:  # tell the client before anything here can wait
+                        os.eventfd_write(self.res.cq_efd, 1)
+                        posted = False
                     await self._slots.acquire()
                     nursery.start_soon(self._run_one, raw)
                 if posted:
@@ -182,6 +191,8 @@ class ClientSession:
     def _inline(self, raw: bytes) -> bool:
         """Complete a request synchronously if that is cheap; False: run it as a task."""
         op = raw[0]
+        if op == Op.MAP:
+            return self._inline_map(raw)
         if op not in (Op.NOP, Op.GET):
             return False
         if op == Op.GET and int.from_bytes(raw[24:32], "little") > INLINE_MAX:
@@ -232,6 +243,64 @@ class ClientSession:
             fl = np.frombuffer(table, dtype="<u8")
             n = min(req.count, len(lengths))
             fl[:n] = lengths[:n]
+
+    def _map_args(self, req: Request) -> tuple[list[bytes], memoryview,
+                                               tuple[int, int] | None]:
+        keys = self._keylist(req)
+        table = self._range(req.aux_off, len(keys) * MAP_ENTRY.size, "map table")
+        held = sum(self.maps.values())
+        if held + len(keys) > MAX_MAPS:
+            raise InvalidArgument(f"{held} values mapped already; at most {MAX_MAPS} "
+                                  f"(UNMAP some first)")
+        rng = None if req.frame_b == ALL_FRAMES else (req.frame_a, req.frame_b)
+        return keys, table, rng
+
+    def _mapped(self, req: Request, keys: list[bytes], table: memoryview,
+                maps: list[tuple[int, int] | None]) -> Completion:
+        """Fill a MAP's table and hold its pins for this client."""
+        self._reuse.read(self.tenant, [k for k, m in zip(keys, maps, strict=True)
+                                       if m is not None])
+        tab = np.frombuffer(table, dtype="<u8").reshape(len(keys), 2)
+        n = 0
+        for i, m in enumerate(maps):
+            if m is None:
+                tab[i] = (NOT_MAPPED, 0)
+            else:
+                tab[i] = m
+                self.maps[m[0]] += 1
+                n += 1
+        return Completion(req.tag, Status.OK, int(Tier.DRAM), n, len(keys))
+
+    def _inline_map(self, raw: bytes) -> bool:
+        """A MAP of up to INLINE_MAP_KEYS keys, all in DRAM, completes on the event loop.
+        Pinning is pure Python under the pool lock: in worker threads the MAPs a loader
+        submits together fought the event loop for the GIL, and its first (small) batch
+        came back 1-15 ms late.  Anything else -- more keys, an absent key (audited), an
+        error -- runs as a task."""
+        t0 = time.perf_counter()
+        try:
+            req = decode_request(raw)
+            if req.count > INLINE_MAP_KEYS:
+                return False
+            keys, table, rng = self._map_args(req)
+            maps = self.store.map_dram(self.tenant, keys, rng)
+        except (ProtocolError, StoreError, ValueError):
+            return False
+        pinned = [m[0] for m in maps if m is not None]
+        if len(pinned) < len(maps):
+            self.store.unmap_dram(self.tenant, pinned)
+            return False
+        comp = self._mapped(req, keys, table, maps)
+        if not self._post(comp):
+            for off in pinned:
+                self.maps[off] -= 1
+                if not self.maps[off]:
+                    del self.maps[off]
+            self.store.unmap_dram(self.tenant, pinned)
+            return False
+        self.ops += 1
+        self._record("map", "ok", "dram", comp.result, time.perf_counter() - t0)
+        return True
 
     async def _run_one(self, raw: bytes) -> None:
         t0 = time.perf_counter()
@@ -391,28 +460,12 @@ class ClientSession:
                 await self._audit_absent("prefetch", keys)
             return Completion(req.tag, Status.OK if met else Status.DEADLINE, 0, n, int(met))
         if req.op == Op.MAP:
-            keys = self._keylist(req)
-            table = self._range(req.aux_off, len(keys) * MAP_ENTRY.size, "map table")
-            held = sum(self.maps.values())
-            if held + len(keys) > MAX_MAPS:
-                raise InvalidArgument(f"{held} values mapped already; at most {MAX_MAPS} "
-                                      f"(UNMAP some first)")
-            rng = None if req.frame_b == ALL_FRAMES else (req.frame_a, req.frame_b)
+            keys, table, rng = self._map_args(req)
             maps = await self._thread(lambda: self.store.map_dram(t, keys, rng))
-            self._reuse.read(t, [k for k, m in zip(keys, maps, strict=True) if m is not None])
             if any(m is None for m in maps):
                 await self._audit_absent("map", [k for k, m in zip(keys, maps, strict=True)
                                                  if m is None])
-            tab = np.frombuffer(table, dtype="<u8").reshape(len(keys), 2)
-            n = 0
-            for i, m in enumerate(maps):
-                if m is None:
-                    tab[i] = (NOT_MAPPED, 0)
-                else:
-                    tab[i] = m
-                    self.maps[m[0]] += 1
-                    n += 1
-            return Completion(req.tag, Status.OK, int(Tier.DRAM), n, len(keys))
+            return self._mapped(req, keys, table, maps)
         if req.op == Op.UNMAP:
             if not 0 < req.count <= MAX_MAPS:
                 raise InvalidArgument(f"unmap count {req.count} out of range")
