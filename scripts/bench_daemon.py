@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from kvtier.client.admin import AdminClient
 from kvtier.daemon.config import hash_token
@@ -53,10 +54,14 @@ class BenchDaemon:
                 time.sleep(0.05)
         raise SystemExit("kvtierd did not become ready")
 
+    def status(self) -> dict[str, Any]:
+        with AdminClient(self.sock) as a:
+            st: dict[str, Any] = a.call("status")
+            return st
+
     def backlog(self) -> int:
         """Values acknowledged in DRAM and not yet written behind to the pool."""
-        with AdminClient(self.sock) as a:
-            return int(a.call("status")["tiers"]["writebehind_backlog"])
+        return int(self.status()["tiers"]["writebehind_backlog"])
 
     def stop(self) -> None:
         if self.proc is not None:

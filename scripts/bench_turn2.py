@@ -318,6 +318,14 @@ def hinted(d: BenchDaemon, ctx: int, lead: float, name: str, model: Any, layout:
         via_kvtier(f"file_hint_{name}", d, model, layout, fp, args, full, ref, r, arena,
                    device, repeats=1, before=hint_then_wait)
         th.join()
+    # What came off the media for it (each value once is 1.0; the daemon has served
+    # nothing else since its restart), hinted keys dropped because a GET had read them,
+    # GETs that waited for a promotion of their key in flight.
+    st = d.status()
+    r[f"hint_{name}_media_read_ratio"] = round(
+        st["media"]["counters"]["bytes_read"] / r["kv_bytes"], 3)
+    r[f"hint_{name}_superseded"] = st["prefetch"]["superseded"]
+    r[f"hint_{name}_single_flight_waits"] = st["tiers"]["single_flight_waits"]
     r[f"hint_{name}_values_by_deadline"], r[f"hint_{name}_met"] = hint["result"]
     r[f"hint_{name}_saved_s"] = round(r["ttft_file_s"] - r[f"ttft_file_hint_{name}_s"], 4)
     r[f"hint_{name}_ttft_ratio_to_dram"] = round(
