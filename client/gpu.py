@@ -542,7 +542,10 @@ class KVLoader:
         # Slots move GET -> (decrypt) -> H2D; a slot is reused once its H2D has read it.
         q: collections.deque[tuple[int, int, int, Future[Completion]]] = collections.deque()
         dq: collections.deque[tuple[int, int, int, Future[None]]] = collections.deque()
-        free = list(range(len(self.slots)))
+        # Slots are reused oldest-freed first: the newest-freed one's H2D copy was queued a
+        # moment ago, and waiting for it (below) would wait for every copy queued before
+        # it -- the decrypts and GETs would go no faster than the copy queue drains.
+        free = collections.deque(range(len(self.slots)))
         slot_free: list[Any] = [None] * len(self.slots)  # CUDA event: slot's H2D finished
         nxt = 0
         cipher = self.cipher
@@ -561,7 +564,7 @@ class KVLoader:
             nonlocal nxt
             while nxt < len(work) and free and (len(dq) < depth or not depth):
                 g, c = work[nxt]
-                s = free.pop()
+                s = free.popleft()
                 if slot_free[s] is not None:
                     slot_free[s].synchronize()  # the slot's last H2D copy has read it
                 a, b = self.groups[g]
