@@ -18,7 +18,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,14 +83,17 @@ class TenantQoS:
 class QoS:
     usage_of: Callable[[], dict[str, int]]  # the media pool's bytes per tenant (blocking)
     tenants: dict[str, TenantQoS] = field(default_factory=dict)
-    limiter: trio.CapacityLimiter | None = None
+    # runs the blocking usage scan: the daemon's I/O scheduler (write class), so it is
+    # counted like any other store work; plain worker threads where none is given
+    run_blocking: Callable[[Callable[[], dict[str, int]]], Awaitable[dict[str, int]]] | None = None
     _usage: dict[str, int] = field(default_factory=dict)
     _usage_at: float = -1e9
 
     @classmethod
     def from_config(cls, tenants: list[TenantConfig], usage_of: Callable[[], dict[str, int]],
-                    limiter: trio.CapacityLimiter | None = None) -> QoS:
-        q = cls(usage_of, limiter=limiter)
+                    run_blocking: Callable[[Callable[[], dict[str, int]]],
+                                           Awaitable[dict[str, int]]] | None = None) -> QoS:
+        q = cls(usage_of, run_blocking=run_blocking)
         for t in tenants:
             q.set_limits(t.id, quota=t.quota, bandwidth=t.bandwidth, iops=t.iops)
         return q
@@ -130,7 +133,8 @@ class QoS:
             return
         now = trio.current_time()
         if now - self._usage_at > USAGE_REFRESH_S:
-            self._usage = await trio.to_thread.run_sync(self.usage_of, limiter=self.limiter)
+            self._usage = await (self.run_blocking(self.usage_of) if self.run_blocking
+                                 else trio.to_thread.run_sync(self.usage_of))
             self._usage_at = trio.current_time()
             for t in self.tenants.values():
                 t.admitted_since_refresh = 0

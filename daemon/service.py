@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import errno
+import functools
 import logging
 import mmap
 import os
@@ -124,7 +125,6 @@ class Service:
         self.io = IoScheduler(cfg.limits.io_threads, starvation_s=cfg.limits.starvation_s,
                               weights={t.id: t.weight for t in cfg.tenants},
                               observe=self.metrics.observe_io)
-        self.io_limiter = self.io.limiter  # the same threads, unclassed (admin tree reads)
         self.sessions: dict[int, ClientSession] = {}
         self._next_client = 1
         self.started = time.time()
@@ -166,7 +166,8 @@ class Service:
                           lambda: {t: q.throttled_s for t, q in self._qos_tenants().items()})
         self.prefetch = PrefetchScheduler(self.store, self.io,
                                           workers=cfg.limits.prefetch_threads)
-        self.qos = QoS.from_config(cfg.tenants, self.store.media.tenant_bytes, self.io_limiter)
+        self.qos = QoS.from_config(cfg.tenants, self.store.media.tenant_bytes,
+                                   functools.partial(self.io.run, IoClass.WRITE, "(quota)"))
         quotas = sum(t.quota or 0 for t in cfg.tenants)
         if quotas > media.capacity_bytes:
             log.warning("tenant quotas add up to %d bytes, more than the media pool's %d: "
@@ -188,7 +189,8 @@ class Service:
                     from kvtier.fuse.tree import AdminTree, serve_tree
 
                     tree = AdminTree(cfg, self.store, self.stats, self.metrics.render,
-                                     self.io_limiter, audit.record)
+                                     functools.partial(self.io.run, IoClass.INTERACTIVE,
+                                                       "admin"), audit.record)
                     await nursery.start(serve_tree, tree, cfg.fuse_mountpoint)
                 nursery.start_soon(self._accept_loop, listener)
                 log.info("kvtierd ready: socket %s, media %s, dram %d MiB over %d tenants, "

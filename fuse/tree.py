@@ -28,7 +28,7 @@ import os
 import stat
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import pyfuse3
@@ -56,12 +56,15 @@ class AdminTree(pyfuse3.Operations):  # type: ignore[misc]
     enable_writeback_cache = False
 
     def __init__(self, cfg: Config, store: TieredStore, stats: Callable[[], dict[str, Any]],
-                 metrics: Callable[[], bytes], limiter: trio.CapacityLimiter,
+                 metrics: Callable[[], bytes],
+                 run_blocking: Callable[[Callable[[], Any]], Awaitable[Any]],
                  audit: Callable[..., None] | None = None) -> None:
+        """`run_blocking` runs store reads off the event loop: the daemon's I/O scheduler
+        (interactive class, as admin commands), so they count against its threads."""
         super().__init__()
         self.cfg, self.store, self.stats, self.metrics = cfg, store, stats, metrics
         self.audit = audit or (lambda event, **fields: None)
-        self.limiter = limiter
+        self.run_blocking = run_blocking
         self.paths: dict[int, Path] = {pyfuse3.ROOT_INODE: ()}
         self.inodes: dict[Path, int] = {(): pyfuse3.ROOT_INODE}
         self.open_files: dict[int, tuple[Path, bytes | None]] = {}
@@ -91,7 +94,7 @@ class AdminTree(pyfuse3.Operations):  # type: ignore[misc]
             raise _err(errno.ENOENT) from None
 
     async def _run(self, fn: Callable[[], Any]) -> Any:
-        return await trio.to_thread.run_sync(fn, limiter=self.limiter)
+        return await self.run_blocking(fn)
 
     def _pools(self) -> dict[str, Any]:
         out = {self.cfg.pools[0].name if self.cfg.pools else "media": self.store.media}
