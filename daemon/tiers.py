@@ -266,24 +266,16 @@ class TieredStore:
         except NotFound:
             pass
         k = (tenant, bytes(key))
-        with self._mu:
-            busy = self._promoting.get(k)
+        busy = self._start_media_read(k, wait_for_promotion=True)
         if busy is not None:
             # A prefetch is reading this value right now: wait for it rather than read the
             # same bytes off the media a second time.
-            with self._mu:
-                self.single_flight_waits += 1
             if busy.wait(SINGLE_FLIGHT_WAIT_S):
                 try:
                     return self.get_dram_into(tenant, key, dest, frames=frames), Tier.DRAM
                 except NotFound:
                     pass  # not promoted (DRAM full, or gone): read it below
-        with self._mu:
-            self.interactive_media_reads += 1
-            self._media_read_at[k] = time.monotonic()
-            self._media_read_at.move_to_end(k)
-            if len(self._media_read_at) > READ_MEMORY:
-                self._media_read_at.popitem(last=False)
+            self._start_media_read(k, wait_for_promotion=False)
         version = self._version(tenant, key)
         try:
             r = self.media.get_into(tenant, key, dest, frames=frames)
@@ -301,6 +293,24 @@ class TieredStore:
                 self._promote.append((tenant, bytes(key)))
             self.notify()
         return r, Tier.POOL
+
+    def _start_media_read(self, k: tuple[str, bytes], *, wait_for_promotion: bool
+                          ) -> threading.Event | None:
+        """A GET is about to read `k` from the media: unless a promotion of it is under
+        way (its event is returned, to wait for), count the read and remember when it
+        came, in one step under the lock -- so a prefetch that looks after this sees the
+        read and drops the key, and one that looked before is the promotion waited for."""
+        with self._mu:
+            busy = self._promoting.get(k) if wait_for_promotion else None
+            if busy is not None:
+                self.single_flight_waits += 1
+                return busy
+            self.interactive_media_reads += 1
+            self._media_read_at[k] = time.monotonic()
+            self._media_read_at.move_to_end(k)
+            if len(self._media_read_at) > READ_MEMORY:
+                self._media_read_at.popitem(last=False)
+            return None
 
     def _promote_from(self, tenant: str, key: bytes, dest: Buffer, r: GetResult,
                       version: tuple[int, int]) -> None:
