@@ -150,6 +150,19 @@ class ClientSession:
         if offsets:
             self.store.unmap_dram(self.tenant, offsets)
 
+    def _unpin(self, offsets: list[int]) -> list[int]:
+        """Release one of this client's pins at each offset it holds; returns those."""
+        mine = []
+        for off in offsets:
+            if self.maps[off] <= 0:
+                continue
+            self.maps[off] -= 1
+            if not self.maps[off]:
+                del self.maps[off]
+            mine.append(off)
+        self.store.unmap_dram(self.tenant, mine)
+        return mine
+
     def ops_in_flight(self) -> int:
         return self._max_inflight - self._slots.value
 
@@ -292,11 +305,7 @@ class ClientSession:
             return False
         comp = self._mapped(req, keys, table, maps)
         if not self._post(comp):
-            for off in pinned:
-                self.maps[off] -= 1
-                if not self.maps[off]:
-                    del self.maps[off]
-            self.store.unmap_dram(self.tenant, pinned)
+            self._unpin(pinned)  # the ring is full: the task path maps them again
             return False
         self.ops += 1
         self._record("map", "ok", "dram", comp.result, time.perf_counter() - t0)
@@ -471,15 +480,7 @@ class ClientSession:
                 raise InvalidArgument(f"unmap count {req.count} out of range")
             offs = np.frombuffer(self._range(req.data_off, req.count * 8, "offset list"),
                                  dtype="<u8").tolist()
-            mine = []
-            for off in offs:
-                if self.maps[off] <= 0:
-                    continue
-                self.maps[off] -= 1
-                if not self.maps[off]:
-                    del self.maps[off]
-                mine.append(off)
-            self.store.unmap_dram(t, mine)
+            mine = self._unpin(offs)
             if len(mine) != len(offs):
                 return Completion(req.tag, Status.INVALID, 0, len(mine))
             return Completion(req.tag, Status.OK, 0, len(mine))
