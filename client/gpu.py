@@ -487,7 +487,7 @@ class KVLoader:
         mapped: list[set[int]] = [set() for _ in self.groups]
         sealed_at: dict[tuple[int, int], tuple[int, int]] = {}  # (g, c) -> mapped sealed bytes
         per_frame = lay.frame_bytes + (OVERHEAD if self.cipher else 0)
-        later: list[tuple[int, int, int]] = []  # (group, chunk, offset of the group's frames)
+        later: list[list[tuple[int, int]]] = [[] for _ in self.groups]  # (chunk, offset)
         bad: str | None = None
 
         def copy_mapped(g: int, c: int, off: int) -> None:
@@ -513,17 +513,14 @@ class KVLoader:
                     at = off + a * per_frame
                     if self.cipher is not None:  # decrypted from the mapping further down
                         sealed_at[(g, c)] = (at, (b - a) * per_frame)
-                    elif bad is not None:
-                        pass
-                    elif g == 0:
+                    elif bad is None and g == 0:
                         copy_mapped(g, c, at)
-                    else:
-                        later.append((g, c, at))
+                    elif bad is None:
+                        later[g].append((c, at))
         for g in range(len(self.groups)):
             if bad is None:
-                for gg, c, at in later:
-                    if gg == g:
-                        copy_mapped(g, c, at)
+                for c, at in later[g]:
+                    copy_mapped(g, c, at)
                 if done_in_group[g] == n:
                     self._group_done(g, stream)
         if bad is not None:
