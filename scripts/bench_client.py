@@ -168,7 +168,8 @@ def main() -> int:
     secs = 1.5 if args.quick else 5.0
     pool_vals = 24 if args.quick else 64  # values per size for the file-pool pass
     fig: dict[str, Any] = {"quick": args.quick}
-    d = BenchDaemon(work, dram=(768 if args.quick else 1536) * MiB, pool=4096 * MiB)
+    d = BenchDaemon(work, dram=(768 if args.quick else 1536) * MiB,
+                    pool=(1536 if args.quick else 4096) * MiB)
     redis_srv: Redis | None = None
     try:
         with Progress(console=console, transient=True) as prog:

@@ -13,6 +13,22 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# The largest test's pools (fallocated, so they take real blocks) plus what module-scoped
+# fixtures keep; tmp dirs of passed tests go at once (pyproject: tmp_path_retention_policy).
+DISK_NEEDED = 2 << 30
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Refuse to start on a nearly full temp filesystem: otherwise tests fail one after
+    another with ENOSPC in fixtures, far from the cause."""
+    base = session.config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
+    st = os.statvfs(base)
+    free = st.f_bavail * st.f_frsize
+    if free < DISK_NEEDED:
+        pytest.exit(f"{base}: {free / 2**30:.1f} GiB free; the suite needs "
+                    f"{DISK_NEEDED / 2**30:.0f} GiB there (set TMPDIR or --basetemp to a "
+                    f"filesystem with room)", returncode=2)
+
 
 class FakeClock:
     """A controllable wall clock (unix seconds) for expiry tests."""
