@@ -85,6 +85,8 @@ class PoolOptions:
     expiry_bucket_s: int = 300  # records whose deadlines share a bucket share segments
     max_open_buckets: int = 8  # open DATA segments at once
     clean_max_utilization: float = 0.9  # never clean segments fuller than this
+    clean_ahead: int = 2  # free segments above the puts' floor at which a finished put
+    #                       cleans one segment without the metadata lock (see clean_ahead)
     checkpoint_every_bytes: int = 1 << 30  # bounds the recovery replay
     sync: bool = False  # fdatasync after every write (power-loss durability)
     evict: bool = True  # when full, evict LRU segments (a cache); False: PoolFullError
@@ -119,6 +121,18 @@ class PutReservation:
     nblocks: int
     exp: float
     now: float
+
+
+@dataclass(slots=True)
+class _CheckpointPlan:
+    """A checkpoint between taking its state (under the lock) and freeing what it covers."""
+    data: bytes
+    segments: list[int]
+    epochs: list[int]
+    lsn: int
+    old_segments: list[int]
+    pending: npt.NDArray[np.bool_]  # PENDING_FREE when the state was taken
+    bytes_covered: int
 
 
 @dataclass(slots=True)
@@ -167,6 +181,8 @@ class Counters:
     evicted_entries: int = 0
     evicted_segments: int = 0
     cleaned_segments: int = 0
+    cleaned_ahead: int = 0  # of those, cleaned by a put outside the lock (clean_ahead)
+    clean_ahead_errors: int = 0  # cleanings ahead that failed (the put itself stood)
     freed_segments: int = 0
     checkpoints: int = 0
     user_bytes: int = 0  # record bytes written for puts
@@ -217,6 +233,9 @@ class Pool:
         self._meta_seg = -1
         self._bytes_since_ckpt = 0
         self._in_maintenance = False
+        self._cleaning_ahead = False  # a put is cleaning a segment outside the lock
+        self._ckpt_running = False  # a checkpoint is between its state and its end
+        self.last_clean_error = ""
         self.counters = Counters()
         self.recovery = RecoveryReport()
         self._closed = False
@@ -357,6 +376,9 @@ class Pool:
                 return int(free[0])
             if purpose == "checkpoint":
                 raise PoolFullError(f"{self.dev.name}: no free segment for a checkpoint")
+            if self._ckpt_running:
+                self._idle.wait()  # a checkpoint without the lock frees segments at its end
+                continue
             if np.any(self.segs["state"] == SegState.PENDING_FREE):
                 self.checkpoint()
                 continue
@@ -566,8 +588,17 @@ class Pool:
             c.user_bytes += nblocks * self.B
             c.bounced_bytes += bounced
             self._bytes_since_ckpt += nblocks * self.B
-            if self._bytes_since_ckpt >= self.opt.checkpoint_every_bytes:
-                self.checkpoint()
+            due = self._bytes_since_ckpt >= self.opt.checkpoint_every_bytes
+        # Upkeep after the put, without the metadata lock held across I/O.  The put is
+        # committed whatever happens here; a failure is counted and the next put retries.
+        try:
+            if due:
+                self.checkpoint_concurrently()
+            self.clean_ahead()
+        except StoreError as e:
+            with self._lock:
+                c.clean_ahead_errors += 1
+            self.last_clean_error = str(e)
         return PutResult(lsn, self._seg_offset(seg) + at * self.B, nblocks * self.B,
                          replaced, bounced)
 
@@ -936,9 +967,11 @@ class Pool:
                 (t, *split_key(key)) in self._inflight
             if row < 0 and not pending:
                 return False
+            # Opening a META segment may wait (for a checkpoint) with the lock released:
+            # what the tombstone covers is looked up again once its LSN is taken.
             self._append_meta(Kind.DELETE, tenant, "", bytes(key))
-            if pending:
-                self._cancel_inflight(t, key=split_key(key))
+            row = self._live_row(tenant, key)
+            self._cancel_inflight(t, key=split_key(key))
             if row >= 0:
                 self._drop_rows(np.array([row], dtype=np.int64))
             self.counters.deletes += 1
@@ -957,6 +990,7 @@ class Pool:
             if len(rows) == 0 and not pending:
                 return 0
             self._append_meta(Kind.PURGE_SESSION, tenant, session, b"")
+            rows = self.index.select(tenant=t, session=s)  # again: see delete
             self._cancel_inflight(t, session=s)
             self._drop_rows(rows)
             self.counters.purged_entries += len(rows)
@@ -974,6 +1008,7 @@ class Pool:
             if len(rows) == 0 and not pending:
                 return 0
             self._append_meta(Kind.PURGE_TENANT, tenant, "", b"")
+            rows = self.index.select(tenant=t)  # again: see delete
             self._cancel_inflight(t)
             self._drop_rows(rows)
             self.counters.purged_entries += len(rows)
@@ -1056,6 +1091,95 @@ class Pool:
                 done += 1
         return done
 
+    def _free_segments(self) -> int:
+        return int(np.count_nonzero((self.segs["state"] == SegState.FREE) & (self.pins == 0)))
+
+    def clean_ahead(self) -> int:
+        """Clean one segment, with its reads and writes outside the metadata lock, when
+        free segments run low (at most `clean_ahead` above what puts must leave free);
+        returns the segments cleaned (0 or 1).  Called by puts once they completed.
+
+        Otherwise the put that finds no free segment cleans under the lock, and every
+        reader of the pool waits for that segment's records to be read and rewritten.
+        One thread cleans ahead at a time; others go on."""
+        with self._lock:
+            floor = self._checkpoint_segments() + 2 + self.opt.clean_ahead
+            if self._closed or self._cleaning_ahead or self._free_segments() > floor:
+                return 0
+            cand, score = self._clean_candidates()
+            if len(cand) == 0:
+                return 0
+            seg = int(cand[np.argmax(score)])
+            self._cleaning_ahead = True
+            self.pins[seg] += 1  # not cleaned, evicted or reused by anyone else meanwhile
+            ix = self.index
+            lo = self._seg_offset(seg) // self.B
+            rows = ix.rows[ix.select(loc_range=(lo, lo + self.seg_blocks))]
+            todo = [(int(r["tenant"]), int(r["k0"]), int(r["k1"]), int(r["loc"]),
+                     int(r["blocks"])) for r in rows]
+        moved = False
+        try:
+            for t, k0, k1, loc, nblocks in todo:
+                if not self._move_unlocked(t, k0, k1, loc, nblocks):
+                    return 0  # no room to copy into: leave the rest where it is
+            moved = True
+        finally:
+            with self._lock:
+                self.pins[seg] -= 1
+                self._cleaning_ahead = False
+                if moved and self.live[seg] == 0 and \
+                        self.segs["state"][seg] == SegState.SEALED:
+                    self._seal(seg)
+                    self.segs["state"][seg] = self._dead
+                    self.counters.cleaned_segments += 1
+                    self.counters.cleaned_ahead += 1
+                    self.counters.freed_segments += 1
+                # Cleaned segments are reusable after the next checkpoint: take it here,
+                # without the lock, rather than in the put that finds none free.
+                due = self._free_segments() <= floor and \
+                    bool(np.any(self.segs["state"] == SegState.PENDING_FREE))
+        if due:
+            self.checkpoint_concurrently()
+        return 1 if moved else 0
+
+    def _move_unlocked(self, t: int, k0: int, k1: int, loc: int, nblocks: int) -> bool:
+        """Copy the record at `loc` forward if the index still points there: read and
+        write without the lock (source and destination pinned), then repoint the index
+        unless a put, delete or purge of the key came meanwhile (the copy is then dead).
+        False if there is no room to copy into."""
+        h, payload = self._load_record(loc, nblocks)
+        hb = nblocks - -(-h.payload_len // self.B)
+        with self._lock:
+            row = self.index.find(t, k0, k1)
+            if row < 0 or int(self.index.loc[row]) != loc:
+                return True  # overwritten, deleted or purged since: nothing to move
+            try:
+                new_seg, at = self._place(nblocks, self._bucket_end(
+                    int(h.expiry_us // 1_000_000)), cleaner=True)
+            except PoolFullError:
+                return False
+            self.pins[new_seg] += 1
+            # The copy keeps its LSN (replay orders it by when it was put).
+            h.epoch = int(self.segs["epoch"][new_seg])
+        written = False
+        try:
+            self._write_record(new_seg, at, h, [payload], hb)
+            written = True
+        finally:
+            # One step with the unpin: unpinned first, the destination could be cleaned
+            # (the copy is not in the index yet) and reused before the index pointed at it.
+            with self._lock:
+                self.pins[new_seg] -= 1
+                self._account_write(new_seg, h.lsn)
+                self.counters.clean_bytes += nblocks * self.B
+                self._bytes_since_ckpt += nblocks * self.B
+                row = self.index.find(t, k0, k1)
+                if written and row >= 0 and int(self.index.loc[row]) == loc:
+                    self.live[int(self._seg_of_block(loc))] -= nblocks
+                    self.live[new_seg] += nblocks
+                    self.index.loc[row] = (self._seg_offset(new_seg) + at * self.B) // self.B
+        return True
+
     def clean_segment(self, seg: int) -> None:
         """Copy the live records of `seg` forward, then retire it."""
         ix = self.index
@@ -1075,6 +1199,9 @@ class Pool:
     def _move_row(self, row: int, seg: int) -> None:
         ix = self.index
         loc, nblocks = int(ix.loc[row]), int(ix.blocks[row])
+        if nblocks == 0 or int(self._seg_of_block(loc)) != seg:
+            return  # gone (or its row reused) while an earlier move waited
+        ident = (int(ix.tenant[row]), int(ix.k0[row]), int(ix.k1[row]))
         h, payload = self._load_record(loc, nblocks)
         hb = nblocks - -(-h.payload_len // self.B)
         exp_s = int(h.expiry_us // 1_000_000)
@@ -1084,11 +1211,15 @@ class Pool:
         h.epoch = int(self.segs["epoch"][new_seg])
         self._write_record(new_seg, at, h, [payload], hb)
         self._account_write(new_seg, h.lsn)
-        self.live[seg] -= nblocks
-        self.live[new_seg] += nblocks
-        ix.loc[row] = (self._seg_offset(new_seg) + at * self.B) // self.B
         self.counters.clean_bytes += nblocks * self.B
         self._bytes_since_ckpt += nblocks * self.B
+        # Opening a segment may have waited with the lock released (for a checkpoint): the
+        # key may be overwritten or gone since, and its row reused.
+        row = ix.find(*ident)
+        if row >= 0 and int(ix.loc[row]) == loc:
+            self.live[seg] -= nblocks
+            self.live[new_seg] += nblocks
+            ix.loc[row] = (self._seg_offset(new_seg) + at * self.B) // self.B
 
     def _load_record(self, loc: int, nblocks: int) -> tuple[RecordHeader, memoryview]:
         """Read a whole record and verify header and frames; returns header and payload."""
@@ -1157,22 +1288,56 @@ class Pool:
         """Write the index and segment table, then point the superblocks at them.
 
         Afterwards PENDING_FREE segments are free, and META segments whose tombstones the
-        checkpoint covers are released.
+        checkpoint covers are released.  The metadata lock is held throughout; see
+        `checkpoint_concurrently` for the version that writes without it.
         """
         with self._lock:
             self._check_open()
             # Puts in flight have LSNs below the checkpoint's but are not in the index
-            # yet: wait until they have committed.
-            while self._n_inflight:
+            # yet: wait until they have committed; and for a checkpoint running without
+            # the lock (it may start while this one waits).
+            while self._n_inflight or self._ckpt_running:
                 self._idle.wait()
             self._checkpoint_locked()
 
+    def checkpoint_concurrently(self) -> bool:
+        """A checkpoint whose writes and flushes run without the metadata lock: the state
+        is taken (and its segments reserved) under the lock, written, and only then are
+        the segments that were PENDING_FREE at that moment freed.  Reads, puts and cleaning
+        go on meanwhile.  False (nothing done) if another checkpoint is running."""
+        with self._lock:
+            if self._closed or self._ckpt_running:
+                return False
+            while self._n_inflight:
+                self._idle.wait()
+                if self._closed or self._ckpt_running:
+                    return False
+            plan = self._checkpoint_begin()
+        try:
+            self._checkpoint_write(plan)
+        except BaseException:
+            with self._lock:  # its segments stay reserved: the superblocks may name them
+                self._ckpt_running = False
+                self._idle.notify_all()
+            raise
+        with self._lock:
+            self._checkpoint_end(plan)
+        return True
+
     def _checkpoint_locked(self) -> None:
+        plan = self._checkpoint_begin()
+        try:
+            self._checkpoint_write(plan)
+        finally:
+            self._ckpt_running = False
+        self._checkpoint_end(plan)
+
+    def _checkpoint_begin(self) -> _CheckpointPlan:
+        """Under the lock, with no put in flight: the state to write, its segments."""
         state = self._checkpoint_state()
         data = ckpt.encode(state)
         per = (self.seg_blocks - 1) * self.B
         nseg = max(1, -(-len(data) // per))
-        old = list(self.sb.ckpt_segments)
         self._in_maintenance = True
         try:
             new: list[int] = []
@@ -1183,34 +1348,51 @@ class Pool:
         finally:
             self._in_maintenance = False
         lsn = self.next_lsn
-        mv = memoryview(data)
+        epochs = []
         for i, seg in enumerate(new):
-            epoch = self._next_lsn()
+            epochs.append(self._next_lsn())
+            s = self.segs[seg]
+            s["kind"], s["epoch"] = SegKind.CHECKPOINT, epochs[-1]
+            s["used"] = 1 + -(-min(per, len(data) - i * per) // self.B)
+        self._ckpt_running = True
+        return _CheckpointPlan(data, new, epochs, lsn, list(self.sb.ckpt_segments),
+                               self.segs["state"] == SegState.PENDING_FREE,
+                               self._bytes_since_ckpt)
+
+    def _checkpoint_write(self, plan: _CheckpointPlan) -> None:
+        """The I/O: checkpoint segments, flush, both superblocks (no lock needed)."""
+        per = (self.seg_blocks - 1) * self.B
+        mv = memoryview(plan.data)
+        for i, seg in enumerate(plan.segments):
             chunk = mv[i * per:(i + 1) * per]
             hdr = aligned_buffer(self.B)
-            SegmentHeader(SegKind.CHECKPOINT, self.sb.uuid, epoch, _now_us(self.clock), NEVER,
-                          seg).encode_into(hdr)
+            SegmentHeader(SegKind.CHECKPOINT, self.sb.uuid, plan.epochs[i],
+                          _now_us(self.clock), NEVER, seg).encode_into(hdr)
             pad = -chunk.nbytes % self.B
             tail: list[memoryview | int] = [pad] if pad else []
             write_pieces(self.dev, self._seg_offset(seg), [hdr, chunk, *tail])
-            s = self.segs[seg]
-            s["kind"], s["epoch"] = SegKind.CHECKPOINT, epoch
-            s["used"] = 1 + -(-chunk.nbytes // self.B)
         self.dev.flush()
-        self.sb.ckpt_lsn = lsn
-        self.sb.ckpt_len = len(data)
-        self.sb.ckpt_crc = crc32c.crc32c(data)
-        self.sb.ckpt_segments = new
+        self.sb.ckpt_lsn = plan.lsn
+        self.sb.ckpt_len = len(plan.data)
+        self.sb.ckpt_crc = crc32c.crc32c(plan.data)
+        self.sb.ckpt_segments = plan.segments
         self._write_superblocks()
+
+    def _checkpoint_end(self, plan: _CheckpointPlan) -> None:
+        """Under the lock, once the superblocks name the new checkpoint: free what it no
+        longer needs -- the old checkpoint, the segments that were PENDING_FREE when its
+        state was taken (later ones wait for the next), covered META segments."""
         st = self.segs["state"]
-        for seg in old:
+        for seg in plan.old_segments:
             st[seg] = SegState.FREE
-        st[st == SegState.PENDING_FREE] = SegState.FREE
+        st[plan.pending & (st == SegState.PENDING_FREE)] = SegState.FREE
         covered = (self.segs["kind"] == SegKind.META) & (st == SegState.SEALED) & \
-            (self.segs["max_lsn"] < lsn)
+            (self.segs["max_lsn"] < plan.lsn)
         st[covered] = SegState.FREE
-        self._bytes_since_ckpt = 0
+        self._bytes_since_ckpt = max(0, self._bytes_since_ckpt - plan.bytes_covered)
         self.counters.checkpoints += 1
+        self._ckpt_running = False
+        self._idle.notify_all()
 
     # -- recovery --------------------------------------------------------------------------
 
