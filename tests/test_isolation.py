@@ -2,11 +2,13 @@
 pool's cleaner running under them) against another tenant's interactive GETs.
 
 The I/O scheduler gives the reads a thread at once (never behind a write) and lets one
-write at a time share the device with them.  What it cannot remove on a 2-core machine is
-the CPU the writes and the cleaner take: measured here, the reads' p99 rose 1.2x-4.5x
-(the issue's goal is 2x) and their median 1.2x-1.6x.  The test holds the median to 2x,
-the p99 to 8x (a guard against gross regressions only), and the scheduler to its word:
-no GET of the reading tenant ever queued."""
+write at a time share the device with them; the pool cleans and checkpoints without its
+metadata lock held across I/O, so a read never waits for a segment being cleaned.
+Measured here on 2 cores, the reads' p99 under the load over idle: 1.26x-2.22x in 17
+runs, 15 of them within the issue's 2x (with the cleaning under the lock: 2.1x-2.9x in
+6 runs; before the I/O scheduler: 4.1x).  The test holds the median to 2x, the p99 to 3x
+(so that the rare run past 2x on a loaded CI machine does not fail it), and the
+scheduler to its word: no GET of the reading tenant ever queued."""
 
 from __future__ import annotations
 
@@ -92,7 +94,7 @@ def test_interactive_gets_keep_their_p99_under_another_tenants_write_storm(
         p50_busy = np.percentile(np.concatenate(busy), 50)
         print(f"median {p50_idle * 1e3:.2f} ms idle, {p50_busy * 1e3:.2f} ms loaded")
         assert p50_busy <= 2 * p50_idle
-        assert p99_busy <= 8 * p99_idle  # a gross-regression guard (see the docstring)
+        assert p99_busy <= 3 * p99_idle  # the goal is 2x: see the docstring
         io = after["io"]["classes"]
         assert io["interactive"]["tenants"]["bob"]["waited"] == 0  # never behind a write
         assert io["write"]["tenants"]["alice"]["requests"] > 0
