@@ -77,6 +77,7 @@ class Limits:
     stalled_client_timeout_s: float = 30.0  # drop a client whose completion ring stays full
     sweep_interval_s: float = 10.0  # expiry sweep and retention, this often
     starvation_s: float = 0.05  # a lower I/O class waits at most about this long
+    low_class_nice: int = 10  # write and background work run this much nicer (0: off)
 
 
 @dataclass
@@ -387,6 +388,10 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
             lim.sweep_interval_s = _duration(lr, "sweep_interval_s")
         if "starvation_s" in lr.table:
             lim.starvation_s = _duration(lr, "starvation_s")
+        lim.low_class_nice = lr.get("low_class_nice", int, lim.low_class_nice)
+        if not 0 <= lim.low_class_nice <= 19:
+            raise lr.fail("low_class_nice", f"must be in 0..19 (0: off), got "
+                                            f"{lim.low_class_nice}")
         if lim.ring_entries & (lim.ring_entries - 1):
             raise lr.fail("ring_entries", f"must be a power of two, got {lim.ring_entries}")
         if lim.arena_default > lim.arena_max:

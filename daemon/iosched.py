@@ -18,6 +18,10 @@ busy, waiting requests are granted a thread in this order:
    smallest tag goes first, so a tenant with a deep queue cannot starve one with a
    single request (cost: the request's bytes, at least one 4 KiB block).
 
+Once running, `write` and `background` work runs at `low_class_nice` above the worker
+thread's own CPU priority (kvtier.daemon.cpuprio), so on a machine with few cores the
+kernel gives an interactive read the CPU first too.
+
 A request may carry a deadline: if it is still waiting when the deadline passes, it
 leaves the queue with `DeadlineMissed` -- the client hears at once that it will not make
 it, instead of being served late.
@@ -39,6 +43,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from kvtier.daemon import cpuprio
 from kvtier.daemon.errors import StoreError
 
 T = TypeVar("T")
@@ -79,9 +84,15 @@ class IoScheduler:
     def __init__(self, slots: int, *, starvation_s: float = 0.05,
                  reserved: int | None = None, recent_s: float = 0.02,
                  weights: dict[str, float] | None = None,
-                 observe: Callable[[str, str, float], None] | None = None) -> None:
+                 observe: Callable[[str, str, float], None] | None = None,
+                 low_class_nice: int = 0) -> None:
         if slots < 1:
             raise ValueError("the I/O scheduler needs at least one slot")
+        # CPU priority of write and background work: off (with the reason) where this
+        # process cannot lower a thread's priority and raise it back.
+        self.low_class_nice_off = cpuprio.probe(low_class_nice) if low_class_nice else \
+            "off in the config"
+        self.low_class_nice = 0 if self.low_class_nice_off else low_class_nice
         self.slots = slots
         self.reserved = slots // 4 if reserved is None else reserved
         if not 0 <= self.reserved < slots:
@@ -242,11 +253,20 @@ class IoScheduler:
                   cost: int = MIN_COST, deadline: float | None = None) -> T:
         """Run blocking `fn(*args)` in a worker thread, in its turn."""
         async with self.slot(cls, tenant, cost, deadline):
+            if cls >= IoClass.WRITE and self.low_class_nice:
+                nice = self.low_class_nice
+
+                def lowered() -> T:
+                    with cpuprio.lowered(nice):
+                        return fn(*args)
+                return await trio.to_thread.run_sync(lowered, limiter=self.limiter)
             return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"slots": self.slots, "busy": self.busy,
                                "reserved": self.reserved,
+                               "low_class_nice": self.low_class_nice,
+                               "low_class_nice_off": self.low_class_nice_off,
                                "starvation_s": self.starvation_s, "classes": {}}
         for c in IoClass:
             per = {t: vars(s).copy() for (cc, t), s in self.stats.items() if cc == c}

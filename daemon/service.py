@@ -124,7 +124,11 @@ class Service:
         self.metrics = Metrics()
         self.io = IoScheduler(cfg.limits.io_threads, starvation_s=cfg.limits.starvation_s,
                               weights={t.id: t.weight for t in cfg.tenants},
-                              observe=self.metrics.observe_io)
+                              observe=self.metrics.observe_io,
+                              low_class_nice=cfg.limits.low_class_nice)
+        if cfg.limits.low_class_nice and self.io.low_class_nice_off:
+            log.warning("write and background work run at the readers' CPU priority: %s",
+                        self.io.low_class_nice_off)
         self.sessions: dict[int, ClientSession] = {}
         self._next_client = 1
         self.started = time.time()

@@ -226,6 +226,7 @@ def test_config_errors_name_the_key(tmp_path) -> None:
         '[limits]\nring_entries = 1000\n': "limits.ring_entries: must be a power of two",
         '[limits]\nstalled_client_timeout_s = -1\n': "stalled_client_timeout_s: must be a "
                                                    "positive number",
+        '[limits]\nlow_class_nice = 20\n': "limits.low_class_nice: must be in 0..19",
         'colour = "blue"\n': "colour: unknown key",
         '[dram]\nsize = "1M"\n': "dram.size: must hold at least 8 segments",
         '[dram]\nsize = "64M"\nsegment_size = "4M"\n' + TENANT_A + 'dram = "5M"\n':

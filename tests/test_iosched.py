@@ -149,3 +149,51 @@ def test_run_executes_in_a_worker_thread() -> None:
     trio.run(main)
     with pytest.raises(ValueError, match="at least one slot"):
         IoScheduler(0)
+
+
+def _my_nice() -> int:
+    import os
+    import threading
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+def test_write_and_background_work_run_at_a_lower_cpu_priority() -> None:
+    seen: dict[str, list[int]] = {}
+
+    async def main() -> None:
+        sched = IoScheduler(2, low_class_nice=7)
+        if sched.low_class_nice_off:  # not root, or no CAP_SYS_NICE here
+            pytest.skip(f"this process may not renice threads: {sched.low_class_nice_off}")
+        assert sched.low_class_nice == 7
+        base = _my_nice()
+        for _ in range(3):  # the same worker threads, taken in turn by every class
+            for cls in IoClass:
+                nice = await sched.run(cls, "t", _my_nice)
+                seen.setdefault(cls.name.lower(), []).append(nice - base)
+        assert sched.describe()["low_class_nice"] == 7
+
+    trio.run(main)
+    assert seen == {"interactive": [0] * 3, "prefetch": [0] * 3, "write": [7] * 3,
+                    "background": [7] * 3}
+
+
+def test_without_the_right_to_renice_back_it_is_off_and_says_why() -> None:
+    """Without CAP_SYS_NICE and with the default RLIMIT_NICE (0), a thread can lower its
+    priority but not raise it back: the scheduler must not use it then."""
+    import shutil
+    import subprocess
+    import sys
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "util-linux setpriv is part of Debian's base system"
+    code = ("from kvtier.daemon.iosched import IoScheduler; s = IoScheduler(2, "
+            "low_class_nice=10); print(s.low_class_nice, s.low_class_nice_off)")
+    # No capabilities survive the exec (an empty bounding set), even for root.
+    out = subprocess.run([setpriv, "--bounding-set=-all", "--inh-caps=-all",
+                          sys.executable, "-c", code],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("0 ") and "LimitNICE=+0" in out.stdout, out.stdout
+    bad = subprocess.run([sys.executable, "-c", "from kvtier.daemon.iosched import "
+                          "IoScheduler; print(IoScheduler(2, low_class_nice=25)"
+                          ".low_class_nice_off)"], capture_output=True, text=True)
+    assert "nice must be in 1..19, got 25" in bad.stdout

@@ -95,6 +95,7 @@ def test_interactive_gets_keep_their_p99_under_another_tenants_write_storm(
         print(f"median {p50_idle * 1e3:.2f} ms idle, {p50_busy * 1e3:.2f} ms loaded")
         assert p50_busy <= 2 * p50_idle
         assert p99_busy <= 3 * p99_idle  # the goal is 2x: see the docstring
+        assert after["io"]["low_class_nice"] == 10  # writes ran at a lower CPU priority
         io = after["io"]["classes"]
         assert io["interactive"]["tenants"]["bob"]["waited"] == 0  # never behind a write
         assert io["write"]["tenants"]["alice"]["requests"] > 0
