@@ -25,7 +25,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvtier.daemon.config import PoolConfig
+from kvtier.daemon.config import IO_UNIT_SIZE, MAX_IO_SIZE, PoolConfig
 from kvtier.daemon.errors import StoreError
 
 log = logging.getLogger("kvtierd.spdk")
@@ -102,12 +102,26 @@ class SpdkTarget:
 
     # -- ensure ---------------------------------------------------------------------------
 
-    def ensure_transport(self, ch: Changes, trtype: str = "TCP") -> None:
-        if any(str(t.get("trtype", "")).upper() == trtype
-               for t in self.call("nvmf_get_transports")):
+    def ensure_transport(self, ch: Changes, trtype: str = "TCP", *,
+                         max_io_size: int = MAX_IO_SIZE,
+                         io_unit_size: int = IO_UNIT_SIZE) -> None:
+        """The transport, created with `max_io_size` (the MDTS hosts see) made of
+        `io_unit_size` buffers.  SPDK cannot change a transport once created: one that
+        exists with other sizes is kept, with a warning that says what it costs."""
+        for t in self.call("nvmf_get_transports"):
+            if str(t.get("trtype", "")).upper() != trtype:
+                continue
+            have = int(t.get("max_io_size", 0))
+            if have and have < max_io_size:
+                ch.add(f"kept the existing {trtype} transport: its max_io_size is {have} "
+                       f"bytes, not {max_io_size} (larger transfers are split into more "
+                       f"commands; recreate the target's transport to change it)")
+                log.warning("%s", ch.made[-1])
             return
-        self.call("nvmf_create_transport", trtype=trtype)
-        ch.add(f"created the {trtype} transport")
+        self.call("nvmf_create_transport", trtype=trtype, max_io_size=max_io_size,
+                  io_unit_size=io_unit_size)
+        ch.add(f"created the {trtype} transport (max_io_size {max_io_size}, "
+               f"io_unit_size {io_unit_size})")
 
     def ensure_bdev(self, ch: Changes, spec: dict[str, Any]) -> str:
         """Create the bdev `spec` describes unless it exists; returns the bdev's name."""
@@ -199,7 +213,8 @@ def provision_pool(p: PoolConfig) -> Changes:
     pv = n.provision
     ch = Changes()
     with SpdkTarget(pv["rpc"], timeout_s=pv["timeout_s"]) as t:
-        t.ensure_transport(ch)
+        t.ensure_transport(ch, max_io_size=pv.get("max_io_size", MAX_IO_SIZE),
+                           io_unit_size=pv.get("io_unit_size", IO_UNIT_SIZE))
         bdev = t.ensure_bdev(ch, pv["bdev"])
         t.ensure_subsystem(ch, n.subnqn, serial=pv["serial_number"], hosts=pv["allow_hosts"])
         t.ensure_namespace(ch, n.subnqn, bdev, n.nsid)

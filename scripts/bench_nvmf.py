@@ -11,8 +11,10 @@ flight) in the same run.  `--queues` sets the host's I/O queues (default 4).
 The target is SPDK's when `KVTIER_SPDK_BIN` names nvmf_tgt/spdk_tgt (an aio bdev over the
 same backing file, provisioned through daemon/spdk.py; with `KVTIER_SPDK_PERF` naming
 `spdk_nvme_perf`, its own throughput against the same target is measured too and the
-`*_ratio_to_spdk_perf` figures filled); otherwise the test target of tests/nvmf_target.py,
-a Python program, which bounds what the host can show here.  `target` says which.
+`*_ratio_to_spdk_perf` figures filled; `--spdk-max-io` sets the transport's max_io_size,
+1M by default as kvtier provisions it, 128K to see SPDK's default); otherwise the test
+target of tests/nvmf_target.py, a Python program, which bounds what the host can show
+here.  `target` says which.
 
 `host_cpu_s_per_gib` and `target_cpu_s_per_gib` (CPU seconds of this process and of
 the target process per GiB moved over all NVMe/TCP runs) say which side bounds the figures.
@@ -43,6 +45,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from kvtier.daemon.blockdev import FileDevice, aligned_buffer  # noqa: E402
 from kvtier.daemon.nvmf.device import NvmfDevice  # noqa: E402
 from kvtier.daemon.nvmf.host import NvmfTargetConfig  # noqa: E402
+from kvtier.daemon.sizes import parse_size  # noqa: E402
 
 MiB = 1 << 20
 HOSTNQN = "nqn.2014-08.io.kvtier:bench"
@@ -113,7 +116,7 @@ def _proc_cpu(pid: int) -> float:
 
 
 class SpdkTarget:
-    def __init__(self, workdir: str, backing: str) -> None:
+    def __init__(self, workdir: str, backing: str, max_io_size: int) -> None:
         from kvtier.daemon.config import NvmfPoolConfig, PoolConfig
         from kvtier.daemon.spdk import provision_pool
 
@@ -130,8 +133,9 @@ class SpdkTarget:
         self.nqn = "nqn.2016-06.io.spdk:kvtier-bench"
         self.name = f"SPDK {os.path.basename(os.environ['KVTIER_SPDK_BIN'])}"
         prov = {"rpc": self.rpc, "serial_number": "KVTIERBENCH", "allow_hosts": [HOSTNQN],
-                "timeout_s": 60.0, "bdev": {"kind": "aio", "name": "Aio0", "filename": backing,
-                                            "block_size": 4096}}
+                "timeout_s": 60.0, "max_io_size": max_io_size,
+                "bdev": {"kind": "aio", "name": "Aio0", "filename": backing,
+                         "block_size": 4096}}
         provision_pool(PoolConfig("bench", "nvmf", "", 0, 0, nvmf=NvmfPoolConfig(
             "127.0.0.1", self.port, self.nqn, HOSTNQN, provision=prov)))
 
@@ -161,6 +165,8 @@ def main() -> int:
     ap = bench_arguments(__doc__)
     ap.add_argument("--digests", action="store_true", help="header and data digests on")
     ap.add_argument("--queues", type=int, default=4, help="I/O queues (TCP connections)")
+    ap.add_argument("--spdk-max-io", default="1M",
+                    help="the SPDK transport's max_io_size (SPDK's own default: 128K)")
     args = ap.parse_args()
     console = Console(stderr=args.json)
     seconds = 0.6 if args.quick else 3.0
@@ -177,7 +183,7 @@ def main() -> int:
         os.posix_fallocate(fd, 0, dev_size)
         os.close(fd)
         if os.environ.get("KVTIER_SPDK_BIN"):
-            target = SpdkTarget(workdir, backing)
+            target = SpdkTarget(workdir, backing, parse_size(args.spdk_max_io))
         else:
             target = TestTarget(backing, dev_size)
         fig["target"] = target.name

@@ -518,6 +518,11 @@ class Rpc:
             raise RpcError(-32602, f"Invalid parameters: transport {tr!r} not supported")
         if any(t["trtype"] == "TCP" for t in self.t.transports):
             raise RpcError(-32602, "Invalid parameters: transport TCP already exists")
+        if "max_io_size" in p:  # the MDTS controllers report from now on
+            n = int(p["max_io_size"])
+            if n < 4096 or n & (n - 1):
+                raise RpcError(-32602, f"Invalid parameters: max_io_size {n}")
+            self.t.mdts_shift = (n // 4096).bit_length() - 1
         self.t.transports.append({"trtype": "TCP", "max_queue_depth": MQES,
                                   "in_capsule_data_size": IN_CAPSULE,
                                   "max_io_size": 4096 << self.t.mdts_shift})

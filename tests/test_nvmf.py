@@ -339,3 +339,20 @@ def test_provisioning_is_idempotent_and_reversible(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_transport_sizes_in_the_provision_section_are_checked(tmp_path: Path) -> None:
+    from kvtier.daemon.config import ConfigError
+    prov = ['[pool.provision]', 'bdev = { kind = "malloc", name = "m0", size = "64M" }']
+    cfg = tmp_path / "kvtier.toml"
+    cfg.write_text(nvmf_pool_toml(4420, "nqn.2016-06.io.kvtier:x", "\n".join(prov)))
+    p = load_config(str(cfg)).pools[0].nvmf
+    assert p is not None and p.provision is not None
+    assert (p.provision["max_io_size"], p.provision["io_unit_size"]) == (1 << 20, 128 << 10)
+    for extra, want in (('max_io_size = "3M"', "max_io_size: must be 1 to 16 times"),
+                        ('io_unit_size = "1000"', "io_unit_size: must be a positive multiple"),
+                        ('max_io_size = "4M"\nio_unit_size = "128K"', "1 to 16 times")):
+        cfg.write_text(nvmf_pool_toml(4420, "nqn.2016-06.io.kvtier:x",
+                                      "\n".join([*prov[:1], extra, *prov[1:]])))
+        with pytest.raises(ConfigError, match=want):
+            load_config(str(cfg))

@@ -7,7 +7,10 @@ provisioned through daemon/spdk.py.  Without SPDK these tests are skipped and sa
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from kvtier.daemon.config import NvmfPoolConfig, PoolConfig
 from kvtier.daemon.nvmf.device import NvmfDevice
 from kvtier.daemon.nvmf.host import NvmfTargetConfig
 from kvtier.daemon.pool import Pool
-from kvtier.daemon.spdk import decommission_pool, provision_pool
+from kvtier.daemon.spdk import SpdkTarget, decommission_pool, provision_pool
 
 pytestmark = pytest.mark.skipif(not SPDK_BIN, reason=NO_SPDK)
 MiB = 1 << 20
@@ -50,6 +53,9 @@ def test_provision_round_trip_and_pool_on_spdk(spdk: str) -> None:
     p = pool_config(spdk, port)
     assert provision_pool(p).made  # transport, bdev, subsystem, host, namespace, listener
     assert provision_pool(p).made == []  # idempotent
+    with SpdkTarget(spdk) as t:
+        (tcp,) = [x for x in t.call("nvmf_get_transports") if x["trtype"].upper() == "TCP"]
+    assert tcp["max_io_size"] == MiB  # (newer SPDKs no longer report io_unit_size)
     for digests in (False, True):
         dev = NvmfDevice(NvmfTargetConfig("127.0.0.1", port, NQN, HOSTNQN,
                                           header_digest=digests, data_digest=digests))
@@ -62,6 +68,7 @@ def test_provision_round_trip_and_pool_on_spdk(spdk: str) -> None:
         finally:
             dev.close()
     dev = NvmfDevice(NvmfTargetConfig("127.0.0.1", port, NQN, HOSTNQN))
+    assert dev.health()["max_io"] == MiB  # a 1 MiB transfer is one command
     pool = Pool.format(dev, segment_size=4 * MiB)
     pool.put("t", "s", b"k" * 16, [b"v" * 100_000])
     pool.close()
@@ -124,3 +131,41 @@ def test_spdk_killed_mid_write_loses_nothing_acknowledged(tmp_path: Path) -> Non
         t.close()
         if t2 is not None:
             t2.close()
+
+
+def test_an_existing_transport_with_smaller_commands_is_kept_and_said(tmp_path: Path) -> None:
+    """SPDK cannot resize a transport: provisioning keeps it, says what it costs, and the
+    host splits transfers at the MDTS it reports."""
+    from kvtier.daemon.spdk import Changes
+
+    log = open(tmp_path / "spdk.log", "wb")  # noqa: SIM115
+    rpc = str(tmp_path / "spdk.sock")
+    proc = subprocess.Popen([SPDK_BIN, "--no-huge", "-s", "1024", "-u", "-m", "0x1", "-r", rpc],
+                            stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(rpc):
+            assert proc.poll() is None and time.monotonic() < deadline, "SPDK did not start"
+            time.sleep(0.1)
+        with SpdkTarget(rpc) as t:
+            t.call("nvmf_create_transport", trtype="TCP", max_io_size=131072,
+                   io_unit_size=131072)
+            ch = Changes()
+            t.ensure_transport(ch)
+        assert len(ch.made) == 1 and "max_io_size is 131072 bytes, not 1048576" in ch.made[0]
+        port = free_port()
+        provision_pool(pool_config(rpc, port))
+        dev = NvmfDevice(NvmfTargetConfig("127.0.0.1", port, NQN, HOSTNQN))
+        try:
+            assert dev.health()["max_io"] == 131072
+            data = np.random.default_rng(2).integers(0, 256, 3 * MiB, dtype=np.uint8)
+            dev.writev(0, [memoryview(data)])  # 24 commands
+            out = np.zeros_like(data)
+            dev.readv_into(0, [memoryview(out)])
+            assert np.array_equal(out, data)
+        finally:
+            dev.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
