@@ -232,7 +232,10 @@ class Pool:
         self._open_clean: dict[int, int] = {}
         self._meta_seg = -1
         self._bytes_since_ckpt = 0
-        self._in_maintenance = False
+        # Set while this thread cleans or checkpoints under the lock, so that it does not
+        # clean again from inside (per thread: opening a segment may wait with the lock
+        # released, and another thread's put must still be able to clean then).
+        self._maintenance = threading.local()
         self._cleaning_ahead = False  # a put is cleaning a segment outside the lock
         self._ckpt_running = False  # a checkpoint is between its state and its end
         self.last_clean_error = ""
@@ -382,7 +385,7 @@ class Pool:
             if np.any(self.segs["state"] == SegState.PENDING_FREE):
                 self.checkpoint()
                 continue
-            if purpose != "put" or self._in_maintenance:
+            if purpose != "put" or getattr(self._maintenance, "active", False):
                 raise PoolFullError(f"{self.dev.name}: no free segment left for {purpose}")
             if self._clean_one() or (self.opt.evict and self._evict_one()):
                 continue
@@ -1091,6 +1094,16 @@ class Pool:
                 done += 1
         return done
 
+    @contextmanager
+    def _maintaining(self) -> Iterator[None]:
+        """This thread cleans or checkpoints: it must not start cleaning from inside."""
+        before = getattr(self._maintenance, "active", False)
+        self._maintenance.active = True
+        try:
+            yield
+        finally:
+            self._maintenance.active = before
+
     def _free_segments(self) -> int:
         return int(np.count_nonzero((self.segs["state"] == SegState.FREE) & (self.pins == 0)))
 
@@ -1185,12 +1198,9 @@ class Pool:
         ix = self.index
         lo = self._seg_offset(seg) // self.B
         rows = ix.select(loc_range=(lo, lo + self.seg_blocks))
-        self._in_maintenance = True
-        try:
+        with self._maintaining():
             for row in rows.tolist():
                 self._move_row(row, seg)
-        finally:
-            self._in_maintenance = False
         self._seal(seg)
         self.segs["state"][seg] = self._dead
         self.counters.cleaned_segments += 1
@@ -1338,15 +1348,12 @@ class Pool:
         data = ckpt.encode(state)
         per = (self.seg_blocks - 1) * self.B
         nseg = max(1, -(-len(data) // per))
-        self._in_maintenance = True
-        try:
+        with self._maintaining():
             new: list[int] = []
             for _ in range(nseg):
                 seg = self._take_free_segment("checkpoint")
                 self.segs["state"][seg] = SegState.CHECKPOINT
                 new.append(seg)
-        finally:
-            self._in_maintenance = False
         lsn = self.next_lsn
         epochs = []
         for i, seg in enumerate(new):

@@ -4,8 +4,8 @@ pool's cleaner running under them) against another tenant's interactive GETs.
 The I/O scheduler gives the reads a thread at once (never behind a write) and lets one
 write at a time share the device with them; the pool cleans and checkpoints without its
 metadata lock held across I/O, so a read never waits for a segment being cleaned.
-Measured here on 2 cores, the reads' p99 under the load over idle: 1.26x-2.22x in 17
-runs, 15 of them within the issue's 2x (with the cleaning under the lock: 2.1x-2.9x in
+Measured here on 2 cores, the reads' p99 under the load over idle: 1.26x-2.25x in 25
+runs, 23 of them within the issue's 2x (with the cleaning under the lock: 2.1x-2.9x in
 6 runs; before the I/O scheduler: 4.1x).  The test holds the median to 2x, the p99 to 3x
 (so that the rare run past 2x on a loaded CI machine does not fail it), and the
 scheduler to its word: no GET of the reading tenant ever queued."""
