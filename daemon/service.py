@@ -332,7 +332,9 @@ class Service:
                 await self.io.run(IoClass.BACKGROUND, "", pool.sweep)
             await self.io.run(IoClass.BACKGROUND, "", self._apply_retention)
             if trio.current_time() - last_ckpt >= CHECKPOINT_EVERY_S:
-                await self.io.run(IoClass.BACKGROUND, "", store.media.checkpoint)
+                # Written without the pool's lock: reads and puts go on meanwhile (one
+                # already running, e.g. started by a put, makes this one unnecessary).
+                await self.io.run(IoClass.BACKGROUND, "", store.media.checkpoint_concurrently)
                 last_ckpt = trio.current_time()
 
     # -- connections -------------------------------------------------------------------------------
