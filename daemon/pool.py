@@ -24,6 +24,7 @@ checkpoints wait until no put is in flight.
 from __future__ import annotations
 
 import enum
+import logging
 import threading
 import time
 import uuid as uuidlib
@@ -70,6 +71,8 @@ Buffer = Any  # anything exposing the buffer protocol (bytes, memoryview, numpy 
 
 
 T = TypeVar("T")
+log = logging.getLogger("kvtierd.pool")
+PUT_RESERVE = 2  # free segments puts leave beyond a checkpoint's: one cleaner, one META
 
 
 class SegState(enum.IntEnum):
@@ -182,7 +185,7 @@ class Counters:
     evicted_segments: int = 0
     cleaned_segments: int = 0
     cleaned_ahead: int = 0  # of those, cleaned by a put outside the lock (clean_ahead)
-    clean_ahead_errors: int = 0  # cleanings ahead that failed (the put itself stood)
+    upkeep_errors: int = 0  # a put's cleaning ahead or checkpoint failed (the put stood)
     freed_segments: int = 0
     checkpoints: int = 0
     user_bytes: int = 0  # record bytes written for puts
@@ -238,7 +241,6 @@ class Pool:
         self._maintenance = threading.local()
         self._cleaning_ahead = False  # a put is cleaning a segment outside the lock
         self._ckpt_running = False  # a checkpoint is between its state and its end
-        self.last_clean_error = ""
         self.counters = Counters()
         self.recovery = RecoveryReport()
         self._closed = False
@@ -374,7 +376,8 @@ class Pool:
         while True:
             free = np.flatnonzero((self.segs["state"] == SegState.FREE) & (self.pins == 0))
             ck = self._checkpoint_segments()
-            floor = {"put": ck + 2, "clean": ck, "meta": ck, "checkpoint": 0}[purpose]
+            floor = {"put": ck + PUT_RESERVE, "clean": ck, "meta": ck,
+                     "checkpoint": 0}[purpose]
             if len(free) > floor:
                 return int(free[0])
             if purpose == "checkpoint":
@@ -600,8 +603,8 @@ class Pool:
             self.clean_ahead()
         except StoreError as e:
             with self._lock:
-                c.clean_ahead_errors += 1
-            self.last_clean_error = str(e)
+                c.upkeep_errors += 1
+            log.warning("%s: upkeep after a put failed (the put stands): %s", self.dev.name, e)
         return PutResult(lsn, self._seg_offset(seg) + at * self.B, nblocks * self.B,
                          replaced, bounced)
 
@@ -1116,7 +1119,7 @@ class Pool:
         reader of the pool waits for that segment's records to be read and rewritten.
         One thread cleans ahead at a time; others go on."""
         with self._lock:
-            floor = self._checkpoint_segments() + 2 + self.opt.clean_ahead
+            floor = self._checkpoint_segments() + PUT_RESERVE + self.opt.clean_ahead
             if self._closed or self._cleaning_ahead or self._free_segments() > floor:
                 return 0
             cand, score = self._clean_candidates()
@@ -1142,11 +1145,8 @@ class Pool:
                 self._cleaning_ahead = False
                 if moved and self.live[seg] == 0 and \
                         self.segs["state"][seg] == SegState.SEALED:
-                    self._seal(seg)
-                    self.segs["state"][seg] = self._dead
-                    self.counters.cleaned_segments += 1
+                    self._retire_cleaned(seg)
                     self.counters.cleaned_ahead += 1
-                    self.counters.freed_segments += 1
                 # Cleaned segments are reusable after the next checkpoint: take it here,
                 # without the lock, rather than in the put that finds none free.
                 due = self._free_segments() <= floor and \
@@ -1183,15 +1183,23 @@ class Pool:
             # (the copy is not in the index yet) and reused before the index pointed at it.
             with self._lock:
                 self.pins[new_seg] -= 1
-                self._account_write(new_seg, h.lsn)
-                self.counters.clean_bytes += nblocks * self.B
-                self._bytes_since_ckpt += nblocks * self.B
-                row = self.index.find(t, k0, k1)
-                if written and row >= 0 and int(self.index.loc[row]) == loc:
-                    self.live[int(self._seg_of_block(loc))] -= nblocks
-                    self.live[new_seg] += nblocks
-                    self.index.loc[row] = (self._seg_offset(new_seg) + at * self.B) // self.B
+                self._moved((t, k0, k1), loc, nblocks, new_seg, at, h.lsn, written)
         return True
+
+    def _moved(self, ident: tuple[int, int, int], loc: int, nblocks: int, new_seg: int,
+               at: int, lsn: int, written: bool = True) -> None:
+        """Under the lock, after the cleaner wrote a copy of the record at `loc` to block
+        `at` of `new_seg`: account the write, and point the index at the copy if it still
+        names `loc` -- opening a segment, or the copy itself, may have run with the lock
+        released, and a put, delete or purge of the key meanwhile leaves the copy dead."""
+        self._account_write(new_seg, lsn)
+        self.counters.clean_bytes += nblocks * self.B
+        self._bytes_since_ckpt += nblocks * self.B
+        row = self.index.find(*ident)
+        if written and row >= 0 and int(self.index.loc[row]) == loc:
+            self.live[int(self._seg_of_block(loc))] -= nblocks
+            self.live[new_seg] += nblocks
+            self.index.loc[row] = (self._seg_offset(new_seg) + at * self.B) // self.B
 
     def clean_segment(self, seg: int) -> None:
         """Copy the live records of `seg` forward, then retire it."""
@@ -1201,6 +1209,11 @@ class Pool:
         with self._maintaining():
             for row in rows.tolist():
                 self._move_row(row, seg)
+        self._retire_cleaned(seg)
+
+    def _retire_cleaned(self, seg: int) -> None:
+        """A segment whose live records the cleaner moved is dead (free once a checkpoint
+        no longer needs it)."""
         self._seal(seg)
         self.segs["state"][seg] = self._dead
         self.counters.cleaned_segments += 1
@@ -1220,16 +1233,7 @@ class Pool:
         # newer put of the same key always wins over a moved older copy.
         h.epoch = int(self.segs["epoch"][new_seg])
         self._write_record(new_seg, at, h, [payload], hb)
-        self._account_write(new_seg, h.lsn)
-        self.counters.clean_bytes += nblocks * self.B
-        self._bytes_since_ckpt += nblocks * self.B
-        # Opening a segment may have waited with the lock released (for a checkpoint): the
-        # key may be overwritten or gone since, and its row reused.
-        row = ix.find(*ident)
-        if row >= 0 and int(ix.loc[row]) == loc:
-            self.live[seg] -= nblocks
-            self.live[new_seg] += nblocks
-            ix.loc[row] = (self._seg_offset(new_seg) + at * self.B) // self.B
+        self._moved(ident, loc, nblocks, new_seg, at, h.lsn)
 
     def _load_record(self, loc: int, nblocks: int) -> tuple[RecordHeader, memoryview]:
         """Read a whole record and verify header and frames; returns header and payload."""
