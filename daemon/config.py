@@ -37,6 +37,7 @@ class ConfigError(Exception):
 MAX_IO_SIZE = 1 << 20
 IO_UNIT_SIZE = 128 << 10
 
+
 @dataclass
 class NvmfPoolConfig(NvmfTargetConfig):
     """Where an `nvmf` pool's namespace is, how to talk to it (the host's own settings),
