@@ -142,6 +142,7 @@ class FrameCipher:
             raise ValueError(f'scope must be "tenant" or "session", got {scope!r}')
         self.client, self.keyring, self.tenant, self.scope = client, keyring, tenant, scope
         self._keys: dict[str, tuple[bytes, AESGCM]] = {}
+        self._raw: dict[bytes, bytes] = {}  # key id -> DK, for GPU opening (gcm_gpu)
         self.threads = threads or os.cpu_count() or 4
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="kvtier-crypt")
 
@@ -175,11 +176,19 @@ class FrameCipher:
             self.client.put(where, kid, [self.keyring.wrap(self.tenant, dk, aad)])
         entry = (kid, AESGCM(dk))
         self._keys[where] = entry
+        self._raw[kid] = dk
         return entry
+
+    def raw_data_key(self, session: str) -> tuple[bytes, bytes]:
+        """(key id, the DK itself) for `session`: what a GPU opener (kvtier.client.gcm_gpu)
+        expands into round keys.  DecryptError if it is gone (crypto-erased)."""
+        kid, _ = self.data_key(session, create=False)
+        return kid, self._raw[kid]
 
     def forget(self) -> None:
         """Drop cached data keys (after a purge, or to re-read them from kvtierd)."""
         self._keys.clear()
+        self._raw.clear()
 
     # -- frames ----------------------------------------------------------------------------------
 

@@ -8,6 +8,11 @@ import pytest
 from harness import Daemon
 from hypothesis import HealthCheck, settings
 
+# Without a GPU, Triton kernels (kvtier.client.gcm_gpu) run in Triton's interpreter on CPU
+# tensors: the same kernel code, checked against `cryptography` (tests/test_gcm_gpu.py).
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 settings.register_profile(
     "ci", max_examples=60, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
