@@ -363,14 +363,30 @@ class KVLoader:
 
     def __init__(self, client: Client, layout: KVLayout, fingerprint: bytes, *,
                  layer_groups: int = 2, inflight: int = 16, map_dram: bool = True,
-                 cipher: FrameCipher | None = None, session: str = "") -> None:
+                 cipher: FrameCipher | None = None, session: str = "",
+                 decrypt: str = "auto", gpu_batch: int = 8) -> None:
         """`map_dram`: copy DRAM-tier chunks straight from the tenant's DRAM mapping (on CUDA
         only where it can be registered); False: GET every chunk through the arena.
 
-        `cipher`: the frames are sealed (kvtier.client.crypto): each chunk is GET into an
-        arena slot and decrypted (parallel threads) into a second, pinned slot that goes to
-        the device; `session` names the session whose data key covers them (key scope
-        `session`)."""
+        `cipher`: the frames are sealed (kvtier.client.crypto); `session` names the session
+        whose data key covers them (key scope `session`).  `decrypt` says where they are
+        opened:
+
+        * "gpu" (the default, "auto", on a CUDA device with Triton): the *ciphertext* goes to
+          the device (one DMA per chunk from the DRAM mapping or an arena slot, into staging
+          buffers of `gpu_batch` chunk-groups) and kvtier.client.gcm_gpu's kernels decrypt
+          it into the cache and check every tag there.  The tags' verdict is read in
+          `wait_all` / `finish_resume`, which raise `DecryptError`: nothing computed from
+          the cache may leave before they return.
+        * "cpu": each chunk is decrypted on all cores (straight out of the DRAM mapping, or
+          out of the arena slot it was GET into) into a pinned slot that goes to the device;
+          `load` itself raises `DecryptError`."""
+        if decrypt not in ("auto", "gpu", "cpu"):
+            raise ValueError(f'decrypt must be "auto", "gpu" or "cpu", got {decrypt!r}')
+        if gpu_batch < 1:
+            raise ValueError("gpu_batch must be at least 1")
+        gpu = cipher is not None and (decrypt == "gpu" or (
+            decrypt == "auto" and torch.cuda.is_available() and _triton_present()))
         if not 1 <= layer_groups <= layout.num_layers:
             raise ValueError(f"layer_groups must be in 1..{layout.num_layers}")
         self.client = client
@@ -387,13 +403,18 @@ class KVLoader:
         sealed = most * (layout.frame_bytes + OVERHEAD)
         self.slots = [client.allocator.alloc(sealed if cipher else biggest)
                       for _ in range(inflight)]
-        self.plain = [client.allocator.alloc(biggest) for _ in range(inflight)] if cipher \
-            else []
+        self.plain = [client.allocator.alloc(biggest) for _ in range(inflight)] \
+            if cipher is not None and not gpu else []
         register_arena(client)
-        # Sealed chunks are decrypted on the CPU straight out of the mapping: no need for
-        # the GPU to reach it.
-        self.map_dram = map_dram and (cipher is not None or register_dram(client)
+        # Chunks decrypted on the CPU are read straight out of the mapping: no need for the
+        # GPU to reach it.
+        self.map_dram = map_dram and ((cipher is not None and not gpu) or register_dram(client)
                                       or not torch.cuda.is_available())
+        self.gpu_decrypt = gpu
+        self.gpu_batch = gpu_batch
+        self._opener: Any = None  # kvtier.client.gcm_gpu.GcmOpener, made at the first load
+        self._staging: list[torch.Tensor] = []  # device buffers of sealed chunk-groups
+        self._staged: list[Any] = []  # per staging buffer: event after its last kernel
         self.events: list[Any] = []
         self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._mapped: list[int] = []  # DRAM pins to release once the copies are done
@@ -531,11 +552,12 @@ class KVLoader:
             raise KvtierError(bad)
         work = [(g, c) for g in range(len(self.groups)) for c in range(n) if c not in mapped[g]]
         work.sort(key=lambda gc: (gc[0], gc not in sealed_at))  # mapped first, group-major
-        if self._mapped and stream is not None:
-            self._copied = torch.cuda.Event()
-            self._copied.record(stream)
-        elif self._mapped:
-            self._release_maps()  # CPU copies are done already
+        if self.gpu_decrypt:
+            self._open_on_device(work, sealed_at, keys, kv, stream, done_in_group, n, rep)
+            rep.chunks = n
+            rep.tokens = n * T
+            rep.seconds = time.perf_counter() - t0
+            return out, rep
         # Slots move GET -> (decrypt) -> H2D; a slot is reused once its H2D has read it.
         q: collections.deque[tuple[int, int, int, Future[Completion]]] = collections.deque()
         dq: collections.deque[tuple[int, int, int, Future[None]]] = collections.deque()
@@ -610,10 +632,160 @@ class KVLoader:
             while dq and dq[0][3].done():
                 finish_oldest_decrypt()
             issue()
+        self._mapped_copies_queued(stream)
         rep.chunks = n
         rep.tokens = n * T
         rep.seconds = time.perf_counter() - t0
         return out, rep
+
+    def _open_on_device(self, work: Sequence[tuple[int, int]],
+                        sealed_at: dict[tuple[int, int], tuple[int, int]], keys: list[bytes],
+                        kv: torch.Tensor, stream: Any, done_in_group: list[int],
+                        chunks: int, rep: LoadReport) -> None:
+        """Sealed chunk-groups to the device and opened there (kvtier.client.gcm_gpu).
+
+        Each chunk-group's sealed bytes are copied (on `stream`) into a staging buffer on the
+        device -- from the DRAM mapping where it was MAPped, else from the arena slot a GET
+        filled -- and every `gpu_batch` of them are decrypted into the cache by one kernel
+        launch on a second stream, which waits for their copies only; a staging buffer is
+        refilled once its kernels are done, a slot once its copy is.  The group events are
+        recorded on the kernel stream."""
+        from kvtier.client.crypto import FORMAT_VERSION
+        from kvtier.client.gcm_gpu import FrameBatch, GcmOpener
+
+        cipher = self.cipher
+        assert cipher is not None
+        lay, dev = self.layout, kv.device
+        H, T, D, isz = lay.num_kv_heads, lay.chunk_tokens, lay.head_dim, lay.itemsize
+        cap = kv.shape[4]
+        row_bytes, pitch = T * D * isz, cap * D * isz
+        layer_bytes = 2 * H * pitch
+        per_frame = lay.frame_bytes + OVERHEAD
+        if self._opener is None or self._opener.device != dev:
+            self._opener = GcmOpener(cipher.tenant, dev)
+            self._staging, self._staged = [], []
+        opener = self._opener
+        opener.discard()  # an earlier load that failed before its check
+        kid, dk = cipher.raw_data_key(self.session)
+        most = max(b - a for a, b in self.groups)
+        capacity = self.gpu_batch * most * per_frame
+        if not self._staging or self._staging[0].numel() < capacity:
+            self._staging = [torch.empty(capacity + 16, dtype=torch.uint8, device=dev)
+                             for _ in range(2 if dev.type == "cuda" else 1)]
+            self._staged = [None] * len(self._staging)
+        kstream = torch.cuda.Stream(device=dev) if stream is not None else None
+        if kstream is not None:
+            kstream.wait_stream(torch.cuda.current_stream(dev))
+            kv.record_stream(kstream)
+        kv_bytes = kv.view(-1).view(torch.uint8)
+        turn = 0
+        # The batch being gathered: per chunk-group, its first frame's source offset,
+        # destination offset, key and first frame index.
+        batch: list[tuple[int, int, bytes, int, int]] = []
+        batch_groups: list[int] = []
+        used = 0
+
+        def frames() -> FrameBatch:
+            span = np.concatenate([np.arange(b - a) for (_, _, _, a, b) in batch])
+            first = np.repeat(np.arange(len(batch)), [b - a for (_, _, _, a, b) in batch])
+            src = np.array([x[0] for x in batch], dtype=np.int64)[first] + span * per_frame
+            dst = np.array([x[1] for x in batch], dtype=np.int64)[first] + span * layer_bytes
+            key = np.frombuffer(b"".join(x[2] for x in batch), dtype=np.uint8).reshape(
+                len(batch), -1)[first]
+            index = (np.array([x[3] for x in batch], dtype=np.uint32)[first] + span
+                     ).astype(np.uint32)
+            return FrameBatch(src, dst, key, index)
+
+        def flush() -> None:
+            nonlocal turn, used, batch, batch_groups
+            if not batch:
+                return
+            s = turn % len(self._staging)
+            if kstream is not None:
+                assert stream is not None
+                copied = torch.cuda.Event()
+                copied.record(stream)
+                kstream.wait_event(copied)
+                with torch.cuda.stream(kstream):
+                    opener.open(kid, dk, FORMAT_VERSION, self._staging[s], frames(),
+                                lay.frame_bytes, kv_bytes, row_bytes, pitch)
+                    done = torch.cuda.Event()
+                    done.record(kstream)
+                self._staged[s] = done
+            else:
+                opener.open(kid, dk, FORMAT_VERSION, self._staging[s], frames(),
+                            lay.frame_bytes, kv_bytes, row_bytes, pitch)
+            for g in batch_groups:
+                done_in_group[g] += 1
+                if done_in_group[g] == chunks:
+                    self._group_done(g, kstream)
+            turn += 1
+            used = 0
+            batch, batch_groups = [], []
+
+        def stage(g: int, c: int, host: torch.Tensor, event: bool = False) -> Any:
+            """Queue the copy of chunk c's group g (sealed, on the host) into the batch;
+            with `event`, returns a CUDA event after it (None on the CPU)."""
+            nonlocal used
+            a, b = self.groups[g]
+            nbytes = (b - a) * per_frame
+            if used + nbytes > capacity or (batch_groups and batch_groups[-1] != g):
+                flush()
+            s = turn % len(self._staging)
+            if not batch and self._staged[s] is not None and stream is not None:
+                stream.wait_event(self._staged[s])  # its last kernels have read it
+            ev = _copy(self._staging[s][used:used + nbytes], host, stream,
+                       event=event and stream is not None)
+            batch.append((used, a * layer_bytes + c * row_bytes, keys[c], a, b))
+            batch_groups.append(g)
+            used += nbytes
+            rep.bytes += (b - a) * lay.frame_bytes
+            return ev
+
+        q: collections.deque[tuple[int, int, int, Future[Completion]]] = collections.deque()
+        free = collections.deque(range(len(self.slots)))
+        slot_free: list[Any] = [None] * len(self.slots)
+        nxt = 0
+        while nxt < len(work) or q:
+            while nxt < len(work):
+                g, c = work[nxt]
+                at = sealed_at.get((g, c))
+                if at is not None:  # pinned in DRAM: straight out of the mapping
+                    stage(g, c, dram_tensor(self.client)[at[0]:at[0] + at[1]])
+                elif free:
+                    s = free.popleft()
+                    if slot_free[s] is not None:
+                        slot_free[s].synchronize()  # its copy to the device has read it
+                    a, b = self.groups[g]
+                    req = self.client.get_request(keys[c], self.slots[s], (b - a) * per_frame,
+                                                  (a, b), 0)
+                    q.append((g, c, s, self.client.submit(req)))
+                else:
+                    break
+                nxt += 1
+            if not q:
+                continue
+            if not q[0][3].done():
+                flush()  # the device works on what is staged while the GET completes
+            g, c, s, fut = q.popleft()
+            comp = _check(self.client._wait(fut), "get")
+            a, b = self.groups[g]
+            if comp.result != (b - a) * per_frame:
+                raise KvtierError(f"chunk {c} layers [{a}, {b}): got {comp.result} bytes, "
+                                  f"expected {(b - a) * per_frame}")
+            slot_free[s] = stage(g, c, _slot_tensor(self.slots[s], comp.result), event=True)
+            free.append(s)
+        flush()
+        self._mapped_copies_queued(stream)
+
+    def _mapped_copies_queued(self, stream: Any) -> None:
+        """Every read of the DRAM mapping is queued (CUDA: an event marks when the pins can
+        go) or done (CPU: they go now)."""
+        if self._mapped and stream is not None:
+            self._copied = torch.cuda.Event()
+            self._copied.record(stream)
+        elif self._mapped:
+            self._release_maps()
 
     def _group_done(self, g: int, stream: Any) -> None:
         """Every copy of group g is queued: an event on the side stream marks its layers
@@ -630,6 +802,8 @@ class KVLoader:
             if ev is not None:
                 torch.cuda.current_stream().wait_event(ev)
         self._release_maps()
+        if self._opener is not None:
+            self._opener.check()  # DecryptError for the first frame that did not open
 
     def attach_layer_waits(self, layers: Sequence[torch.nn.Module]) -> Callable[[], None]:
         """Make each decoder layer wait (on the GPU) for its own group's data only.
@@ -651,6 +825,12 @@ class KVLoader:
 
 
 # -- transformers integration --------------------------------------------------------------------
+
+
+def _triton_present() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def decoder_layers(model: Any) -> Sequence[torch.nn.Module]:

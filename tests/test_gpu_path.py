@@ -117,7 +117,7 @@ def test_a_different_model_shape_never_hits(daemon: Daemon, model) -> None:  # t
 
 def test_encrypted_save_and_resume_give_the_same_logits(daemon: Daemon, model,  # type: ignore[no-untyped-def]
                                                         tmp_path) -> None:
-    from kvtier.client.crypto import FrameCipher, Keyring
+    from kvtier.client.crypto import OVERHEAD, DecryptError, FrameCipher, Keyring
 
     daemon.start()
     layout = KVLayout.from_config(model.config, torch.float32, chunk_tokens=T)
@@ -137,12 +137,21 @@ def test_encrypted_save_and_resume_give_the_same_logits(daemon: Daemon, model,  
         assert k0.numpy().tobytes()[:256] not in stored  # ciphertext at rest
         with torch.no_grad():
             want = model(turn2).logits[:, -1]
-        # Decrypted straight out of the DRAM mapping (MAP), or GET into the arena first.
-        for map_dram, mapped in ((True, 4 * 2), (False, 0)):
+        # Decrypted on the CPU or by the GPU path's kernels (here interpreted on CPU
+        # tensors), straight out of the DRAM mapping (MAP) or GET into the arena first.
+        for decrypt, map_dram, mapped, batch in (("cpu", True, 4 * 2, 8), ("cpu", False, 0, 8),
+                                                 ("gpu", True, 4 * 2, 3),
+                                                 ("gpu", False, 0, 1)):
             loader = KVLoader(c, layout, fp, layer_groups=2, inflight=3, cipher=cipher,
-                              session="conv-e", map_dram=map_dram)
+                              session="conv-e", map_dram=map_dram, decrypt=decrypt,
+                              gpu_batch=batch)
+            assert loader.gpu_decrypt == (decrypt == "gpu")
             res = resume(model, loader, turn2[0])
             assert res.prefix_tokens == 4 * T and res.load.mapped == mapped
+            for li in range(layout.num_layers):  # bit for bit, every layer and position
+                for got_t, want_t in zip(cache_layer(res.cache, li), cache_layer(cache, li),
+                                         strict=True):
+                    assert torch.equal(got_t, want_t[:, :, :4 * T]), (decrypt, map_dram, li)
             with torch.no_grad():
                 got = model(turn2[:, res.prefix_tokens:],
                             past_key_values=res.cache).logits[:, -1]
@@ -154,5 +163,19 @@ def test_encrypted_save_and_resume_give_the_same_logits(daemon: Daemon, model,  
         with pytest.raises(Exception, match="expected"):
             resume(model, plain, turn2[0])
         plain.close()
+        # A chunk tampered with in the store: the CPU path refuses it in load, the GPU path
+        # in finish_resume (its tags are checked on the device), naming the chunk's key.
+        key2 = chunk_keys(turn1[0].tolist(), fp, chunk_tokens=T)[2]
+        sealed = bytearray(c.get(key2))
+        sealed[3 * (layout.frame_bytes + OVERHEAD) // 2] ^= 0x10  # in frame 1's ciphertext
+        c.put("conv-e", key2, [sealed[i:i + layout.frame_bytes + OVERHEAD] for i in
+                               range(0, len(sealed), layout.frame_bytes + OVERHEAD)])
+        for decrypt in ("cpu", "gpu"):
+            loader = KVLoader(c, layout, fp, layer_groups=2, inflight=3, cipher=cipher,
+                              session="conv-e", decrypt=decrypt)
+            with pytest.raises(DecryptError, match=f"key {key2.hex()} frame 1"):
+                resume(model, loader, turn2[0])
+                finish_resume(loader)
+            loader.close()
         cipher.close()
 
