@@ -217,18 +217,22 @@ def via_kvtier(tag: str, d: BenchDaemon, model: Any, layout: KVLayout, fp: bytes
                r: dict[str, Any], arena: int, device: torch.device,
                map_dram: bool = True, repeats: int | None = None,
                keyring: Keyring | None = None, session: str = "",
-               before: Callable[[], None] | None = None) -> None:
+               before: Callable[[], None] | None = None, decrypt: str = "auto") -> None:
     """Turn 2 through kvtier: resume from the stored prefix, prefill the rest.
 
     `map_dram=False` GETs DRAM hits through the arena (the path before MAP existed);
-    `keyring`: the chunks are encrypted (GET, decrypt on all cores, H2D); `before` runs
-    once the client and loader are set up, just before the first timed turn 2."""
+    `keyring`: the chunks are encrypted, opened where `decrypt` says (KVLoader: "auto" is
+    the GPU's kernels on CUDA, "cpu" all cores); `before` runs once the client and loader
+    are set up, just before the first timed turn 2.
+
+    TTFT runs to the first token's logits *and* `finish_resume` (where the GPU path's tags
+    are checked), for every path alike."""
     ttfts = []
     with Client.connect(d.sock, "bench", TOKEN, arena_size=arena) as c:
         cipher = FrameCipher(c, keyring, "bench") if keyring is not None else None
         loader = KVLoader(c, layout, fp, layer_groups=args.layer_groups,
                           inflight=args.inflight, map_dram=map_dram, cipher=cipher,
-                          session=session)
+                          session=session, decrypt=decrypt, gpu_batch=args.gpu_batch)
         with torch.no_grad():
             # The same turn 2, `repeats` times from the same client: the first run also
             # pays for first-time kernel choices at this context length.  The median is
@@ -243,8 +247,8 @@ def via_kvtier(tag: str, d: BenchDaemon, model: Any, layout: KVLayout, fp: bytes
                 logits = prefill(model, full[:, res.prefix_tokens:], res.cache,
                                  args.prefill_chunk)
                 sync(device)
-                ttfts.append(time.perf_counter() - t0)
                 finish_resume(loader)
+                ttfts.append(time.perf_counter() - t0)
                 if i + 1 < n:
                     del res, logits
             toks = decode(model, logits, res.cache, args.gen_tokens)
@@ -376,6 +380,8 @@ def main() -> int:
                          "prefix (kvtier.client.attention); sdpa: transformers' stock SDPA")
     ap.add_argument("--encrypt", action="store_true",
                     help="also save the KV encrypted (AES-256-GCM) and time turn 2 from it")
+    ap.add_argument("--gpu-batch", type=int, default=8,
+                    help="with --encrypt on CUDA: chunk-groups opened per kernel launch")
     ap.add_argument("--repeats", type=int, default=3,
                     help="turn-2 runs per kvtier variant (median reported)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -518,6 +524,15 @@ def main() -> int:
                         r["load_dram_enc_bytes_per_s"] / r["load_dram_bytes_per_s"], 3)
                     r["encrypted_ttft_ratio_to_map"] = round(
                         r["ttft_dram_s"] / r["ttft_dram_enc_s"], 3)
+                    if device.type == "cuda":  # the same, opened on the CPU's cores
+                        via_kvtier("dram_enc_cpu", d, model, layout, fp_enc, args, full, ref,
+                                   r, arena, device, keyring=keyring, decrypt="cpu")
+                        r["encrypted_cpu_load_ratio_to_map"] = round(
+                            r["load_dram_enc_cpu_bytes_per_s"] / r["load_dram_bytes_per_s"], 3)
+                        r["encrypted_cpu_ttft_ratio_to_map"] = round(
+                            r["ttft_dram_s"] / r["ttft_dram_enc_cpu_s"], 3)
+                        r["gpu_over_cpu_decrypt_ttft"] = round(
+                            r["ttft_dram_enc_cpu_s"] / r["ttft_dram_enc_s"], 3)
                 if h2d:
                     # The physical floor: the KV bytes at the registered-memory H2D rate.
                     floor = r["kv_bytes"] / h2d["h2d_registered_arena_bytes_per_s"]
