@@ -616,11 +616,7 @@ class KVLoader:
         while q or dq:
             if q and (not depth or len(dq) < depth):
                 g, c, s, fut = q.popleft()
-                comp = _check(self.client._wait(fut), "get")
-                a, b = self.groups[g]
-                if comp.result != (b - a) * per_frame:
-                    raise KvtierError(f"chunk {c} layers [{a}, {b}): got {comp.result} bytes, "
-                                      f"expected {(b - a) * per_frame}")
+                self._wait_get(g, c, fut, per_frame)
                 if cipher is None:
                     to_device(g, c, s)
                 else:
@@ -637,6 +633,15 @@ class KVLoader:
         rep.tokens = n * T
         rep.seconds = time.perf_counter() - t0
         return out, rep
+
+    def _wait_get(self, g: int, c: int, fut: Future[Completion], per_frame: int) -> int:
+        """Wait for the GET of chunk c's group g; its byte count, checked."""
+        comp = _check(self.client._wait(fut), "get")
+        a, b = self.groups[g]
+        if comp.result != (b - a) * per_frame:
+            raise KvtierError(f"chunk {c} layers [{a}, {b}): got {comp.result} bytes, "
+                              f"expected {(b - a) * per_frame}")
+        return int(comp.result)
 
     def _open_on_device(self, work: Sequence[tuple[int, int]],
                         sealed_at: dict[tuple[int, int], tuple[int, int]], keys: list[bytes],
@@ -768,12 +773,8 @@ class KVLoader:
             if not q[0][3].done():
                 flush()  # the device works on what is staged while the GET completes
             g, c, s, fut = q.popleft()
-            comp = _check(self.client._wait(fut), "get")
-            a, b = self.groups[g]
-            if comp.result != (b - a) * per_frame:
-                raise KvtierError(f"chunk {c} layers [{a}, {b}): got {comp.result} bytes, "
-                                  f"expected {(b - a) * per_frame}")
-            slot_free[s] = stage(g, c, _slot_tensor(self.slots[s], comp.result), event=True)
+            got = self._wait_get(g, c, fut, per_frame)
+            slot_free[s] = stage(g, c, _slot_tensor(self.slots[s], got), event=True)
             free.append(s)
         flush()
         self._mapped_copies_queued(stream)
