@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_bench_turn2_quick(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_turn2.py"), "--quick",
-                        "--json", "--out", str(tmp_path / "out"), "--dir", str(tmp_path)],
+                        "--encrypt", "--json", "--out", str(tmp_path / "out"), "--dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     fig = json.loads(r.stdout.strip().splitlines()[-1])
@@ -27,11 +27,14 @@ def test_bench_turn2_quick(tmp_path: Path) -> None:
             assert fig[f"max_abs_logit_diff_{tier}_{ctx}"] < 1e-4
             assert fig[f"speedup_{tier}_{ctx}"] > 0
         # Against turn 1's own cache kept: the loaded prefix reproduces it bit for bit.
-        for tier in ("dram", "dram_get", "file", "file_prefetched", "file_hint_1s",
-                     "file_hint_auto"):
+        for tier in ("dram", "dram_get", "dram_enc", "file", "file_prefetched",
+                     "file_hint_1s", "file_hint_auto"):
             assert fig[f"max_abs_logit_diff_kept_{tier}_{ctx}"] == 0.0
             assert fig[f"greedy_tokens_identical_kept_{tier}_{ctx}"] is True
         assert fig[f"hint_auto_lead_s_{ctx}"] > 0
+        # Encrypted (opened on the CPU here): the ratios to the plain MAP load of the run.
+        for name in ("load", "ttft", "on_device"):
+            assert fig[f"encrypted_{name}_ratio_to_map_{ctx}"] > 0
         assert fig[f"load_dram_tiers_{ctx}"] == {"dram": ctx // 256}
         assert fig[f"load_dram_mapped_{ctx}"] == ctx // 256  # one layer group
         assert fig[f"load_dram_get_mapped_{ctx}"] == 0
