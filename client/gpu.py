@@ -385,8 +385,16 @@ class KVLoader:
             raise ValueError(f'decrypt must be "auto", "gpu" or "cpu", got {decrypt!r}')
         if gpu_batch < 1:
             raise ValueError("gpu_batch must be at least 1")
+        # The kernels write whole 16-byte blocks: rows (T * head_dim) and the cache's row
+        # pitch (a multiple of head_dim) must be made of them.
+        rows_fit = (layout.chunk_tokens * layout.head_dim * layout.itemsize) % 16 == 0 and \
+            (layout.head_dim * layout.itemsize) % 16 == 0
+        if decrypt == "gpu" and not rows_fit:
+            raise ValueError(f'decrypt="gpu" needs head_dim * {layout.itemsize} bytes to be a '
+                             f"multiple of 16 (head_dim {layout.head_dim})")
         gpu = cipher is not None and (decrypt == "gpu" or (
-            decrypt == "auto" and torch.cuda.is_available() and _triton_present()))
+            decrypt == "auto" and rows_fit and torch.cuda.is_available()
+            and _triton_present()))
         if not 1 <= layer_groups <= layout.num_layers:
             raise ValueError(f"layer_groups must be in 1..{layout.num_layers}")
         self.client = client

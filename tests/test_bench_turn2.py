@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_bench_turn2_quick(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_turn2.py"), "--quick",
-                        "--encrypt", "--json", "--out", str(tmp_path / "out"), "--dir", str(tmp_path)],
+                        "--encrypt", "--json", "--out", str(tmp_path / "out"),
+                        "--dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     fig = json.loads(r.stdout.strip().splitlines()[-1])

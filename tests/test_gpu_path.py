@@ -158,6 +158,10 @@ def test_encrypted_save_and_resume_give_the_same_logits(daemon: Daemon, model,  
             finish_resume(loader)
             loader.close()
             assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+        # A head_dim whose rows are not whole 16-byte blocks cannot be opened by the kernels.
+        odd = KVLayout(3, 2, 6, torch.float16, chunk_tokens=T)
+        with pytest.raises(ValueError, match="multiple of 16"):
+            KVLoader(c, odd, fp, cipher=cipher, decrypt="gpu")
         # Without the key the stored chunks do not load.
         plain = KVLoader(c, layout, fp, layer_groups=1, inflight=2)
         with pytest.raises(Exception, match="expected"):
