@@ -690,6 +690,9 @@ class KVLoader:
         if kstream is not None:
             kstream.wait_stream(torch.cuda.current_stream(dev))
             kv.record_stream(kstream)
+            for t in self._staging:  # used on both side streams: not freed before they are
+                t.record_stream(stream)
+                t.record_stream(kstream)
         kv_bytes = kv.view(-1).view(torch.uint8)
         turn = 0
         # The batch being gathered: per chunk-group, its first frame's source offset,
