@@ -38,9 +38,8 @@ import triton
 import triton.language as tl
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from kvtier.client.crypto import NONCE, OVERHEAD, TAG, DecryptError
+from kvtier.client.crypto import DecryptError
 
-WORDS_PER_BLOCK = 4
 GHASH_BLOCK = 256  # 16-byte blocks per program of the decrypt kernel
 FINISH_BLOCK = 16  # frames per program of the tag kernel
 POW_BLOCK = 256  # powers of H per program
@@ -510,4 +509,4 @@ class GcmOpener:
         self._flags = []
 
 
-__all__ = ["NONCE", "OVERHEAD", "TAG", "FrameBatch", "GcmOpener", "gf_mul", "round_keys"]
+__all__ = ["FrameBatch", "GcmOpener", "gf_mul", "round_keys"]
