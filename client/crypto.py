@@ -50,6 +50,13 @@ NONCE, TAG = 12, 16
 OVERHEAD = NONCE + TAG
 
 
+def frame_aad(tenant: str, kid: bytes, key: bytes, index: int,
+              version: int = FORMAT_VERSION) -> bytes:
+    """The AAD a frame is sealed under: format version, frame index, DK id, value key,
+    tenant (docs/SECURITY.md)."""
+    return struct.pack("<HI", version, index) + kid + bytes(key) + tenant.encode()
+
+
 class DecryptError(KvtierError):
     """A frame or a wrapped key failed authentication: tampered, swapped, moved, or its
     key is gone (crypto-erased)."""
@@ -193,8 +200,7 @@ class FrameCipher:
     # -- frames ----------------------------------------------------------------------------------
 
     def _aad(self, kid: bytes, key: bytes, index: int) -> bytes:
-        return struct.pack("<HI", FORMAT_VERSION, index) + kid + bytes(key) + \
-            self.tenant.encode()
+        return frame_aad(self.tenant, kid, key, index)
 
     def seal(self, session: str, key: bytes, frames: Sequence[Any]) -> list[bytes]:
         kid, aes = self.data_key(session, create=True)
@@ -279,4 +285,4 @@ class FrameCipher:
             return self.open_many(session, key, frames)
 
 
-__all__ = ["OVERHEAD", "DecryptError", "FrameCipher", "KeyProvider", "Keyring"]
+__all__ = ["OVERHEAD", "DecryptError", "FrameCipher", "KeyProvider", "Keyring", "frame_aad"]

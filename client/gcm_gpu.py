@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from kvtier.client.crypto import DecryptError
+from kvtier.client.crypto import DecryptError, frame_aad
 
 GHASH_BLOCK = 256  # 16-byte blocks per program of the decrypt kernel
 FINISH_BLOCK = 16  # frames per program of the tag kernel
@@ -423,7 +423,9 @@ class GcmOpener:
 
     def _aad_blocks(self, kid: bytes, frames: FrameBatch, version: int
                     ) -> tuple[np.ndarray, int, int]:
-        """[F, MAX_AAD_BLOCKS, 2] big-endian halves of each frame's zero-padded AAD."""
+        """[F, MAX_AAD_BLOCKS, 2] big-endian halves of each frame's zero-padded AAD: the
+        rows of `crypto.frame_aad`, built for the whole batch at once (checked against it
+        on the first frame)."""
         tenant = self.tenant.encode()
         klen = frames.keys.shape[1]
         la = 6 + len(kid) + klen + len(tenant)
@@ -436,6 +438,10 @@ class GcmOpener:
         raw[:, 6:6 + len(kid)] = np.frombuffer(kid, dtype=np.uint8)
         raw[:, 6 + len(kid):6 + len(kid) + klen] = frames.keys
         raw[:, 6 + len(kid) + klen:la] = np.frombuffer(tenant, dtype=np.uint8)
+        want = frame_aad(self.tenant, kid, frames.keys[0].tobytes(), int(frames.index[0]),
+                         version)
+        if raw[0, :la].tobytes() != want:
+            raise AssertionError("the GPU's AAD layout differs from crypto.frame_aad")
         return raw.view(">u8").astype(np.int64).reshape(len(frames), MAX_AAD_BLOCKS, 2), \
             blocks, la
 

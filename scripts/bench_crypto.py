@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import struct
 import sys
 import tempfile
 import time
@@ -87,7 +86,7 @@ def gpu_open_rates(gib: float, batch: int) -> dict[str, float]:
     """GcmOpener over `gib` GiB of sealed 512 KiB frames already on the GPU."""
     import torch
 
-    from kvtier.client.crypto import FORMAT_VERSION, DecryptError
+    from kvtier.client.crypto import FORMAT_VERSION, OVERHEAD, DecryptError, frame_aad
     from kvtier.client.gcm_gpu import FrameBatch, GcmOpener
 
     dev = torch.device("cuda")
@@ -95,14 +94,14 @@ def gpu_open_rates(gib: float, batch: int) -> dict[str, float]:
     dk, kid, tenant = os.urandom(32), os.urandom(16), "bench"
     aes = AESGCM(dk)
     plain = np.random.default_rng(5).integers(0, 256, FRAME, dtype=np.uint8).tobytes()
-    per = FRAME + 28
+    per = FRAME + OVERHEAD
     sealed = torch.empty(n * per, dtype=torch.uint8)
     view = sealed.numpy()
 
     def seal(i: int) -> None:
         nonce = os.urandom(12)
-        aad = struct.pack("<HI", FORMAT_VERSION, i % 28) + kid + \
-            bytes(b for b in i.to_bytes(8, "little") for _ in range(2)) + tenant.encode()
+        aad = frame_aad(tenant, kid, bytes(b for b in i.to_bytes(8, "little") for _ in range(2)),
+                        i % 28)
         view[i * per:(i + 1) * per] = np.frombuffer(nonce + aes.encrypt(nonce, plain, aad),
                                                     dtype=np.uint8)
     with ThreadPoolExecutor(os.cpu_count() or 1) as ex:

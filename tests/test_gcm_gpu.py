@@ -5,7 +5,6 @@ same Triton kernels, compiled on a CUDA machine and interpreted on CPU tensors e
 from __future__ import annotations
 
 import os
-import struct
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtier.client.crypto import FORMAT_VERSION, NONCE, OVERHEAD, DecryptError
+from kvtier.client.crypto import FORMAT_VERSION, NONCE, OVERHEAD, DecryptError, frame_aad
 from kvtier.client.gcm_gpu import FrameBatch, GcmOpener, gf_mul, round_keys
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -23,14 +22,9 @@ TENANT = "alice"
 KID = bytes(range(16))
 
 
-def _aad(key: bytes, index: int) -> bytes:
-    # The AAD FrameCipher binds (kvtier.client.crypto.FrameCipher._aad).
-    return struct.pack("<HI", FORMAT_VERSION, index) + KID + key + TENANT.encode()
-
-
 def _seal(dk: bytes, key: bytes, index: int, plain: bytes) -> bytes:
     nonce = os.urandom(NONCE)
-    return nonce + AESGCM(dk).encrypt(nonce, plain, _aad(key, index))
+    return nonce + AESGCM(dk).encrypt(nonce, plain, frame_aad(TENANT, KID, key, index))
 
 
 def _stage(sealed: list[bytes]) -> tuple[torch.Tensor, list[int]]:
