@@ -696,14 +696,13 @@ class KVLoader:
         kv_bytes = kv.view(-1).view(torch.uint8)
         turn = 0
         # The batch being gathered: per chunk-group, its first frame's source offset,
-        # destination offset, key and first frame index.
-        batch: list[tuple[int, int, bytes, int, int]] = []
-        batch_groups: list[int] = []
+        # destination offset, key, layers [a, b) and group.
+        batch: list[tuple[int, int, bytes, int, int, int]] = []
         used = 0
 
         def frames() -> FrameBatch:
-            span = np.concatenate([np.arange(b - a) for (_, _, _, a, b) in batch])
-            first = np.repeat(np.arange(len(batch)), [b - a for (_, _, _, a, b) in batch])
+            span = np.concatenate([np.arange(b - a) for (_, _, _, a, b, _) in batch])
+            first = np.repeat(np.arange(len(batch)), [b - a for (_, _, _, a, b, _) in batch])
             src = np.array([x[0] for x in batch], dtype=np.int64)[first] + span * per_frame
             dst = np.array([x[1] for x in batch], dtype=np.int64)[first] + span * layer_bytes
             key = np.frombuffer(b"".join(x[2] for x in batch), dtype=np.uint8).reshape(
@@ -713,7 +712,7 @@ class KVLoader:
             return FrameBatch(src, dst, key, index)
 
         def flush() -> None:
-            nonlocal turn, used, batch, batch_groups
+            nonlocal turn, used, batch
             if not batch:
                 return
             s = turn % len(self._staging)
@@ -731,13 +730,13 @@ class KVLoader:
             else:
                 opener.open(kid, dk, FORMAT_VERSION, self._staging[s], frames(),
                             lay.frame_bytes, kv_bytes, row_bytes, pitch)
-            for g in batch_groups:
+            for *_, g in batch:
                 done_in_group[g] += 1
                 if done_in_group[g] == chunks:
                     self._group_done(g, kstream)
             turn += 1
             used = 0
-            batch, batch_groups = [], []
+            batch = []
 
         def stage(g: int, c: int, host: torch.Tensor, event: bool = False) -> Any:
             """Queue the copy of chunk c's group g (sealed, on the host) into the batch;
@@ -745,15 +744,14 @@ class KVLoader:
             nonlocal used
             a, b = self.groups[g]
             nbytes = (b - a) * per_frame
-            if used + nbytes > capacity or (batch_groups and batch_groups[-1] != g):
+            if used + nbytes > capacity or (batch and batch[-1][5] != g):
                 flush()
             s = turn % len(self._staging)
             if not batch and self._staged[s] is not None and stream is not None:
                 stream.wait_event(self._staged[s])  # its last kernels have read it
             ev = _copy(self._staging[s][used:used + nbytes], host, stream,
                        event=event and stream is not None)
-            batch.append((used, a * layer_bytes + c * row_bytes, keys[c], a, b))
-            batch_groups.append(g)
+            batch.append((used, a * layer_bytes + c * row_bytes, keys[c], a, b, g))
             used += nbytes
             rep.bytes += (b - a) * lay.frame_bytes
             return ev
