@@ -44,7 +44,7 @@ from kvtier.client.arena import Slot
 from kvtier.client.client import Client
 from kvtier.client.crypto import OVERHEAD, FrameCipher
 from kvtier.client.errors import KvtierError, error_for
-from kvtier.client.h2d import copy_rows
+from kvtier.client.h2d import Bytes, copy_rows
 from kvtier.client.keys import chunk_keys, model_fingerprint
 from kvtier.client.protocol import Completion, Status, Tier
 
@@ -723,7 +723,8 @@ class KVLoader:
                 kstream.wait_event(copied)
                 with torch.cuda.stream(kstream):
                     opener.open(kid, dk, FORMAT_VERSION, self._staging[s], frames(),
-                                lay.frame_bytes, kv_bytes, row_bytes, pitch)
+                                lay.frame_bytes, kv_bytes, row_bytes, pitch,
+                                upload_on=stream)  # behind this batch's copies, in order
                     done = torch.cuda.Event()
                     done.record(kstream)
                 self._staged[s] = done
@@ -738,6 +739,10 @@ class KVLoader:
             used = 0
             batch = []
 
+        # The staging copies go out by address (one cudaMemcpyAsync each, no tensors).
+        raw = Bytes.on(stream)
+        staging_at = [t.data_ptr() for t in self._staging]
+
         def stage(g: int, c: int, host: torch.Tensor, event: bool = False) -> Any:
             """Queue the copy of chunk c's group g (sealed, on the host) into the batch;
             with `event`, returns a CUDA event after it (None on the CPU)."""
@@ -749,8 +754,15 @@ class KVLoader:
             s = turn % len(self._staging)
             if not batch and self._staged[s] is not None and stream is not None:
                 stream.wait_event(self._staged[s])  # its last kernels have read it
-            ev = _copy(self._staging[s][used:used + nbytes], host, stream,
-                       event=event and stream is not None)
+            ev = None
+            if raw is not None:
+                raw(staging_at[s] + used, host.data_ptr(), nbytes)
+                if event:
+                    ev = torch.cuda.Event()
+                    ev.record(stream)
+            else:
+                ev = _copy(self._staging[s][used:used + nbytes], host, stream,
+                           event=event and stream is not None)
             batch.append((used, a * layer_bytes + c * row_bytes, keys[c], a, b, g))
             used += nbytes
             rep.bytes += (b - a) * lay.frame_bytes

@@ -13,6 +13,12 @@ walks row by row itself.
 `copy_rows(dst, src, stream)` issues the DMA through the CUDA runtime that torch loaded,
 and says False when it cannot (no CUDA runtime found, a layout that is not rows of one
 pitch, a source that is not contiguous host memory), so the caller uses `copy_` instead.
+
+`Bytes` copies contiguous bytes between raw addresses (`cudaMemcpyAsync` on a stream
+handle), for a caller that issues hundreds of copies into one buffer and has the
+addresses already: the encrypted load stages 1024 sealed chunk-groups per 128k-token
+prefix, and a tensor slice, a stream context and `copy_rows` around each cost ~85 us of
+the issuing thread per copy (cProfile on the H200 machine: 146 ms of a 0.2 s load).
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ def plan(dst: torch.Tensor) -> Rows | None:
 
 
 @functools.cache
-def _cudart() -> Any:
+def _runtime() -> Any:
     """The CUDA runtime library torch runs on (already loaded in this process), or None."""
     paths = []
     try:
@@ -75,14 +81,21 @@ def _cudart() -> Any:
     for name in [*paths[:1], "libcudart.so.13", "libcudart.so.12", "libcudart.so"]:
         try:
             lib = ctypes.CDLL(name)
-            fn = lib.cudaMemcpy2DAsync
+            two, one = lib.cudaMemcpy2DAsync, lib.cudaMemcpyAsync
         except (OSError, AttributeError):
             continue
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
-                       ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
-        return fn
+        two.restype = one.restype = ctypes.c_int
+        two.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
+                        ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+        one.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                        ctypes.c_void_p]
+        return lib
     return None
+
+
+def _cudart() -> Any:
+    lib = _runtime()
+    return None if lib is None else lib.cudaMemcpy2DAsync
 
 
 def copy_rows(dst: torch.Tensor, src: torch.Tensor, stream: Any) -> bool:
@@ -102,4 +115,29 @@ def copy_rows(dst: torch.Tensor, src: torch.Tensor, stream: Any) -> bool:
     return True
 
 
-__all__ = ["Rows", "copy_rows", "plan"]
+class Bytes:
+    """Host-to-device copies of contiguous bytes on one CUDA stream, by address.
+
+    `Bytes.on(stream)` is None where the CUDA runtime is not found (the caller copies
+    tensors instead).  The caller keeps both sides alive until the stream has run the
+    copy, and the host side pinned (or the copy is synchronous, as CUDA's rules say)."""
+
+    def __init__(self, fn: Any, stream: Any) -> None:
+        self._fn = fn
+        self._stream = stream.cuda_stream
+        self.issued = 0
+
+    @classmethod
+    def on(cls, stream: Any) -> Bytes | None:
+        lib = _runtime()
+        return None if lib is None or stream is None else cls(lib.cudaMemcpyAsync, stream)
+
+    def __call__(self, dst: int, src: int, nbytes: int) -> None:
+        err = self._fn(dst, src, nbytes, CUDA_MEMCPY_HOST_TO_DEVICE, self._stream)
+        if err != 0:
+            raise RuntimeError(f"cudaMemcpyAsync of {nbytes} bytes failed with CUDA error "
+                               f"{err}")
+        self.issued += 1
+
+
+__all__ = ["Bytes", "Rows", "copy_rows", "plan"]

@@ -70,3 +70,23 @@ def test_copy_rows_declines_what_it_cannot_dma() -> None:
     dst = torch.zeros(4, 8)[:, :4]
     assert copy_rows(dst, torch.ones(4, 4), stream=None) is False
     assert torch.equal(dst, torch.zeros(4, 4))
+
+
+def test_bytes_needs_a_stream() -> None:
+    from kvtier.client.h2d import Bytes
+    assert Bytes.on(None) is None  # no CUDA stream (the CPU path): the caller copies tensors
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bytes_copies_by_address_on_its_stream() -> None:
+    from kvtier.client.h2d import Bytes
+    stream = torch.cuda.Stream()
+    copy = Bytes.on(stream)
+    assert copy is not None
+    src = (torch.arange(1 << 20, dtype=torch.int32) * 7).view(torch.uint8).pin_memory()
+    dst = torch.zeros(src.numel() + 64, dtype=torch.uint8, device="cuda")
+    copy(dst.data_ptr() + 32, src.data_ptr() + 16, src.numel() - 16)
+    stream.synchronize()
+    assert copy.issued == 1
+    assert torch.equal(dst[32:32 + src.numel() - 16].cpu(), src[16:])
+    assert not dst[:32].any() and not dst[32 + src.numel() - 16:].any()
