@@ -454,14 +454,23 @@ class GcmOpener:
 
     def open(self, kid: bytes, dk: bytes, version: int, src: torch.Tensor,
              frames: FrameBatch, plain_bytes: int, dst: torch.Tensor,
-             row_bytes: int, row_pitch: int, label: Any = None) -> None:
+             row_bytes: int, row_pitch: int, label: Any = None,
+             upload_on: Any = None) -> None:
         """Queue the opening of `frames` (each `nonce | plain_bytes of ciphertext | tag` in
         `src`) into `dst` on the current stream: plaintext byte i of a frame goes to `dst`
         byte `frame.dst + (i // row_bytes) * row_pitch + i % row_bytes`.
 
         `src` and `dst` are device tensors whose bytes are addressed from their start;
         `plain_bytes`, `row_bytes`, `row_pitch` and the destinations must be multiples of
-        16, the sources of 4.  Nothing is checked until `check()`."""
+        16, the sources of 4.  Nothing is checked until `check()`.
+
+        The batch's frame table is copied to the device on `upload_on` (a CUDA stream;
+        the current one if None), and the kernels wait for that copy.  A caller that
+        stages the sealed bytes on a copy stream passes it: an upload on the kernel
+        stream would queue in the copy engine behind the *next* batch's staging copies,
+        so each batch's kernels would start only once the next batch was staged and the
+        copy engine would idle while they ran (traced on the H200 machine: 140 ms of
+        copies and 47 ms of kernels overlapping for 5 ms)."""
         if not len(frames):
             return
         if plain_bytes % 16 or row_bytes % 16 or row_pitch % 16 or plain_bytes == 0:
@@ -472,8 +481,22 @@ class GcmOpener:
         c = plain_bytes // 16
         aad, a, la = self._aad_blocks(kid, frames, version)
         st = self._key(kid, dk, a + c + 1)
-        frames_t = self._upload(np.stack([frames.src // 4, frames.dst // 4], axis=1))
-        aad_t = self._upload(aad)
+        # One upload for the batch's frame table and AAD blocks (both int64).
+        f = len(frames)
+        table = np.empty(2 * f + aad.size, dtype=np.int64)
+        table[0:2 * f:2], table[1:2 * f:2] = frames.src // 4, frames.dst // 4
+        table[2 * f:] = aad.reshape(-1)
+        if upload_on is not None and self.device.type == "cuda":
+            here = torch.cuda.current_stream(self.device)
+            with torch.cuda.stream(upload_on):
+                table_t = self._upload(table)
+                uploaded = torch.cuda.Event()
+                uploaded.record(upload_on)
+            here.wait_event(uploaded)
+            table_t.record_stream(here)
+        else:
+            table_t = self._upload(table)
+        frames_t, aad_t = table_t[:2 * f], table_t[2 * f:]
         parts = triton.cdiv(c, GHASH_BLOCK)
         dev = self.device
         part = torch.empty((len(frames), parts, 2), dtype=torch.int64, device=dev)
