@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import sys
@@ -150,8 +151,56 @@ def gpu_open_rates(gib: float, batch: int) -> dict[str, float]:
             "gpu_d2d_copy_bytes_per_s": round(d2d)}
 
 
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for b, e in sorted(spans):
+        if out and b <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((b, e))
+    return out
+
+
+def gpu_timeline(prof: Any, name: str) -> dict[str, float]:
+    """What the GPU did during one profiled load (torch.profiler, CUDA activity): the span
+    from the first to the last device operation, the time host-to-device copies ran, the
+    time kernels ran, the time both ran at once, and the time neither did (every figure
+    in seconds, `trace_<name>_...`).  The largest idle gaps go to stderr."""
+    import torch
+
+    h2d: list[tuple[float, float]] = []
+    kern: list[tuple[float, float]] = []
+    streams: dict[str, set[Any]] = {"h2d": set(), "kernel": set()}
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        span = (e.time_range.start / 1e6, e.time_range.end / 1e6)
+        kind = "h2d" if e.name.startswith("Memcpy HtoD") else "kernel"
+        (h2d if kind == "h2d" else kern).append(span)
+        streams[kind].add(getattr(e, "device_resource_id", None))
+    both = _union(h2d + kern)
+    if not both:
+        return {}
+    t0, t1 = both[0][0], both[-1][1]
+    busy_c = sum(e - b for b, e in _union(h2d))
+    busy_k = sum(e - b for b, e in _union(kern))
+    busy = sum(e - b for b, e in both)
+    gaps = sorted(((b2 - e1, e1 - t0) for (_, e1), (b2, _) in itertools.pairwise(both)),
+                  reverse=True)[:8]
+    print(f"[{name}] {len(h2d)} H2D copies on streams {sorted(map(str, streams['h2d']))}, "
+          f"{len(kern)} kernels on {sorted(map(str, streams['kernel']))}; largest idle "
+          f"gaps (s, at s): " + ", ".join(f"{g:.5f}@{a:.4f}" for g, a in gaps),
+          file=sys.stderr)
+    p = f"trace_{name}_"
+    return {p + "gpu_span_s": round(t1 - t0, 4), p + "h2d_busy_s": round(busy_c, 4),
+            p + "kernel_busy_s": round(busy_k, 4),
+            p + "overlap_s": round(busy_c + busy_k - busy, 4),
+            p + "idle_s": round((t1 - t0) - busy, 4)}
+
+
 def gpu_load_rates(work: str, chunks: int, batches: list[int], profile: bool,
-                   device: str = "cuda", layout: Any = None) -> dict[str, float]:
+                   device: str = "cuda", layout: Any = None,
+                   trace: bool = False) -> dict[str, float]:
     """KVLoader loads of a qwen2.5-7b-shaped prefix (`chunks` x 256 tokens, 2 layer groups)
     from kvtierd's DRAM tier to the GPU: plain (zero-copy MAP), sealed and opened by the
     GPU's kernels (per `gpu_batch`), sealed and opened on all CPU cores.  Each figure is the
@@ -191,7 +240,8 @@ def gpu_load_rates(work: str, chunks: int, batches: list[int], profile: bool,
             KVSaver(c, lay, plain_fp).save("p", ids, cache)
             KVSaver(c, lay, sealed_fp, cipher=cipher).save("e", ids, cache)
 
-            def timed(fp: bytes, prof: cProfile.Profile | None = None, **kw: object) -> float:
+            def timed(fp: bytes, prof: cProfile.Profile | None = None,
+                      traced: str = "", **kw: object) -> float:
                 loader = KVLoader(c, lay, fp, layer_groups=2, inflight=32, **kw)
                 best = float("inf")
                 for i in range(4):
@@ -211,14 +261,24 @@ def gpu_load_rates(work: str, chunks: int, batches: list[int], profile: bool,
                         for li in (0, lay.num_layers - 1):
                             assert torch.equal(out[li][1], cache[li][1]), "loaded != saved"
                     del out
+                if traced and dev.type == "cuda":  # one more load, not timed, traced
+                    from torch.profiler import ProfilerActivity
+                    from torch.profiler import profile as torch_profile
+                    with torch_profile(activities=[ProfilerActivity.CUDA]) as tp:
+                        out, rep = loader.load(ids, dev)
+                        loader.wait_all()
+                        sync()
+                    del out
+                    fig.update(gpu_timeline(tp, traced))
                 loader.close()
                 return best
 
-            fig["load_plain_map_s"] = round(timed(plain_fp), 4)
+            fig["load_plain_map_s"] = round(timed(plain_fp, traced="plain" if trace else ""), 4)
             for b in batches:
                 prof = cProfile.Profile() if profile and b == batches[0] else None
                 fig[f"load_gpu_decrypt_batch{b}_s"] = round(
-                    timed(sealed_fp, prof, cipher=cipher, decrypt="gpu", gpu_batch=b), 4)
+                    timed(sealed_fp, prof, traced=f"gpu_batch{b}" if trace else "",
+                          cipher=cipher, decrypt="gpu", gpu_batch=b), 4)
                 fig[f"load_gpu_decrypt_batch{b}_ratio_to_plain"] = round(
                     fig["load_plain_map_s"] / fig[f"load_gpu_decrypt_batch{b}_s"], 3)
                 if prof is not None:
@@ -244,6 +304,9 @@ def main() -> int:
                     help="gpu_batch values for the GPU-opened loads (default 8,32)")
     ap.add_argument("--profile", action="store_true",
                     help="cProfile one GPU-opened load (first batch value), to stderr")
+    ap.add_argument("--trace", action="store_true",
+                    help="trace one more load of each kind on the GPU (torch.profiler): "
+                         "copy, kernel, overlap and idle time as trace_* figures")
     args = ap.parse_args()
     console = Console(stderr=args.json)
     fig: dict[str, float] = decrypt_rates(1.0 if args.quick else 3.0)
@@ -255,7 +318,7 @@ def main() -> int:
         try:
             fig.update(gpu_load_rates(lwork, 64 if args.quick else args.loader_chunks,
                                       [int(b) for b in args.loader_batches.split(",")],
-                                      args.profile))
+                                      args.profile, trace=args.trace))
         finally:
             shutil.rmtree(lwork, ignore_errors=True)
     chunks = 16 if args.quick else 64
