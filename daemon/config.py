@@ -17,6 +17,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from kvtier.daemon.nvmf import psk
 from kvtier.daemon.nvmf.host import NvmfTargetConfig, default_hostnqn
 from kvtier.daemon.policy import POLICIES
 from kvtier.daemon.sizes import parse_size
@@ -477,6 +478,12 @@ def _nvmf_pool(pr: _Reader) -> NvmfPoolConfig:
         data_digest=pr.get("data_digest", bool, d.data_digest),
         kato_ms=pr.get("keep_alive_ms", int, d.kato_ms),
     )
+    if "psk_file" in pr.table:
+        n.psk_file = pr.get("psk_file", str, required=True)
+        try:
+            n.psk = psk.read_file(n.psk_file)
+        except psk.PskError as e:
+            raise pr.fail("psk_file", str(e)) from None
     if "io_timeout" in pr.table:
         n.io_timeout_s = _duration(pr, "io_timeout")
     if "connect_timeout" in pr.table:
@@ -502,6 +509,11 @@ def _nvmf_pool(pr: _Reader) -> NvmfPoolConfig:
                                 "allow_hosts": pv.get("allow_hosts", list, [n.hostnqn]),
                                 "timeout_s": (_duration(pv, "timeout") if "timeout" in pv.table
                                               else 60.0)}
+        prov["psk_name"] = pv.get("psk_name", str, "")
+        prov["psk_path"] = pv.get("psk_path", str, "")
+        if (prov["psk_name"] or prov["psk_path"]) and not n.psk_file:
+            raise pv.fail("psk_name" if prov["psk_name"] else "psk_path",
+                          "TLS keys need the pool's psk_file")
         prov["max_io_size"] = pv.size("max_io_size", MAX_IO_SIZE)
         prov["io_unit_size"] = pv.size("io_unit_size", IO_UNIT_SIZE)
         if prov["io_unit_size"] % 4096 or prov["io_unit_size"] <= 0:

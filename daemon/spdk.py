@@ -14,6 +14,13 @@ What one kvtier pool needs on a storage node:
    added with `nvmf_subsystem_add_host`);
 4. the bdev as a namespace of it; 5. a TCP listener on the pool's address and port.
 
+With a PSK (`psk_file` in the pool's config), the PSK file goes into SPDK's keyring
+(`keyring_file_add_key`, as key `kvtier-<pool>` unless `provision.psk_name` says
+otherwise; `provision.psk_path` where the target's copy lives, if not at the same path),
+the hosts are allowed with that key (`nvmf_subsystem_add_host --psk`) and the listener is
+a secure channel (`nvmf_subsystem_add_listener --secure-channel`): the target then
+refuses a connection that does not start with TLS, and a host without the key.
+
 The calls block (a Unix socket round trip), so the daemon makes them from a worker thread
 (`open_media_pool` runs in `trio.to_thread`).
 """
@@ -147,19 +154,40 @@ class SpdkTarget:
         ch.add(f"created {kind} bdev {bdev}")
         return bdev
 
+    def ensure_key(self, ch: Changes, name: str, path: str) -> None:
+        """A file-based key in SPDK's keyring (`keyring_file_add_key`): the PSK file, in
+        the interchange format, where the target can read it and nobody else can."""
+        for k in self.call("keyring_get_keys"):
+            if k.get("name") == name:
+                if k.get("path") not in (None, path):
+                    raise SpdkError(f"SPDK key {name} is {k.get('path')}, the pool's PSK "
+                                    f"file is {path}")
+                return
+        self.call("keyring_file_add_key", name=name, path=path)
+        ch.add(f"added key {name} ({path}) to the keyring")
+
     def ensure_subsystem(self, ch: Changes, nqn: str, *, serial: str,
-                         hosts: list[str]) -> dict[str, Any]:
+                         hosts: list[str], psk: str | None = None) -> dict[str, Any]:
+        """The subsystem with `hosts` allowed (with keyring key `psk` for TLS, if given).
+        A host allowed earlier with another key (or none) is allowed again with this one."""
         sub = self.subsystem(nqn)
         if sub is None:
             self.call("nvmf_create_subsystem", nqn=nqn, serial_number=serial,
                       allow_any_host=False)
             ch.add(f"created subsystem {nqn}")
             sub = self.subsystem(nqn) or {"hosts": [], "namespaces": [], "listen_addresses": []}
-        have = {h.get("nqn") for h in sub.get("hosts", [])}
+        have = {h.get("nqn"): h for h in sub.get("hosts", [])}
         for h in hosts:
-            if h not in have:
+            if h in have and (psk is None or have[h].get("psk", psk) == psk):
+                continue
+            if h in have:
+                self.call("nvmf_subsystem_remove_host", nqn=nqn, host=h)
+            if psk is None:
                 self.call("nvmf_subsystem_add_host", nqn=nqn, host=h)
                 ch.add(f"allowed host {h} on {nqn}")
+            else:
+                self.call("nvmf_subsystem_add_host", nqn=nqn, host=h, psk=psk)
+                ch.add(f"allowed host {h} on {nqn} with TLS key {psk}")
         return sub
 
     def ensure_namespace(self, ch: Changes, nqn: str, bdev: str, nsid: int) -> None:
@@ -176,16 +204,26 @@ class SpdkTarget:
         self.call("nvmf_subsystem_add_ns", nqn=nqn, namespace={"bdev_name": bdev, "nsid": nsid})
         ch.add(f"added {bdev} as namespace {nsid} of {nqn}")
 
-    def ensure_listener(self, ch: Changes, nqn: str, address: str, port: int) -> None:
+    def ensure_listener(self, ch: Changes, nqn: str, address: str, port: int, *,
+                        secure: bool = False) -> None:
+        """A TCP listener (with `secure`, a secure channel: TLS before anything else).
+        A listener whose secure_channel differs is replaced."""
         sub = self.subsystem(nqn) or {}
+        where = {"trtype": "TCP", "adrfam": "IPv4", "traddr": address, "trsvcid": str(port)}
         for la in sub.get("listen_addresses", []):
             if (str(la.get("trtype", "")).upper() == "TCP" and la.get("traddr") == address
                     and str(la.get("trsvcid")) == str(port)):
-                return
-        self.call("nvmf_subsystem_add_listener", nqn=nqn,
-                  listen_address={"trtype": "TCP", "adrfam": "IPv4", "traddr": address,
-                                  "trsvcid": str(port)})
-        ch.add(f"listening for {nqn} on {address}:{port}")
+                if bool(la.get("secure_channel", secure)) == secure:
+                    return
+                self.call("nvmf_subsystem_remove_listener", nqn=nqn, listen_address=where)
+                break
+        if secure:
+            self.call("nvmf_subsystem_add_listener", nqn=nqn, listen_address=where,
+                      secure_channel=True)
+            ch.add(f"listening for {nqn} on {address}:{port} (secure channel: TLS)")
+        else:
+            self.call("nvmf_subsystem_add_listener", nqn=nqn, listen_address=where)
+            ch.add(f"listening for {nqn} on {address}:{port}")
 
     # -- reverse --------------------------------------------------------------------------
 
@@ -216,9 +254,14 @@ def provision_pool(p: PoolConfig) -> Changes:
         t.ensure_transport(ch, max_io_size=pv.get("max_io_size", MAX_IO_SIZE),
                            io_unit_size=pv.get("io_unit_size", IO_UNIT_SIZE))
         bdev = t.ensure_bdev(ch, pv["bdev"])
-        t.ensure_subsystem(ch, n.subnqn, serial=pv["serial_number"], hosts=pv["allow_hosts"])
+        key = None
+        if n.psk_file:  # TLS: the same PSK file, where the target reads it
+            key = pv.get("psk_name") or f"kvtier-{p.name}"
+            t.ensure_key(ch, key, pv.get("psk_path") or n.psk_file)
+        t.ensure_subsystem(ch, n.subnqn, serial=pv["serial_number"], hosts=pv["allow_hosts"],
+                           psk=key)
         t.ensure_namespace(ch, n.subnqn, bdev, n.nsid)
-        t.ensure_listener(ch, n.subnqn, n.address, n.port)
+        t.ensure_listener(ch, n.subnqn, n.address, n.port, secure=key is not None)
     return ch
 
 

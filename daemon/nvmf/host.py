@@ -17,6 +17,12 @@ with exponential backoff.  Requests that arrive while it reconnects wait for it 
 timeout.  A command whose waiter goes away (timeout or cancellation) always takes the
 association down with it: an NVMe command cannot be recalled, and a late C2HData must not
 land in a buffer its caller has since reused, nor a late R2T send one.
+
+With a PSK configured (`NvmfTargetConfig.psk`), every queue's connection is a TLS 1.3
+channel first (`kvtier.daemon.nvmf.tls`, the identity and key of `kvtier.daemon.nvmf.psk`):
+the handshake runs before ICReq, the sender encrypts the PDUs it would have written
+(straight out of the caller's buffers into TLS records) and the receiver decrypts straight
+into wherever the state machine says.
 """
 
 from __future__ import annotations
@@ -34,10 +40,14 @@ import trio
 from kvtier.daemon.blockdev import IOV_MAX
 from kvtier.daemon.errors import DeviceError
 from kvtier.daemon.nvmf import nvme
+from kvtier.daemon.nvmf.psk import ConfiguredPsk
 from kvtier.daemon.nvmf.queue import Completed, Connected, HostQueue, Send, Terminated
+from kvtier.daemon.nvmf.tls import TlsError, TlsSession
 
 ADMIN_DEPTH = 32
 ADMIN_QID = 0
+TLS_FLUSH = 1 << 20  # plaintext bytes encrypted before the records go out
+TLS_RECV = 1 << 18  # ciphertext read from the socket at a time
 
 
 class NvmfError(DeviceError):
@@ -66,6 +76,8 @@ class NvmfTargetConfig:
     connect_timeout_s: float = 5.0
     reconnect_max_s: float = 2.0
     hostid: bytes = field(default_factory=lambda: uuid.uuid4().bytes)
+    psk: ConfiguredPsk | None = None  # TLS 1.3 with this PSK on every queue
+    psk_file: str = ""  # where `psk` was read from (provisioning hands it to SPDK)
 
     @property
     def where(self) -> str:
@@ -83,6 +95,7 @@ class Health:
     timeouts: int = 0
     bytes_read: int = 0
     bytes_written: int = 0
+    tls: str = ""  # the secure channel of the last queue connected, "" without TLS
     since: float = field(default_factory=time.time)
 
     def as_dict(self) -> dict[str, Any]:
@@ -127,6 +140,7 @@ class _Queue:
                             data_digest=cfg.data_digest, in_capsule=in_capsule,
                             max_data=max_data)
         self.sock: trio.socket.SocketType | None = None
+        self.tls: TlsSession | None = None
         self.waiters: dict[int, tuple[_Batch, int]] = {}
         self.slots = trio.Semaphore(depth)  # taken per command, given back on completion
         self.outbox: list[bytes | memoryview] = []
@@ -143,12 +157,43 @@ class _Queue:
         except OSError as e:
             raise NvmfError(f"cannot connect to {cfg.address}:{cfg.port}: "
                             f"{e.strerror or e}") from e
+        if cfg.psk is not None:
+            await self._handshake(cfg.psk)
         nursery.start_soon(self.receive)
         nursery.start_soon(self.sender)
         self.post(self.hq.start().segments)
         await self.connected.wait()
         if self.assoc.failed is not None:
             raise NvmfError(self.assoc.failed)
+
+    async def _handshake(self, key: ConfiguredPsk) -> None:
+        """TLS 1.3 with the PSK, before anything NVMe/TCP is sent."""
+        cfg = self.assoc.cfg
+        sock = self.sock
+        assert sock is not None
+        ident, tls_key = key.tls_psk(cfg.hostnqn, cfg.subnqn)
+        where = f"TLS with {cfg.address}:{cfg.port} (identity {ident!r})"
+        try:
+            tls = TlsSession(client=True, identity=ident, key=tls_key, suite=key.suite)
+            self.tls = tls
+            with trio.fail_after(cfg.connect_timeout_s):
+                while not tls.handshake():
+                    await _send_all(sock, tls.take_output())
+                    data = await sock.recv(1 << 16)
+                    if not data:
+                        raise NvmfError(f"{where}: the target closed the connection during "
+                                        f"the handshake (is its listener a secure channel, "
+                                        f"and this host's PSK configured there?)")
+                    tls.receive_bytes(data)
+                await _send_all(sock, tls.take_output())  # the client's Finished
+            self.assoc.ctrl.health.tls = f"TLS 1.3 {tls.cipher}, PSK identity {ident}"
+        except TlsError as e:
+            raise NvmfError(f"{where}: {e}") from None
+        except trio.TooSlowError:
+            raise NvmfError(f"{where}: no handshake within {cfg.connect_timeout_s:g} s "
+                            f"(does the target expect TLS on this port?)") from None
+        except OSError as e:
+            raise NvmfError(f"{where}: {_why(e)}") from None
 
     def post(self, segments: Sequence[bytes | memoryview]) -> None:
         """Queue whole PDUs for the sender task (references to the caller's buffers)."""
@@ -158,10 +203,14 @@ class _Queue:
     async def sender(self) -> None:
         sock = self.sock
         assert sock is not None
+        tls = self.tls
         try:
             while True:
                 await self._posted.wait()
                 self._posted = trio.Event()
+                if tls is not None:
+                    await self._send_tls(sock, tls)
+                    continue
                 while self.outbox:
                     segs, self.outbox = self.outbox, []
                     while segs:
@@ -178,14 +227,46 @@ class _Queue:
                         del segs[:i]
         except (OSError, trio.ClosedResourceError) as e:
             self.assoc.fail(f"queue {self.qid}: send failed: {_why(e)}")
+        except TlsError as e:
+            self.assoc.fail(f"queue {self.qid}: {e}")
+
+    async def _send_tls(self, sock: trio.socket.SocketType, tls: TlsSession) -> None:
+        """Encrypt what is posted (whole PDUs, in order) and send the records; also what
+        the TLS layer itself has to say (a reply the receiver's reads produced)."""
+        while self.outbox or tls.pending_output():
+            segs, self.outbox = self.outbox, []
+            size = 0
+            for seg in segs:
+                tls.write(seg)
+                size += len(seg)
+                if size >= TLS_FLUSH:  # bounded ciphertext in memory: send as it grows
+                    await _send_all(sock, tls.take_output())
+                    size = 0
+            await _send_all(sock, tls.take_output())
 
     async def receive(self) -> None:
         sock = self.sock
         assert sock is not None
         hq = self.hq
+        tls = self.tls
+        raw = memoryview(bytearray(TLS_RECV)) if tls is not None else None
         try:
             while True:
-                n = await sock.recv_into(hq.buffer())
+                if tls is None:
+                    n = await sock.recv_into(hq.buffer())
+                else:
+                    assert raw is not None
+                    n = tls.read_into(hq.buffer())  # decrypted straight into place
+                    if tls.pending_output():
+                        self._posted.set()
+                    if n == 0:
+                        k = await sock.recv_into(raw)
+                        if k == 0:
+                            self.assoc.fail(f"queue {self.qid}: connection closed by the "
+                                            f"target")
+                            return
+                        tls.receive_bytes(raw[:k])
+                        continue
                 if n == 0:
                     self.assoc.fail(f"queue {self.qid}: connection closed by the target")
                     return
@@ -203,13 +284,19 @@ class _Queue:
                         if ev.send is not None:
                             with trio.move_on_after(0.5):
                                 try:
-                                    await sock.send(ev.send.segments[0])
-                                except OSError:
+                                    if tls is not None:
+                                        tls.write(ev.send.segments[0])
+                                        await _send_all(sock, tls.take_output())
+                                    else:
+                                        await sock.send(ev.send.segments[0])
+                                except (OSError, TlsError):
                                     pass
                         self.assoc.fail(ev.reason)
                         return
         except (OSError, trio.ClosedResourceError) as e:
             self.assoc.fail(f"queue {self.qid}: connection lost: {_why(e)}")
+        except TlsError as e:
+            self.assoc.fail(f"queue {self.qid}: {e}")
         except Exception as e:  # a bug here must not kill the controller: fail loudly
             self.assoc.fail(f"queue {self.qid}: receive failed: {type(e).__name__}: {e}")
 
@@ -222,6 +309,13 @@ class _Queue:
             self.slots.release()  # wakes submitters blocked on a slot: they see the failure
         self.waiters.clear()
         self.connected.set()
+
+
+async def _send_all(sock: trio.socket.SocketType, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        n = await sock.send(view)
+        view = view[n:]
 
 
 def _why(e: BaseException) -> str:
