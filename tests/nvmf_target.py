@@ -13,6 +13,11 @@ File-backed namespaces behind NVMe-oF subsystems, reached over TCP:
 * a subset of SPDK's JSON-RPC on a Unix socket (`--rpc-socket`) so that provisioning
   through `kvtier.daemon.spdk` runs against it in CI: transports, aio/malloc bdevs,
   subsystems, namespaces, hosts and listeners, with SPDK's method names and parameters;
+* TLS 1.3 with PSKs (`kvtier.daemon.nvmf.tls`, server side): a listener made a secure
+  channel takes the handshake before ICReq and accepts the identities of the hosts that
+  have a PSK there (SPDK's `keyring_file_add_key`, `nvmf_subsystem_add_host --psk`,
+  `nvmf_subsystem_add_listener --secure-channel`); a host with a PSK must connect over
+  TLS, as itself;
 * faults for the tests: SIGUSR1 toggles a stall (commands are taken but never answered),
   SIGUSR2 resets every connection (RST), and SIGKILL is SIGKILL.
 
@@ -37,7 +42,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from kvtier.daemon.nvmf import nvme
+from kvtier.daemon.nvmf import nvme, psk
 from kvtier.daemon.nvmf.pdu import (
     CONTROLLER_RECEIVES,
     DGST_DATA,
@@ -59,6 +64,7 @@ from kvtier.daemon.nvmf.pdu import (
     encode,
     encode_pdu,
 )
+from kvtier.daemon.nvmf.tls import TlsError, TlsSession
 
 MQES = 128
 MAX_IO_QUEUES = 127
@@ -85,6 +91,7 @@ class Subsystem:
     serial: str = "KVTIER-TEST"
     allow_any_host: bool = True
     hosts: set[str] = field(default_factory=set)
+    host_psk: dict[str, str] = field(default_factory=dict)  # host NQN -> keyring key name
     namespaces: dict[int, Namespace] = field(default_factory=dict)
     listeners: set[tuple[str, int]] = field(default_factory=set)
 
@@ -116,6 +123,8 @@ class Target:
         self._next_cntlid = 1
         self._lock = threading.Lock()
         self._listeners: dict[tuple[str, int], socket.socket] = {}
+        self.secure: set[tuple[str, int]] = set()  # listeners that are secure channels
+        self.keys: dict[str, str] = {}  # keyring: key name -> interchange-format key file
         self._conns: set[Connection] = set()
         self._stop = threading.Event()
         threading.Thread(target=self._watchdog, daemon=True).start()
@@ -134,7 +143,7 @@ class Target:
         self.subsystems[nqn] = sub
         return sub
 
-    def listen(self, addr: str, port: int) -> int:
+    def listen(self, addr: str, port: int, secure: bool = False) -> int:
         key = (addr, port)
         if key in self._listeners:
             return port
@@ -144,7 +153,9 @@ class Target:
         s.listen(64)
         port = s.getsockname()[1]
         self._listeners[(addr, port)] = s
-        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+        if secure:
+            self.secure.add((addr, port))
+        threading.Thread(target=self._accept, args=(s, (addr, port)), daemon=True).start()
         return port
 
     def unlisten(self, addr: str, port: int) -> None:
@@ -155,18 +166,30 @@ class Target:
             except OSError:
                 pass
             s.close()
+        self.secure.discard((addr, port))
+
+    def tls_keys(self) -> dict[str, tuple[bytes, str]]:
+        """The TLS identities this target accepts, with their keys: every host given a PSK
+        on a subsystem (keys re-read from their files, as SPDK's keyring_file does)."""
+        out = {}
+        for sub in self.subsystems.values():
+            for host, name in sub.host_psk.items():
+                k = psk.read_file(self.keys[name])
+                ident, key = k.tls_psk(host, sub.nqn)
+                out[ident] = (key, k.suite)
+        return out
 
     def reset_connections(self) -> None:
         for c in list(self._conns):
             c.abort()
 
-    def _accept(self, s: socket.socket) -> None:
+    def _accept(self, s: socket.socket, where: tuple[str, int]) -> None:
         while not self._stop.is_set():
             try:
                 conn, _ = s.accept()
             except OSError:
                 return
-            c = Connection(self, conn)
+            c = Connection(self, conn, secure=where in self.secure)
             self._conns.add(c)
             threading.Thread(target=c.run, daemon=True).start()
 
@@ -191,9 +214,12 @@ class Target:
 
 
 class Connection:
-    def __init__(self, target: Target, sock: socket.socket) -> None:
+    def __init__(self, target: Target, sock: socket.socket, secure: bool = False) -> None:
         self.t = target
         self.sock = sock
+        self.secure = secure
+        self.tls: TlsSession | None = None
+        self._tls_lock = threading.RLock()  # one OpenSSL object, read and written by threads
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = PduReader(CONTROLLER_RECEIVES, sink=self._sink, max_data=4 << 20)
         self.hdgst = self.ddgst = False
@@ -216,6 +242,14 @@ class Connection:
             pass
 
     def send(self, segs: list[bytes | memoryview]) -> None:
+        if self.tls is not None:
+            with self._send_lock:
+                with self._tls_lock:
+                    for seg in segs:
+                        self.tls.write(seg)
+                    out = self.tls.take_output()
+                self.sock.sendall(out)
+            return
         with self._send_lock:
             while segs:
                 n = self.sock.sendmsg(segs)
@@ -229,11 +263,44 @@ class Connection:
                         segs[0] = memoryview(s)[n:]
                         n = 0
 
+    def _handshake(self) -> bool:
+        tls = TlsSession(client=False, keys=self.t.tls_keys())
+        while True:
+            try:
+                done = tls.handshake()
+            except TlsError:
+                self.sock.sendall(tls.take_output())  # the alert says why
+                return False
+            self.sock.sendall(tls.take_output())
+            if done:
+                self.tls = tls
+                return True
+            data = self.sock.recv(65536)
+            if not data:
+                return False
+            tls.receive_bytes(data)
+
+    def _recv(self, buf: memoryview) -> int:
+        if self.tls is None:
+            return self.sock.recv_into(buf)
+        while True:
+            with self._tls_lock:
+                n = self.tls.read_into(buf)
+            if n:
+                return n
+            data = self.sock.recv(1 << 18)
+            if not data:
+                return 0
+            with self._tls_lock:
+                self.tls.receive_bytes(data)
+
     def run(self) -> None:
         try:
+            if self.secure and not self._handshake():
+                return
             while True:
                 buf = self.reader.buffer()
-                n = self.sock.recv_into(buf)
+                n = self._recv(buf)
                 if n == 0:
                     return
                 try:
@@ -244,7 +311,7 @@ class Connection:
                     head, _ = encode(TermReq(int(e.fes), e.fei, from_host=False))
                     self.send([head])
                     return
-        except OSError:
+        except (OSError, TlsError):
             return
         finally:
             self.t._conns.discard(self)
@@ -349,6 +416,12 @@ class Connection:
                 self.complete(sqe.cid, nvme.status_field(SCT_CMD, 0x82, True), dw0=256 << 16)
                 return
             if not sub.allow_any_host and hostnqn not in sub.hosts:
+                self.complete(sqe.cid, nvme.status_field(SCT_CMD, 0x84, True))
+                return
+            if hostnqn in sub.host_psk and (
+                    self.tls is None or self.tls.peer_identity.split(" ")[1:] != [hostnqn,
+                                                                                   subnqn]):
+                # A host with a PSK connects over TLS, as the host its identity names.
                 self.complete(sqe.cid, nvme.status_field(SCT_CMD, 0x84, True))
                 return
             if sqsize + 1 > MQES:
@@ -611,12 +684,41 @@ class Rpc:
         return True
 
     def m_nvmf_subsystem_add_host(self, p: dict[str, Any]) -> Any:
-        self._sub(p).hosts.add(p["host"])
+        sub = self._sub(p)
+        if p["host"] in sub.hosts:
+            raise RpcError(-32602, "Invalid parameters: host already allowed")
+        if p.get("psk") is not None:
+            if p["psk"] not in self.t.keys:
+                raise RpcError(-32602, f"Invalid parameters: key {p['psk']} not found")
+            sub.host_psk[p["host"]] = p["psk"]
+        sub.hosts.add(p["host"])
         return True
 
     def m_nvmf_subsystem_remove_host(self, p: dict[str, Any]) -> Any:
-        self._sub(p).hosts.discard(p["host"])
+        sub = self._sub(p)
+        sub.hosts.discard(p["host"])
+        sub.host_psk.pop(p["host"], None)
         return True
+
+    def m_keyring_file_add_key(self, p: dict[str, Any]) -> Any:
+        name, path = p["name"], p["path"]
+        if name in self.t.keys:
+            raise RpcError(-17, "File exists")
+        try:
+            psk.read_file(path)  # refused as SPDK refuses: unreadable, or others can read
+        except psk.PskError as e:
+            raise RpcError(-1, str(e)) from None
+        self.t.keys[name] = path
+        return True
+
+    def m_keyring_file_remove_key(self, p: dict[str, Any]) -> Any:
+        if self.t.keys.pop(p["name"], None) is None:
+            raise RpcError(-19, "No such device")
+        return True
+
+    def m_keyring_get_keys(self, p: dict[str, Any]) -> Any:
+        return [{"name": n, "module": "keyring_file", "path": path, "removed": False,
+                 "probed": True, "refcnt": 1} for n, path in sorted(self.t.keys.items())]
 
     def m_nvmf_subsystem_allow_any_host(self, p: dict[str, Any]) -> Any:
         self._sub(p).allow_any_host = bool(p.get("allow_any_host", False))
@@ -628,7 +730,7 @@ class Rpc:
         if str(la.get("trtype", "")).upper() != "TCP" or not self.t.transports:
             raise RpcError(-32602, "Invalid parameters: no TCP transport")
         addr = (la["traddr"], int(la["trsvcid"]))
-        self.t.listen(*addr)
+        self.t.listen(*addr, secure=bool(p.get("secure_channel", False)))
         sub.listeners.add(addr)
         return True
 
@@ -644,9 +746,12 @@ class Rpc:
         return [{
             "nqn": s.nqn, "subtype": "NVMe", "serial_number": s.serial,
             "allow_any_host": s.allow_any_host,
-            "hosts": [{"nqn": h} for h in sorted(s.hosts)],
+            "hosts": [{"nqn": h, **({"psk": s.host_psk[h]} if h in s.host_psk else {})}
+                      for h in sorted(s.hosts)],
             "listen_addresses": [{"trtype": "TCP", "adrfam": "IPv4", "traddr": a,
-                                  "trsvcid": str(port)} for a, port in sorted(s.listeners)],
+                                  "trsvcid": str(port),
+                                  "secure_channel": (a, port) in self.t.secure}
+                                 for a, port in sorted(s.listeners)],
             "namespaces": [{"nsid": k, "bdev_name": v.bdev, "name": v.bdev}
                            for k, v in sorted(s.namespaces.items())],
         } for s in self.t.subsystems.values()]
@@ -708,6 +813,8 @@ def main() -> None:
     ap.add_argument("--addr", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--rpc-socket", help="serve SPDK's JSON-RPC subset here")
+    ap.add_argument("--psk-file", help="TLS: the --host hosts' PSK (interchange format); "
+                                       "the listener becomes a secure channel")
     ap.add_argument("--mdts-shift", type=int, default=5)
     ap.add_argument("--max-c2h", type=int, default=131072)
     ap.add_argument("--no-c2h-success", action="store_true")
@@ -729,7 +836,12 @@ def main() -> None:
         sub = t.add_subsystem(a.nqn, allow_any_host=not a.host, hosts=set(a.host))
         sub.namespaces[1] = t.bdevs["bdev0"]
         t.transports.append({"trtype": "TCP"})
-        port = t.listen(a.addr, a.port)
+        if a.psk_file:
+            if not a.host:
+                ap.error("--psk-file needs --host")
+            t.keys["key0"] = a.psk_file
+            sub.host_psk = {h: "key0" for h in a.host}
+        port = t.listen(a.addr, a.port, secure=bool(a.psk_file))
         sub.listeners.add((a.addr, port))
         print(f"listening {port}", flush=True)
     try:
