@@ -355,6 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_pool_scrub)
     hn = ps.add_parser("hostnqn", help="the host NQN kvtierd uses when a pool names none")
     hn.set_defaults(fn=_pool_hostnqn)
+    gk = ps.add_parser("gen-psk", help="write a new NVMe/TCP TLS PSK (interchange format, "
+                                       "mode 0600) for an nvmf pool's psk_file")
+    gk.add_argument("path", help="the key file to create (never overwritten)")
+    gk.add_argument("--sha384", action="store_true",
+                    help="a 48-byte key: TLS_AES_256_GCM_SHA384 (default: 32 bytes, "
+                         "TLS_AES_128_GCM_SHA256)")
+    gk.set_defaults(fn=_pool_gen_psk)
     for name, fn, doc in (("provision", _pool_provision,
                            "create an nvmf pool's subsystem on its SPDK target (idempotent)"),
                           ("decommission", _pool_decommission,
@@ -384,6 +391,20 @@ def _pool_hostnqn(args: argparse.Namespace) -> int:
     from kvtier.daemon.nvmf.host import default_hostnqn
 
     print(default_hostnqn())
+    return 0
+
+
+def _pool_gen_psk(args: argparse.Namespace) -> int:
+    from kvtier.daemon.nvmf import psk
+
+    key = psk.generate(48, psk.HASH_SHA384) if args.sha384 else psk.generate()
+    try:
+        fd = os.open(args.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise ValueError(f"{args.path} exists: a key file is never overwritten") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(key.interchange() + "\n")
+    print(f"wrote a {len(key.key)}-byte PSK ({key.suite}) to {args.path}")
     return 0
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """NVMe-oF/TCP benchmark: kvtier's host reading and writing a namespace over loopback.
 
-    scripts/bench_nvmf.py [--quick] [--json] [--dir DIR] [--digests]
+    scripts/bench_nvmf.py [--quick] [--json] [--dir DIR] [--digests] [--tls]
 
 For 128 KiB and 1 MiB I/O at queue depth 1, 8 and 32 (random aligned offsets): read and
 write throughput through `NvmfDevice` against a namespace, as a ratio to the
@@ -15,6 +15,11 @@ same backing file, provisioned through daemon/spdk.py; with `KVTIER_SPDK_PERF` n
 1M by default as kvtier provisions it, 128K to see SPDK's default); otherwise the test
 target of tests/nvmf_target.py, a Python program, which bounds what the host can show
 here.  `target` says which.
+
+`--tls` also measures every point over TLS 1.3 (a PSK, TLS_AES_128_GCM_SHA256): a second
+test target with a secure listener serves the same backing file, and the
+`nvmf_tls_*_ratio_to_plain` figures compare it with the plain NVMe/TCP run of the same
+point.  (Against SPDK it is not measured: a second subsystem cannot share the bdev.)
 
 `host_cpu_s_per_gib` and `target_cpu_s_per_gib` (CPU seconds of this process and of
 the target process per GiB moved over all NVMe/TCP runs) say which side bounds the figures.
@@ -88,10 +93,11 @@ def run_load(io: Io, dev_size: int, size: int, depth: int, seconds: float) -> fl
 
 
 class TestTarget:
-    def __init__(self, path: str, size: int) -> None:
+    def __init__(self, path: str, size: int, psk_file: str = "") -> None:
+        tls = ["--host", HOSTNQN, "--psk-file", psk_file] if psk_file else []
         self.proc = subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "tests", "nvmf_target.py"), "--file", path,
-             "--size", str(size), "--nqn", "nqn.2016-06.io.kvtier:bench"],
+             "--size", str(size), "--nqn", "nqn.2016-06.io.kvtier:bench", *tls],
             stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -165,6 +171,8 @@ def main() -> int:
     ap = bench_arguments(__doc__)
     ap.add_argument("--digests", action="store_true", help="header and data digests on")
     ap.add_argument("--queues", type=int, default=4, help="I/O queues (TCP connections)")
+    ap.add_argument("--tls", action="store_true",
+                    help="also every point over TLS 1.3 with a PSK (test target only)")
     ap.add_argument("--spdk-max-io", default="1M",
                     help="the SPDK transport's max_io_size (SPDK's own default: 128K)")
     args = ap.parse_args()
@@ -175,6 +183,8 @@ def main() -> int:
     fig: dict[str, object] = {}
     target: TestTarget | SpdkTarget | None = None
     dev: NvmfDevice | None = None
+    tls_target: TestTarget | None = None
+    tls_dev: NvmfDevice | None = None
     try:
         backing = os.path.join(workdir, "ns.img")
         with open(backing, "wb") as f:
@@ -194,6 +204,19 @@ def main() -> int:
                                           header_digest=args.digests,
                                           data_digest=args.digests))
         fig["max_io_bytes"] = dev.health()["max_io"]
+        if args.tls and isinstance(target, TestTarget):
+            from kvtier.daemon.nvmf import psk
+
+            key = psk.generate()
+            keyfile = os.path.join(workdir, "bench.psk")
+            with open(os.open(keyfile, os.O_WRONLY | os.O_CREAT, 0o600), "w") as kf:
+                kf.write(key.interchange())
+            tls_target = TestTarget(backing, dev_size, keyfile)
+            tls_dev = NvmfDevice(NvmfTargetConfig("127.0.0.1", tls_target.port,
+                                                  tls_target.nqn, HOSTNQN, queues=args.queues,
+                                                  queue_depth=32, header_digest=args.digests,
+                                                  data_digest=args.digests, psk=key))
+            fig["tls"] = tls_dev.health()["tls"]
         # fill the namespace once so reads read written blocks
         chunk = aligned_buffer(4 * MiB)
         for off in range(0, dev_size, 4 * MiB):
@@ -208,6 +231,14 @@ def main() -> int:
         def write_dev(off: int, buf: memoryview) -> None:
             assert dev is not None
             dev.writev(off, [buf])
+
+        def read_tls(off: int, buf: memoryview) -> None:
+            assert tls_dev is not None
+            tls_dev.readv_into(off, [buf])
+
+        def write_tls(off: int, buf: memoryview) -> None:
+            assert tls_dev is not None
+            tls_dev.writev(off, [buf])
 
         def read_file(off: int, buf: memoryview) -> None:
             direct.readv_into(off, [buf])
@@ -231,6 +262,11 @@ def main() -> int:
                 fig[f"nvmf_{op}_{sname}_qd{qd}_bytes_per_s"] = round(nv)
                 fig[f"file_{op}_{sname}_qd{qd}_bytes_per_s"] = round(fl)
                 fig[f"nvmf_{op}_{sname}_qd{qd}_ratio_to_file"] = round(nv / fl, 3)
+                if tls_dev is not None:
+                    tv = run_load(write_tls if write else read_tls, dev_size, size, qd,
+                                  seconds)
+                    fig[f"nvmf_tls_{op}_{sname}_qd{qd}_bytes_per_s"] = round(tv)
+                    fig[f"nvmf_tls_{op}_{sname}_qd{qd}_ratio_to_plain"] = round(tv / nv, 3)
                 if isinstance(target, SpdkTarget):
                     ref = target.perf(size, qd, write, seconds)
                     fig[f"spdk_perf_{op}_{sname}_qd{qd}_bytes_per_s"] = ref and round(ref)
@@ -244,6 +280,11 @@ def main() -> int:
         fig["commands"] = h["commands"]
         fig["errors"] = h["errors"]
     finally:
+        if tls_dev is not None:
+            fig["tls_errors"] = tls_dev.health()["errors"]
+            tls_dev.close()
+        if tls_target is not None:
+            tls_target.close()
         if dev is not None:
             dev.close()
         if target is not None:

@@ -103,7 +103,7 @@ def test_bad_keys_say_what_is_wrong(text: str, why: str) -> None:
 
 def test_a_key_file_others_can_read_is_refused(tmp_path: Path) -> None:
     path = write_key(tmp_path / "k", SPDK_TEST_KEY, 0o644)
-    with pytest.raises(psk.PskError, match="accessible to group or others.*chmod 0600"):
+    with pytest.raises(psk.PskError, match=r"accessible to group or others.*chmod 0600"):
         psk.read_file(path)
     os.chmod(path, 0o600)
     assert psk.read_file(path).key == b"00112233445566778899aabbccddeeff"
@@ -222,8 +222,8 @@ def test_reads_and_writes_over_tls(tls_target: TargetProcess, digests: bool) -> 
 
 
 def test_the_secure_listener_refuses_hosts_without_the_key(tls_target: TargetProcess) -> None:
-    with pytest.raises(DeviceError, match="TLS with 127.0.0.1.*binder does not verify|"
-                                          "TLS with 127.0.0.1.*alert"):
+    with pytest.raises(DeviceError, match=r"TLS with 127\.0\.0\.1.*binder does not verify|"
+                                          r"TLS with 127\.0\.0\.1.*alert"):
         NvmfDevice(tls_target.config(psk=psk.generate()))
     with pytest.raises(DeviceError, match="cannot attach"):
         NvmfDevice(tls_target.config())  # plaintext ICReq to a TLS listener
@@ -232,7 +232,7 @@ def test_the_secure_listener_refuses_hosts_without_the_key(tls_target: TargetPro
 def test_a_tls_host_on_a_plain_listener_says_so(tmp_path: Path) -> None:
     t = TargetProcess(str(tmp_path / "ns.img"), 8 * MiB)
     try:
-        with pytest.raises(DeviceError, match="TLS with 127.0.0.1"):
+        with pytest.raises(DeviceError, match=r"TLS with 127\.0\.0\.1"):
             NvmfDevice(t.config(psk=psk.generate(), connect_timeout_s=1.0))
     finally:
         t.kill()
@@ -272,7 +272,15 @@ def test_a_tls_pool_is_provisioned_idempotently_and_served(tmp_path: Path) -> No
                             stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().startswith("rpc")
-        keyfile = write_key(tmp_path / "pool.psk", psk.generate(48, psk.HASH_SHA384))
+        keyfile = str(tmp_path / "pool.psk")  # made by `kvtier pool gen-psk`
+        cli = f"{os.path.dirname(sys.executable)}/kvtier"
+        r = subprocess.run([cli, "pool", "gen-psk", "--sha384", keyfile], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0 and "48-byte PSK (TLS_AES_256_GCM_SHA384)" in r.stdout, r
+        assert os.stat(keyfile).st_mode & 0o777 == 0o600
+        again = subprocess.run([cli, "pool", "gen-psk", keyfile], capture_output=True,
+                               text=True, timeout=60)
+        assert again.returncode != 0 and "never overwritten" in again.stderr
         port, nqn = free_port(), "nqn.2016-06.io.kvtier:tls"
         toml = nvmf_pool_toml(port, nqn, "\n".join([
             f'psk_file = "{keyfile}"', "[pool.provision]", f'rpc = "{rpc}"',

@@ -81,6 +81,39 @@ def test_provision_round_trip_and_pool_on_spdk(spdk: str) -> None:
     assert decommission_pool(p, delete_bdev=True).made == []
 
 
+def test_tls_pool_on_spdk(spdk: str, tmp_path: Path) -> None:
+    """TLS 1.3 with a PSK against SPDK's own secure channel: provisioned through its
+    keyring (idempotent), data both ways, a host without the key refused."""
+    from kvtier.daemon.nvmf import psk
+    from kvtier.daemon.nvmf.host import NvmfError
+
+    port = free_port()
+    p = pool_config(spdk, port)
+    key = psk.generate()
+    keyfile = tmp_path / "pool.psk"
+    keyfile.write_text(key.interchange())
+    keyfile.chmod(0o600)
+    assert p.nvmf is not None
+    p.nvmf.psk, p.nvmf.psk_file = key, str(keyfile)
+    made = provision_pool(p).made
+    assert any("secure channel" in m for m in made), made
+    assert provision_pool(p).made == []
+    dev = NvmfDevice(NvmfTargetConfig("127.0.0.1", port, NQN, HOSTNQN, psk=key))
+    try:
+        assert dev.health()["tls"].startswith("TLS 1.3 TLS_AES_128_GCM_SHA256")
+        data = np.random.default_rng(3).integers(0, 256, 3 * MiB, dtype=np.uint8)
+        dev.writev(MiB, [memoryview(data)])
+        out = np.zeros_like(data)
+        dev.readv_into(MiB, [memoryview(out)])
+        assert np.array_equal(out, data)
+    finally:
+        dev.close()
+    with pytest.raises(NvmfError):
+        NvmfDevice(NvmfTargetConfig("127.0.0.1", port, NQN, HOSTNQN, psk=psk.generate(),
+                                    connect_timeout_s=3.0))
+    assert decommission_pool(p, delete_bdev=True).made
+
+
 def test_daemon_on_a_provisioned_spdk_namespace(spdk: str, tmp_path: Path) -> None:
     port = free_port()
     toml = "\n".join([
