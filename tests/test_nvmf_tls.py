@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -250,7 +251,8 @@ def test_tls_faults_reconnect_and_lose_nothing_acknowledged(tls_target: TargetPr
             wait_for(lambda: errors, what="a failed request")
             tls_target.restart()
         else:
-            tls_target.signal(signal.SIGUSR1)
+            tls_target.signal(signal.SIGUSR1)  # stall, so that writes are surely in flight
+            time.sleep(0.3)
             tls_target.signal(signal.SIGUSR2)
             wait_for(lambda: errors, what="a failed request")
             tls_target.signal(signal.SIGUSR1)
@@ -324,3 +326,47 @@ def test_tls_config_errors_are_named(tmp_path: Path) -> None:
         'size = "8M" }'])))
     with pytest.raises(ConfigError, match=r"psk_name: TLS keys need the pool's psk_file"):
         load_config(str(cfg))
+
+
+def test_the_static_tls_config_in_spdk_conf_opens_a_tls_pool(tmp_path: Path) -> None:
+    """spdk_conf/nvmf_tgt-tls.json's calls, replayed through the JSON-RPC subset with this
+    machine's paths and addresses, give a target kvtierd's host reaches over TLS."""
+    import json
+
+    from kvtier.daemon.nvmf.host import NvmfTargetConfig
+    from kvtier.daemon.spdk import SpdkTarget
+
+    rpc = str(tmp_path / "spdk.sock")
+    proc = subprocess.Popen([sys.executable, f"{HERE}/nvmf_target.py", "--rpc-socket", rpc],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().startswith("rpc")
+        key = psk.generate()
+        keyfile = write_key(tmp_path / "remote0.psk", key)
+        disk = tmp_path / "disk.img"
+        disk.write_bytes(b"")
+        os.truncate(disk, 16 * MiB)
+        port = free_port()
+        text = (Path(HERE).parent / "spdk_conf" / "nvmf_tgt-tls.json").read_text()
+        for old, new in (("/etc/spdk/remote0.psk", keyfile), ("/dev/nvme0n1", str(disk)),
+                         ("nqn.2014-08.org.nvmexpress:uuid:REPLACE-WITH-KVTIERD-HOSTNQN",
+                          HOSTNQN), ("10.0.0.5", "127.0.0.1"), ('"4420"', f'"{port}"')):
+            assert old in text
+            text = text.replace(old, new)
+        with SpdkTarget(rpc) as t:
+            for sub in json.loads(text)["subsystems"]:
+                for call in sub["config"]:
+                    t.call(call["method"], **call["params"])
+        dev = NvmfDevice(NvmfTargetConfig("127.0.0.1", port, "nqn.2016-06.io.spdk:kvtier0",
+                                          HOSTNQN, psk=key))
+        try:
+            data = rnd(9, MiB)
+            dev.writev(0, [memoryview(data)])
+            out = np.zeros_like(data)
+            dev.readv_into(0, [memoryview(out)])
+            assert np.array_equal(out, data) and dev.health()["tls"]
+        finally:
+            dev.close()
+    finally:
+        proc.kill()
+        proc.wait()
