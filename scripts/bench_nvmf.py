@@ -17,9 +17,10 @@ target of tests/nvmf_target.py, a Python program, which bounds what the host can
 here.  `target` says which.
 
 `--tls` also measures every point over TLS 1.3 (a PSK, TLS_AES_128_GCM_SHA256): a second
-test target with a secure listener serves the same backing file, and the
-`nvmf_tls_*_ratio_to_plain` figures compare it with the plain NVMe/TCP run of the same
-point.  (Against SPDK it is not measured: a second subsystem cannot share the bdev.)
+subsystem on a secure listener serves the same backing file (a second test target, or a
+second aio bdev and subsystem on the same SPDK, provisioned with the key through
+daemon/spdk.py), and the `nvmf_tls_*_ratio_to_plain` figures compare it with the plain
+NVMe/TCP run of the same point.
 
 `host_cpu_s_per_gib` and `target_cpu_s_per_gib` (CPU seconds of this process and of
 the target process per GiB moved over all NVMe/TCP runs) say which side bounds the figures.
@@ -38,6 +39,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from bench_report import bench_arguments, report
@@ -144,6 +146,22 @@ class SpdkTarget:
                          "block_size": 4096}}
         provision_pool(PoolConfig("bench", "nvmf", "", 0, 0, nvmf=NvmfPoolConfig(
             "127.0.0.1", self.port, self.nqn, HOSTNQN, provision=prov)))
+        self.backing, self.max_io_size = backing, max_io_size
+
+    def secure_subsystem(self, psk_file: str, key: Any) -> tuple[int, str]:
+        """A second subsystem over the same file (its own aio bdev) on a TLS listener:
+        (port, NQN)."""
+        from kvtier.daemon.config import NvmfPoolConfig, PoolConfig
+        from kvtier.daemon.spdk import provision_pool
+
+        port, nqn = self.port + 1, self.nqn + "-tls"
+        prov = {"rpc": self.rpc, "serial_number": "KVTIERBENCHTLS", "allow_hosts": [HOSTNQN],
+                "timeout_s": 60.0, "max_io_size": self.max_io_size, "psk_name": "",
+                "psk_path": "", "bdev": {"kind": "aio", "name": "Aio1",
+                                         "filename": self.backing, "block_size": 4096}}
+        provision_pool(PoolConfig("bench-tls", "nvmf", "", 0, 0, nvmf=NvmfPoolConfig(
+            "127.0.0.1", port, nqn, HOSTNQN, provision=prov, psk=key, psk_file=psk_file)))
+        return port, nqn
 
     def perf(self, size: int, depth: int, write: bool, seconds: float) -> float | None:
         perf = os.environ.get("KVTIER_SPDK_PERF")
@@ -204,16 +222,20 @@ def main() -> int:
                                           header_digest=args.digests,
                                           data_digest=args.digests))
         fig["max_io_bytes"] = dev.health()["max_io"]
-        if args.tls and isinstance(target, TestTarget):
+        if args.tls:
             from kvtier.daemon.nvmf import psk
 
             key = psk.generate()
             keyfile = os.path.join(workdir, "bench.psk")
             with open(os.open(keyfile, os.O_WRONLY | os.O_CREAT, 0o600), "w") as kf:
                 kf.write(key.interchange())
-            tls_target = TestTarget(backing, dev_size, keyfile)
-            tls_dev = NvmfDevice(NvmfTargetConfig("127.0.0.1", tls_target.port,
-                                                  tls_target.nqn, HOSTNQN, queues=args.queues,
+            if isinstance(target, SpdkTarget):
+                tls_port, tls_nqn = target.secure_subsystem(keyfile, key)
+            else:
+                tls_target = TestTarget(backing, dev_size, keyfile)
+                tls_port, tls_nqn = tls_target.port, tls_target.nqn
+            tls_dev = NvmfDevice(NvmfTargetConfig("127.0.0.1", tls_port,
+                                                  tls_nqn, HOSTNQN, queues=args.queues,
                                                   queue_depth=32, header_digest=args.digests,
                                                   data_digest=args.digests, psk=key))
             fig["tls"] = tls_dev.health()["tls"]

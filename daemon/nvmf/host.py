@@ -261,6 +261,11 @@ class _Queue:
                         self._posted.set()
                     if n == 0:
                         k = await sock.recv_into(raw)
+                        # ACK at once.  Against SPDK's TLS socket each 1 MiB read took
+                        # ~43 ms (23 MiB/s) with delayed ACKs, the signature of a sender
+                        # whose last small segment waits for the ACK (Nagle); with quick
+                        # ACKs 654 MiB/s.  Plain NVMe/TCP is unaffected.
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
                         if k == 0:
                             self.assoc.fail(f"queue {self.qid}: connection closed by the "
                                             f"target")
