@@ -119,6 +119,11 @@ class QoS:
         if tq.bandwidth is not None and nbytes:
             tq.throttled_s += await tq.bandwidth.take(nbytes)
 
+    def meters_bytes(self, tenant: str) -> bool:
+        """Whether the tenant's bytes are charged to a bandwidth bucket (throttle_bytes)."""
+        tq = self.tenants.get(tenant)
+        return tq is not None and tq.bandwidth is not None
+
     async def throttle_bytes(self, tenant: str, nbytes: int) -> None:
         """Charge bytes known only after the fact (a GET's value size) to the bandwidth
         bucket; the request waits while the tenant is in debt."""
