@@ -101,10 +101,11 @@ def test_interactive_gets_keep_their_p99_under_another_tenants_write_storm(
                       f"{written / seconds / 1e6:.0f} MB/s, the cleaner freed {cleaned} "
                       f"segments")
                 assert written / seconds > 50e6 and cleaned > 0  # the load was there
-                ratios.append(p99_busy / p99_idle)
+                ratios.append((round(p99_busy / p99_idle, 2), round(p50_busy / p50_idle, 2)))
                 if p99_busy <= 2 * p99_idle and p50_busy <= 2 * p50_idle:
                     break
-        assert ratios[-1] <= 2, f"p99 under load over idle: {ratios}"  # the goal
+        # the goal, on the last measurement: (p99, median) under load over idle
+        assert max(ratios[-1]) <= 2, f"(p99, median) under load over idle: {ratios}"
         assert after["io"]["low_class_nice"] == 10  # writes ran at a lower CPU priority
         io = after["io"]["classes"]
         assert io["interactive"]["tenants"]["bob"]["waited"] == 0  # never behind a write
