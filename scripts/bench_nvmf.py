@@ -62,6 +62,13 @@ DEPTHS = (1, 8, 32)
 Io = Callable[[int, memoryview], None]
 
 
+def op_of(device: FileDevice | NvmfDevice, write: bool) -> Io:
+    """One request of a load on `device`: write `buf` at `off`, or read it there."""
+    if write:
+        return lambda off, buf: device.writev(off, [buf])
+    return lambda off, buf: device.readv_into(off, [buf])
+
+
 def run_load(io: Io, dev_size: int, size: int, depth: int, seconds: float) -> float:
     """Bytes per second with `depth` threads each keeping one request in flight."""
     slots = dev_size // size
@@ -246,28 +253,6 @@ def main() -> int:
         direct = FileDevice(backing, direct="auto")
         fig["baseline"] = "the backing file, " + ("O_DIRECT" if direct.direct else "buffered")
 
-        def read_dev(off: int, buf: memoryview) -> None:
-            assert dev is not None
-            dev.readv_into(off, [buf])
-
-        def write_dev(off: int, buf: memoryview) -> None:
-            assert dev is not None
-            dev.writev(off, [buf])
-
-        def read_tls(off: int, buf: memoryview) -> None:
-            assert tls_dev is not None
-            tls_dev.readv_into(off, [buf])
-
-        def write_tls(off: int, buf: memoryview) -> None:
-            assert tls_dev is not None
-            tls_dev.writev(off, [buf])
-
-        def read_file(off: int, buf: memoryview) -> None:
-            direct.readv_into(off, [buf])
-
-        def write_file(off: int, buf: memoryview) -> None:
-            direct.writev(off, [buf])
-
         points = [(s, q, w) for s in SIZES for q in DEPTHS for w in (False, True)]
         host_cpu = target_cpu = moved = 0.0
         with Progress(console=console, transient=True) as prog:
@@ -276,17 +261,16 @@ def main() -> int:
                 size = SIZES[sname]
                 op = "write" if write else "read"
                 c0, t0, w0 = time.process_time(), target.cpu_seconds(), time.perf_counter()
-                nv = run_load(write_dev if write else read_dev, dev_size, size, qd, seconds)
+                nv = run_load(op_of(dev, write), dev_size, size, qd, seconds)
                 host_cpu += time.process_time() - c0
                 target_cpu += target.cpu_seconds() - t0
                 moved += nv * (time.perf_counter() - w0)
-                fl = run_load(write_file if write else read_file, dev_size, size, qd, seconds)
+                fl = run_load(op_of(direct, write), dev_size, size, qd, seconds)
                 fig[f"nvmf_{op}_{sname}_qd{qd}_bytes_per_s"] = round(nv)
                 fig[f"file_{op}_{sname}_qd{qd}_bytes_per_s"] = round(fl)
                 fig[f"nvmf_{op}_{sname}_qd{qd}_ratio_to_file"] = round(nv / fl, 3)
                 if tls_dev is not None:
-                    tv = run_load(write_tls if write else read_tls, dev_size, size, qd,
-                                  seconds)
+                    tv = run_load(op_of(tls_dev, write), dev_size, size, qd, seconds)
                     fig[f"nvmf_tls_{op}_{sname}_qd{qd}_bytes_per_s"] = round(tv)
                     fig[f"nvmf_tls_{op}_{sname}_qd{qd}_ratio_to_plain"] = round(tv / nv, 3)
                 if isinstance(target, SpdkTarget):

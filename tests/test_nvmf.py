@@ -156,10 +156,11 @@ def writing(dev: NvmfDevice, threads: int = 2) -> Iterator[tuple[dict[int, int],
             th.join()
 
 
-@pytest.mark.parametrize("fault", ["kill", "reset"])
-def test_target_faults_fail_requests_clearly_and_lose_nothing_acknowledged(
-        target: TargetProcess, fault: str) -> None:
-    dev = NvmfDevice(target.config(queues=2, io_timeout_s=3.0))
+def fault_under_writes(target: TargetProcess, dev: NvmfDevice,
+                       fault: str) -> tuple[dict[int, int], list[str]]:
+    """Writers on `dev` while the target is killed and restarted ("kill") or has its
+    connections reset with writes stalled in flight ("reset"); returns (slot ->
+    acknowledged write, errors) once the host reconnected and writes flow again."""
     with writing(dev) as (acked, errors):
         wait_for(lambda: len(acked) > 50, what="writes before the fault")
         if fault == "kill":
@@ -176,6 +177,14 @@ def test_target_faults_fail_requests_clearly_and_lose_nothing_acknowledged(
         wait_for(lambda: dev.health()["reconnects"] >= 1, what="the reconnect")
         n = dev.health()["bytes_written"]
         wait_for(lambda: dev.health()["bytes_written"] > n + 20 * 65536, what="writes after it")
+    return acked, errors
+
+
+@pytest.mark.parametrize("fault", ["kill", "reset"])
+def test_target_faults_fail_requests_clearly_and_lose_nothing_acknowledged(
+        target: TargetProcess, fault: str) -> None:
+    dev = NvmfDevice(target.config(queues=2, io_timeout_s=3.0))
+    acked, errors = fault_under_writes(target, dev, fault)
     try:
         assert errors, "the fault failed no request"
         assert all("connection" in e or "not connected" in e for e in errors), errors[:3]

@@ -6,10 +6,8 @@ subset.  test_spdk.py runs the TLS pool against a real SPDK where one is present
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ from harness import Daemon
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nvmf_support import HERE, HOSTNQN, TargetProcess, free_port
-from test_nvmf import _check_acked, connect, k, nvmf_pool_toml, rnd, wait_for, writing
+from test_nvmf import _check_acked, connect, fault_under_writes, k, nvmf_pool_toml, rnd
 
 from kvtier.daemon.config import ConfigError, load_config
 from kvtier.daemon.errors import DeviceError
@@ -244,21 +242,7 @@ def test_tls_faults_reconnect_and_lose_nothing_acknowledged(tls_target: TargetPr
                                                             fault: str) -> None:
     dev = NvmfDevice(tls_target.config(psk=tls_target.key, queues=2,  # type: ignore[attr-defined]
                                        io_timeout_s=3.0))
-    with writing(dev) as (acked, errors):
-        wait_for(lambda: len(acked) > 50, what="writes before the fault")
-        if fault == "kill":
-            tls_target.kill()
-            wait_for(lambda: errors, what="a failed request")
-            tls_target.restart()
-        else:
-            tls_target.signal(signal.SIGUSR1)  # stall, so that writes are surely in flight
-            time.sleep(0.3)
-            tls_target.signal(signal.SIGUSR2)
-            wait_for(lambda: errors, what="a failed request")
-            tls_target.signal(signal.SIGUSR1)
-        wait_for(lambda: dev.health()["reconnects"] >= 1, what="the reconnect")
-        n = dev.health()["bytes_written"]
-        wait_for(lambda: dev.health()["bytes_written"] > n + 20 * 65536, what="writes after it")
+    acked, errors = fault_under_writes(tls_target, dev, fault)
     try:
         assert errors and dev.health()["state"] == "live"
         _check_acked(dev, acked)

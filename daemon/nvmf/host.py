@@ -266,12 +266,9 @@ class _Queue:
                         # whose last small segment waits for the ACK (Nagle); with quick
                         # ACKs 654 MiB/s.  Plain NVMe/TCP is unaffected.
                         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-                        if k == 0:
-                            self.assoc.fail(f"queue {self.qid}: connection closed by the "
-                                            f"target")
-                            return
-                        tls.receive_bytes(raw[:k])
-                        continue
+                        if k:
+                            tls.receive_bytes(raw[:k])
+                            continue
                 if n == 0:
                     self.assoc.fail(f"queue {self.qid}: connection closed by the target")
                     return
