@@ -80,11 +80,9 @@ def _lib() -> Any:
                                        ctypes.POINTER(ctypes.c_size_t)]),
         "SSL_write_ex": (ctypes.c_int, [_p, _p, ctypes.c_size_t,
                                         ctypes.POINTER(ctypes.c_size_t)]),
-        "SSL_shutdown": (ctypes.c_int, [_p]),
         "SSL_CIPHER_find": (_p, [_p, ctypes.c_char_p]),
         "SSL_get_current_cipher": (_p, [_p]),
         "SSL_CIPHER_get_name": (ctypes.c_char_p, [_p]),
-        "SSL_session_reused": (ctypes.c_int, [_p]),
         "SSL_SESSION_new": (_p, []),
         "SSL_SESSION_free": (None, [_p]),
         "SSL_SESSION_set1_master_key": (ctypes.c_int, [_p, ctypes.c_char_p, ctypes.c_size_t]),
@@ -303,12 +301,6 @@ class TlsSession:
             return int(got.value)
         self._fail("read", 0)
         return 0
-
-    def close_notify(self) -> None:
-        """Queue the close_notify alert (in `take_output`)."""
-        if self._ssl and self.established:
-            self._lib.ERR_clear_error()
-            self._lib.SSL_shutdown(self._ssl)
 
     def close(self) -> None:
         lib = self._lib
