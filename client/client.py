@@ -491,6 +491,41 @@ class Client:
             raise error_for(comp.status, f"prefetch: {Status(comp.status).name}")
         return comp.result, comp.status == Status.OK
 
+    def prefetch_submit(self, keys: Sequence[bytes], *, deadline_ms: int = 1000
+                        ) -> Future[Completion]:
+        """A PREFETCH hint without waiting: the daemon starts promoting `keys` to DRAM and
+        the future resolves when it is done or the deadline passed (status OK or
+        DEADLINE).  For a scheduler that hints as soon as it sees a request."""
+        if not keys:
+            raise ValueError("prefetch of no keys")
+        klen = len(keys[0])
+        if any(len(k) != klen for k in keys):
+            raise ValueError("all keys of a prefetch must have the same length")
+        slot = self.allocator.alloc(len(keys) * klen)
+        try:
+            slot.view[:len(keys) * klen] = b"".join(keys)
+            fut = self.submit(Request(Op.PREFETCH, 0, flags=Flag.KEYLIST, key=bytes(klen),
+                                      count=len(keys), data_off=slot.offset,
+                                      data_len=len(keys) * klen, ttl=deadline_ms))
+        except BaseException:
+            self.allocator.free(slot)
+            raise
+        # The daemon reads the key list when it takes the request, not at completion:
+        # the slot is released once the request completes.
+        fut.add_done_callback(lambda _f: self.allocator.free(slot))
+        return fut
+
+    def wait(self, fut: Future[Completion], what: str = "request") -> Completion:
+        """Wait for a submitted request (spinning briefly on the completion ring first);
+        raises the error its status names unless it is OK."""
+        try:
+            comp = self._wait(fut)
+        except TimeoutError:
+            raise TimeoutError_(f"{what}: no completion within {self.timeout} s") from None
+        if comp.status != Status.OK:
+            raise error_for(comp.status, f"{what}: {Status(comp.status).name}")
+        return comp
+
     def stats(self) -> dict[str, Any]:
         slot = self.allocator.alloc(1 << 20)
         try:

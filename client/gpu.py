@@ -35,7 +35,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -271,12 +271,13 @@ class KVSaver:
         self.slots = [client.allocator.alloc(n + 8 * layout.num_layers) for _ in range(slots)]
         sealed = n + layout.num_layers * (OVERHEAD + 8)
         self.sealed = [client.allocator.alloc(sealed) for _ in range(slots)] if cipher else []
+        self._staging: list[torch.Tensor] = []
         register_arena(client)
 
     def close(self) -> None:
         for s in self.slots + self.sealed:
             self.client.allocator.free(s)
-        self.slots, self.sealed = [], []
+        self.slots, self.sealed, self._staging = [], [], []
 
     def save(self, session: str, token_ids: Sequence[int] | torch.Tensor, cache: Any, *,
              ttl_s: int = 0) -> SaveReport:
@@ -285,59 +286,82 @@ class KVSaver:
         lay = self.layout
         ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)
         keys = chunk_keys(ids, self.fingerprint, chunk_tokens=lay.chunk_tokens)
-        rep = SaveReport()
         if not keys:
-            return rep
+            return SaveReport()
         k0, _ = cache_layer(cache, 0)
         n = min(len(keys), k0.shape[2] // lay.chunk_tokens)
         have, _ = self.client.lookup(keys[:n])
+        rep = self.save_chunks(session, keys[have:n], CacheSource(cache, lay, have), ttl_s=ttl_s)
         rep.skipped = have
-        todo = range(have, n)
-        if not todo:
-            rep.seconds = time.perf_counter() - t0
-            return rep
-        dev = k0.device
-        T, H, D = lay.chunk_tokens, lay.num_kv_heads, lay.head_dim
-        # Pack [chunks, layers, 2, heads, T, D] on the device: one copy per layer and K/V.
-        packed = torch.empty((len(todo), lay.num_layers, 2, H, T, D), dtype=lay.dtype,
-                             device=dev)
-        lo, hi = have * T, n * T
-        for li in range(lay.num_layers):
-            k, v = cache_layer(cache, li)
-            for j, src in enumerate((k, v)):
-                packed[:, li, j] = src[0, :, lo:hi].reshape(H, len(todo), T, D).transpose(0, 1)
-        cuda = dev.type == "cuda"
-        stream = torch.cuda.Stream(device=dev) if cuda else None
-        if cuda:
-            assert stream is not None
-            stream.wait_stream(torch.cuda.current_stream(dev))
-        pending: list[Future[Completion] | None] = [None] * len(self.slots)
-        for j, c in enumerate(todo):
-            s = j % len(self.slots)
-            if pending[s] is not None:
-                _check(self.client._wait(pending[s]), "put")  # type: ignore[arg-type]
-            slot = self.slots[s]
-            ev = _copy(_slot_tensor(slot, lay.chunk_bytes), packed[j].reshape(-1).view(torch.uint8),
-                       stream)
-            if ev is not None:
-                ev.synchronize()  # the PUT below reads the slot
-            lengths = [lay.frame_bytes] * lay.num_layers
-            if self.cipher is not None:
-                plain = slot.view
-                slot = self.sealed[s]
-                lengths = self.cipher.seal_into(
-                    session, keys[c], [plain[i * lay.frame_bytes:(i + 1) * lay.frame_bytes]
-                                       for i in range(lay.num_layers)], slot.view)
-            req = self.client.put_request(session, keys[c], slot, lengths, ttl_s=ttl_s)
-            pending[s] = self.client.submit(req)
-            rep.chunks += 1
-            rep.bytes += lay.chunk_bytes
-        for f in pending:
-            if f is not None:
-                _check(self.client._wait(f), "put")
-        del packed
         rep.seconds = time.perf_counter() - t0
         return rep
+
+    def save_chunks(self, session: str, keys: Sequence[bytes], source: Source, *,
+                    ttl_s: int = 0) -> SaveReport:
+        """PUT chunk c of `source` under keys[c], for every c.
+
+        Staging is bounded whatever the prefix: each chunk is gathered (one kernel per
+        layer, or one for all layers of a paged cache) into one of `slots` device
+        buffers, copied to an arena slot on a side stream and PUT while the next chunk
+        is gathered and copied; at most `slots` PUTs are in flight.  Nothing else of the
+        prefix is copied on the device."""
+        t0 = time.perf_counter()
+        lay = self.layout
+        rep = SaveReport()
+        if not keys:
+            return rep
+        dev = source.device
+        staging = self._staging_on(dev)
+        cuda = dev.type == "cuda"
+        stream = torch.cuda.Stream(device=dev) if cuda else None
+        pending: list[Future[Completion] | None] = [None] * len(self.slots)
+        try:
+            for c, key in enumerate(keys):
+                s = c % len(self.slots)
+                if pending[s] is not None:
+                    fut, pending[s] = pending[s], None
+                    _check(self.client._wait(fut), "put")  # type: ignore[arg-type]
+                # The staging buffer's previous D2H was waited for before its PUT went out.
+                source.gather(c, staging[s])
+                slot = self.slots[s]
+                if stream is not None:
+                    stream.wait_stream(torch.cuda.current_stream(dev))
+                ev = _copy(_slot_tensor(slot, lay.chunk_bytes), staging[s].view(-1).view(
+                    torch.uint8), stream)
+                if ev is not None:
+                    ev.synchronize()  # the PUT below reads the slot
+                lengths = [lay.frame_bytes] * lay.num_layers
+                if self.cipher is not None:
+                    plain = slot.view
+                    slot = self.sealed[s]
+                    lengths = self.cipher.seal_into(
+                        session, key, [plain[i * lay.frame_bytes:(i + 1) * lay.frame_bytes]
+                                       for i in range(lay.num_layers)], slot.view)
+                req = self.client.put_request(session, key, slot, lengths, ttl_s=ttl_s)
+                pending[s] = self.client.submit(req)
+                rep.chunks += 1
+                rep.bytes += lay.chunk_bytes
+        finally:
+            errors = []
+            for f in pending:
+                if f is not None:
+                    try:
+                        _check(self.client._wait(f), "put")
+                    except KvtierError as e:
+                        errors.append(e)
+        if errors:
+            raise errors[0]
+        rep.seconds = time.perf_counter() - t0
+        return rep
+
+    def _staging_on(self, dev: torch.device) -> list[torch.Tensor]:
+        """One device buffer [layers, 2, heads, T, head_dim] per slot, kept across saves."""
+        lay = self.layout
+        if not self._staging or self._staging[0].device != dev:
+            self._staging = [torch.empty((lay.num_layers, 2, lay.num_kv_heads,
+                                          lay.chunk_tokens, lay.head_dim), dtype=lay.dtype,
+                                         device=dev) for _ in self.slots]
+        return self._staging
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -356,6 +380,68 @@ class LoadReport:
     @property
     def gbps(self) -> float:
         return self.bytes / self.seconds / 1e9 if self.seconds else 0.0
+
+
+class Destination(Protocol):
+    """Where a load puts chunk c's frames [a, b) (shaped [b-a, 2, heads, T, head_dim]).
+
+    `target` names the tensor a copy goes to; `flush` is called once a layer group's
+    copies are queued (a staged destination scatters what it holds, on the copy stream).
+    The two kinds: `ContiguousDestination` (one tensor, a transformers cache over it) and
+    `kvtier.client.paged.PagedDestination` (vLLM's paged blocks)."""
+
+    device: torch.device
+    contiguous: bool
+
+    def target(self, c: int, a: int, b: int, stream: Any) -> torch.Tensor: ...
+
+    def flush(self, stream: Any) -> None: ...
+
+    def record_stream(self, stream: Any) -> None: ...
+
+
+class ContiguousDestination:
+    """kv [layer, K/V, batch, head, token, dim]: chunk c's frames [a, b) land at
+    kv[a:b, :, 0, :, cT:(c+1)T] -- rows of one pitch, each copy straight to its place."""
+
+    contiguous = True
+
+    def __init__(self, kv: torch.Tensor, chunk_tokens: int) -> None:
+        self.kv, self.T, self.device = kv, chunk_tokens, kv.device
+
+    def target(self, c: int, a: int, b: int, stream: Any) -> torch.Tensor:
+        return self.kv[a:b, :, 0, :, c * self.T:(c + 1) * self.T]
+
+    def flush(self, stream: Any) -> None:
+        return None
+
+    def record_stream(self, stream: Any) -> None:
+        self.kv.record_stream(stream)
+
+
+class Source(Protocol):
+    """Where a save reads chunk c (of the save) from: `gather(c, out)` writes its frames
+    into out [layers, 2, heads, T, head_dim] on `device` (queued on the current stream)."""
+
+    device: torch.device
+
+    def gather(self, c: int, out: torch.Tensor) -> None: ...
+
+
+class CacheSource:
+    """A transformers cache: chunk c of the save is tokens [(first+c)T, (first+c+1)T)."""
+
+    def __init__(self, cache: Any, layout: KVLayout, first: int) -> None:
+        self.cache, self.layout, self.first = cache, layout, first
+        self.device = cache_layer(cache, 0)[0].device
+
+    def gather(self, c: int, out: torch.Tensor) -> None:
+        T = self.layout.chunk_tokens
+        lo = (self.first + c) * T
+        for li in range(self.layout.num_layers):
+            k, v = cache_layer(self.cache, li)
+            out[li, 0].copy_(k[0, :, lo:lo + T])
+            out[li, 1].copy_(v[0, :, lo:lo + T])
 
 
 class KVLoader:
@@ -466,26 +552,44 @@ class KVLoader:
         Returns immediately after issuing the last copy on CUDA: `self.events[g]` marks
         group g's layers ready (use `attach_layer_waits`, or `wait_all`).
         """
-        rep = LoadReport()
         t0 = time.perf_counter()
         keys, hit, tiers = self.lookup(token_ids, session)
-        rep.lookup_s = time.perf_counter() - t0
-        for t in tiers[:hit]:
-            rep.tiers[t.name.lower()] = rep.tiers.get(t.name.lower(), 0) + 1
+        lookup_s = time.perf_counter() - t0
         lay = self.layout
-        dev = torch.device(device)
         n = hit
         T, H, D, L = lay.chunk_tokens, lay.num_kv_heads, lay.head_dim, lay.num_layers
         cap = n * T + max(0, reserve_tokens)
         # One allocation for the whole cache, [layer, K/V, batch, head, token, dim]: chunk
         # c's frames [a, b) land at kv[a:b, :, 0, :, cT:(c+1)T] — rows of one pitch, so
         # each copy goes straight to its final place (no staging tensor, no reshuffle).
-        kv = torch.empty((L, 2, 1, H, cap, D), dtype=lay.dtype, device=dev)
+        kv = torch.empty((L, 2, 1, H, cap, D), dtype=lay.dtype, device=torch.device(device))
         self.buffers = [(kv[li, 0], kv[li, 1]) for li in range(L)]
         out = [(kb[:, :, :n * T], vb[:, :, :n * T]) for kb, vb in self.buffers]
+        rep = self.load_into(keys[:n], ContiguousDestination(kv, T), tiers[:n], t0=t0)
+        rep.lookup_s = lookup_s
+        return out, rep
 
-        def dst(c: int, a: int, b: int) -> torch.Tensor:
-            return kv[a:b, :, 0, :, c * T:(c + 1) * T]
+    def load_into(self, keys: Sequence[bytes], dest: Destination,
+                  tiers: Sequence[Tier] | None = None, *, t0: float | None = None,
+                  ) -> LoadReport:
+        """Load the chunks `keys` (chunk c of the load is keys[c]) into `dest`.
+
+        `tiers` (from a LOOKUP) says which are in DRAM and worth a MAP; without it every
+        key is MAPped first and what is not in DRAM is read with a GET.  Raises on a
+        chunk that is missing or fails its check; the caller recomputes then.  Same
+        asynchrony as `load`: `self.events` / `wait_all`."""
+        rep = LoadReport()
+        t0 = time.perf_counter() if t0 is None else t0
+        n = len(keys)
+        tiers = list(tiers) if tiers is not None else [Tier.DRAM] * n
+        for t in tiers[:n]:
+            rep.tiers[t.name.lower()] = rep.tiers.get(t.name.lower(), 0) + 1
+        lay = self.layout
+        dev = dest.device
+        T, H, D, L = lay.chunk_tokens, lay.num_kv_heads, lay.head_dim, lay.num_layers
+        if self.gpu_decrypt and not dest.contiguous:
+            raise KvtierError('opening sealed chunks on the GPU needs a contiguous '
+                              'destination: use decrypt="cpu" for a paged cache')
 
         def src(raw: torch.Tensor, a: int, b: int) -> torch.Tensor:
             return raw.view(lay.dtype).view(b - a, 2, H, T, D)
@@ -494,7 +598,7 @@ class KVLoader:
         self.events = []
         if n == 0:
             rep.seconds = time.perf_counter() - t0
-            return out, rep
+            return rep
         stream = torch.cuda.Stream(device=dev) if cuda else None
         if cuda:
             assert stream is not None
@@ -502,7 +606,7 @@ class KVLoader:
         self._release_maps()
         self.events = [None] * len(self.groups)
         if stream is not None:
-            kv.record_stream(stream)  # written there, allocated on the current stream
+            dest.record_stream(stream)  # written there, allocated on the current stream
         done_in_group = [0] * len(self.groups)
         in_dram = [c for c in range(n) if tiers[c] == Tier.DRAM] if self.map_dram else []
         # DRAM hits: pinned where they lie, one DMA per layer group from the tenant's DRAM
@@ -522,8 +626,8 @@ class KVLoader:
         def copy_mapped(g: int, c: int, off: int) -> None:
             a, b = self.groups[g]
             nbytes = (b - a) * per_frame
-            _copy(dst(c, a, b), src(dram_tensor(self.client)[off:off + nbytes], a, b),
-                  stream, event=False)
+            _copy(dest.target(c, a, b, stream),
+                  src(dram_tensor(self.client)[off:off + nbytes], a, b), stream, event=False)
             rep.bytes += nbytes
             mapped[g].add(c)
             done_in_group[g] += 1
@@ -551,7 +655,7 @@ class KVLoader:
                 for c, at in later[g]:
                     copy_mapped(g, c, at)
                 if done_in_group[g] == n:
-                    self._group_done(g, stream)
+                    self._group_done(g, stream, dest)
         if bad is not None:
             self._copied = None
             if stream is not None:
@@ -561,11 +665,12 @@ class KVLoader:
         work = [(g, c) for g in range(len(self.groups)) for c in range(n) if c not in mapped[g]]
         work.sort(key=lambda gc: (gc[0], gc not in sealed_at))  # mapped first, group-major
         if self.gpu_decrypt:
-            self._open_on_device(work, sealed_at, keys, kv, stream, done_in_group, n, rep)
+            assert isinstance(dest, ContiguousDestination)
+            self._open_on_device(work, sealed_at, keys, dest.kv, stream, done_in_group, n, rep)
             rep.chunks = n
             rep.tokens = n * T
             rep.seconds = time.perf_counter() - t0
-            return out, rep
+            return rep
         # Slots move GET -> (decrypt) -> H2D; a slot is reused once its H2D has read it.
         q: collections.deque[tuple[int, int, int, Future[Completion]]] = collections.deque()
         dq: collections.deque[tuple[int, int, int, Future[None]]] = collections.deque()
@@ -608,12 +713,13 @@ class KVLoader:
             a, b = self.groups[g]
             nbytes = (b - a) * lay.frame_bytes
             host = self.plain[s] if cipher is not None else self.slots[s]
-            slot_free[s] = _copy(dst(c, a, b), src(_slot_tensor(host, nbytes), a, b), stream)
+            slot_free[s] = _copy(dest.target(c, a, b, stream),
+                                 src(_slot_tensor(host, nbytes), a, b), stream)
             free.append(s)
             rep.bytes += nbytes
             done_in_group[g] += 1
             if done_in_group[g] == n:
-                self._group_done(g, stream)
+                self._group_done(g, stream, dest)
 
         def finish_oldest_decrypt() -> None:
             g, c, s, dfut = dq.popleft()
@@ -640,7 +746,7 @@ class KVLoader:
         rep.chunks = n
         rep.tokens = n * T
         rep.seconds = time.perf_counter() - t0
-        return out, rep
+        return rep
 
     def _wait_get(self, g: int, c: int, fut: Future[Completion], per_frame: int) -> int:
         """Wait for the GET of chunk c's group g; its byte count, checked."""
@@ -652,7 +758,7 @@ class KVLoader:
         return int(comp.result)
 
     def _open_on_device(self, work: Sequence[tuple[int, int]],
-                        sealed_at: dict[tuple[int, int], tuple[int, int]], keys: list[bytes],
+                        sealed_at: dict[tuple[int, int], tuple[int, int]], keys: Sequence[bytes],
                         kv: torch.Tensor, stream: Any, done_in_group: list[int],
                         chunks: int, rep: LoadReport) -> None:
         """Sealed chunk-groups to the device and opened there (kvtier.client.gcm_gpu).
@@ -809,9 +915,12 @@ class KVLoader:
         elif self._mapped:
             self._release_maps()
 
-    def _group_done(self, g: int, stream: Any) -> None:
+    def _group_done(self, g: int, stream: Any, dest: Destination | None = None) -> None:
         """Every copy of group g is queued: an event on the side stream marks its layers
-        ready (stream order: the event completes after those copies)."""
+        ready (stream order: the event completes after those copies and, for a staged
+        destination, the scatter that follows them)."""
+        if dest is not None:
+            dest.flush(stream)
         if stream is not None:
             ev = torch.cuda.Event()
             ev.record(stream)
@@ -826,6 +935,18 @@ class KVLoader:
         self._release_maps()
         if self._opener is not None:
             self._opener.check()  # DecryptError for the first frame that did not open
+
+    def synchronize(self) -> None:
+        """Wait on the host until the last load is in place (every group's copies and, for
+        a staged destination, its scatters); then release the DRAM pins and check the
+        tags of chunks opened on the GPU (DecryptError).  For a thread that loads on
+        behalf of an engine, whose streams must not wait for it."""
+        for ev in self.events:
+            if ev is not None:
+                ev.synchronize()
+        self._release_maps()
+        if self._opener is not None:
+            self._opener.check()
 
     def attach_layer_waits(self, layers: Sequence[torch.nn.Module]) -> Callable[[], None]:
         """Make each decoder layer wait (on the GPU) for its own group's data only.

