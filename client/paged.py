@@ -121,16 +121,18 @@ class PagedKV:
 
     # -- scatter (load) ---------------------------------------------------------------------
 
-    def scatter(self, a: int, b: int, frames: torch.Tensor, blocks: torch.Tensor) -> None:
+    def scatter(self, a: int, b: int, frames: torch.Tensor, blocks: torch.Tensor, *,
+                whole: bool = True) -> None:
         """frames [n, b-a, 2, H, T, D] (n chunks, layers [a, b)) -> the paged cache at
-        `blocks` [n, k] (k = blocks per chunk; an entry < 0 skips that block)."""
+        `blocks` [n, k] (k = blocks per chunk).  `whole=False`: some entries are < 0, and
+        those blocks are left alone (the caller knows from its host-side table, so no
+        device value is read back here: that would wait for the stream)."""
         n, H, k, N, D = frames.shape[0], self.geometry.num_kv_heads, self.blocks_per_chunk, \
             self.block_size, self.layout.head_dim
         # [n, l, 2, H, k, N, D] -> per K/V [l, n, k, H, N, D]: the destination's index order.
         parts = frames.view(n, b - a, 2, H, k, N, D).permute(2, 1, 0, 4, 3, 5, 6)
-        keep = blocks >= 0
-        if not bool(keep.all()):
-            sel = keep.reshape(-1).nonzero().squeeze(1)
+        if not whole:
+            sel = (blocks >= 0).reshape(-1).nonzero().squeeze(1)
             parts = parts.reshape(2, b - a, n * k, H, N, D)[:, :, sel]
             blocks = blocks.reshape(-1)[sel]
         if self.stacked is not None:
@@ -178,11 +180,22 @@ class PagedDestination:
         for row in blocks:
             if len(row) != k:
                 raise ValueError(f"a chunk takes {k} blocks, got {len(row)}")
+        self.partial = {c for c, row in enumerate(blocks) if min(row) < 0}
         self.blocks = paged.block_ids([b for row in blocks for b in row]).view(len(blocks), k)
         self.batch = max(1, batch)
         self.frame_elems = 2 * lay.num_kv_heads * lay.chunk_tokens * lay.head_dim
+        # Two buffers of `batch` chunks of every layer, allocated before the load's streams
+        # use them (and kept by the caller across loads).
         self._staging = staging if staging is not None else []
+        need = self.batch * lay.num_layers * self.frame_elems
+        if len(self._staging) != 2 or any(t.numel() < need or t.device != self.device
+                                          for t in self._staging):
+            self._staging[:] = [torch.empty(need, dtype=lay.dtype, device=self.device)
+                                for _ in range(2)]
         self._turn = 0
+        self._sstream: Any = None  # CUDA: the scatter kernels' stream
+        self._scattered: list[Any] = [None, None]  # per buffer: event after its last scatter
+        self._last: Any = None
         self._pending: list[int] = []  # chunks staged in the current buffer
         self._group: tuple[int, int] | None = None
         self._used = 0
@@ -198,23 +211,15 @@ class PagedDestination:
         """The staging buffers (a caller may keep them for the next load)."""
         return self._staging
 
-    def _buffer(self, frames: int) -> torch.Tensor:
-        need = self.batch * frames * self.frame_elems
-        s = self._turn % 2
-        while len(self._staging) < 2:
-            self._staging.append(torch.empty(0, dtype=self.paged.layout.dtype,
-                                             device=self.paged.device))
-        if self._staging[s].numel() < need:
-            self._staging[s] = torch.empty(need, dtype=self.paged.layout.dtype,
-                                           device=self.paged.device)
-        return self._staging[s]
-
     def target(self, c: int, a: int, b: int, stream: Any) -> torch.Tensor:
         """Where the copy of chunk c's frames [a, b) goes: [b-a, 2, H, T, D]."""
         if self._group is not None and (self._group != (a, b) or self._used == self.batch):
-            self.flush(stream)
+            self._scatter(stream)
+        s = self._turn % 2
+        if not self._pending and self._scattered[s] is not None and stream is not None:
+            stream.wait_event(self._scattered[s])  # its last scatter has read it
         self._group = (a, b)
-        buf = self._buffer(b - a)
+        buf = self._staging[s]
         per = (b - a) * self.frame_elems
         region = buf[self._used * per:(self._used + 1) * per]
         self._pending.append(c)
@@ -223,22 +228,49 @@ class PagedDestination:
         return region.view(b - a, 2, lay.num_kv_heads, lay.chunk_tokens, lay.head_dim)
 
     def flush(self, stream: Any) -> None:
-        """Scatter what is staged (queued on `stream` behind the copies into it)."""
+        """Scatter what is staged; afterwards `stream` is ordered after every scatter so
+        far (an event the caller records on it marks the blocks filled)."""
+        self._scatter(stream)
+        if stream is not None and self._last is not None:
+            stream.wait_event(self._last)
+
+    def _scatter(self, stream: Any) -> None:
+        """Scatter the staged batch into the blocks.  On CUDA on a stream of its own, after
+        the batch's copies (an event on the copy stream): the copy engine goes on with the
+        next batch, into the other buffer, while the kernel runs."""
         if not self._pending or self._group is None:
             return
         a, b = self._group
         lay = self.paged.layout
         n = len(self._pending)
-        buf = self._staging[self._turn % 2][:n * (b - a) * self.frame_elems]
+        s = self._turn % 2
+        buf = self._staging[s][:n * (b - a) * self.frame_elems]
         frames = buf.view(n, b - a, 2, lay.num_kv_heads, lay.chunk_tokens, lay.head_dim)
-        idx = self.blocks[torch.as_tensor(self._pending, device=self.blocks.device)]
-        if stream is not None:
-            with torch.cuda.stream(stream):
-                self.paged.scatter(a, b, frames, idx)
+        p = self._pending
+        whole = not self.partial.intersection(p)
+        if stream is None:
+            self.paged.scatter(a, b, frames, self._index(p), whole=whole)
         else:
-            self.paged.scatter(a, b, frames, idx)
+            if self._sstream is None:
+                self._sstream = torch.cuda.Stream(device=self.device)
+                for t in self._staging:
+                    t.record_stream(self._sstream)
+            copied = torch.cuda.Event()
+            copied.record(stream)
+            self._sstream.wait_event(copied)
+            with torch.cuda.stream(self._sstream):  # the index goes up in order with it
+                self.paged.scatter(a, b, frames, self._index(p), whole=whole)
+                done = torch.cuda.Event()
+                done.record(self._sstream)
+            self._scattered[s] = self._last = done
         self._pending, self._used, self._group = [], 0, None
         self._turn += 1
+
+    def _index(self, p: list[int]) -> torch.Tensor:
+        n = len(p)
+        if p == list(range(p[0], p[0] + n)):
+            return self.blocks[p[0]:p[0] + n]
+        return self.blocks[torch.as_tensor(p, device=self.device)]
 
 
 class PagedSource:

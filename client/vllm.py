@@ -787,6 +787,10 @@ class KvtierConnector(KVConnectorBase_V1):
                  kv_cache_config: KVCacheConfig | None = None) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self.cfg = ConnectorConfig.from_extra(self._kv_transfer_config.kv_connector_extra_config)
+        groups = len(getattr(kv_cache_config, "kv_cache_groups", None) or [None])
+        if groups != 1:
+            raise ValueError(f"kvtier connector: this model has {groups} KV cache groups "
+                             "(hybrid attention); only models with one are supported")
         self.scheduler: Scheduler | None = None
         self.worker: Worker | None = None
         if role == KVConnectorRole.SCHEDULER:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -78,27 +77,52 @@ def in_upkeep_thread(fn: Callable[[], object]) -> tuple[threading.Thread, list[o
     return t, out
 
 
+def gated(dev: StallingDevice) -> tuple[threading.Event, threading.Event]:
+    """Upkeep's first large read or write waits for `gate`; `entered` says it is there."""
+    gate, entered = threading.Event(), threading.Event()
+
+    def stall(op: str) -> None:
+        entered.set()
+        assert gate.wait(60)
+    dev.stall = stall
+    return gate, entered
+
+
+def while_blocked(work: Callable[[], None], upkeep: threading.Thread) -> None:
+    """Run `work` to its end while `upkeep` is held inside its I/O: had it to wait for
+    upkeep it would never finish (the gate opens only afterwards)."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as e:  # re-raised in the test's thread
+            errors.append(e)
+    w = threading.Thread(target=run)
+    w.start()
+    w.join(60)
+    assert not w.is_alive(), "the work waited for upkeep's stalled I/O"
+    assert upkeep.is_alive(), "upkeep finished first: the test proved nothing"
+    if errors:
+        raise errors[0]
+
+
 def test_cleaning_ahead_moves_records_while_readers_and_writers_go_on(
         pool_path: str) -> None:
     pool, dev = filled_pool(pool_path)
     before = pool.counters.cleaned_ahead
-    dev.stall = lambda op: time.sleep(0.05)  # each of the cleaner's reads and writes
+    gate, entered = gated(dev)
     t, out = in_upkeep_thread(pool.clean_ahead)
-    time.sleep(0.02)
-    worst = 0.0
-    for i in range(1, 60, 2):  # live values, some in the segment being cleaned
-        t0 = time.perf_counter()
-        assert np.array_equal(read(pool, i), val(i))
-        worst = max(worst, time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    pool.put("t", "s", key(100), [val(100)])
-    put_s = time.perf_counter() - t0
-    busy = t.is_alive()
+    assert entered.wait(60)
+
+    def reads_and_a_put() -> None:
+        for i in range(1, 60, 2):  # live values, some in the segment being cleaned
+            assert np.array_equal(read(pool, i), val(i))
+        pool.put("t", "s", key(100), [val(100)])
+    while_blocked(reads_and_a_put, t)
+    gate.set()
     t.join()
-    assert busy, "the cleaning finished before the reads: the test proved nothing"
     assert out == [1] and pool.counters.cleaned_ahead == before + 1
-    # The reads never waited for the cleaner's stalled I/O (>= 50 ms per record).
-    assert worst < 0.04 and put_s < 0.04, (worst, put_s)
     for i in range(60):
         assert np.array_equal(read(pool, i), val(i, 1 if i % 2 == 0 else 0))
     pool.close()
@@ -135,21 +159,20 @@ def test_a_put_racing_a_move_of_its_key_wins_now_and_after_a_reopen(
 def test_a_concurrent_checkpoint_lets_puts_and_reads_through_and_recovers(
         pool_path: str) -> None:
     pool, dev = filled_pool(pool_path)
-    dev.stall = lambda op: time.sleep(0.05)
+    gate, entered = gated(dev)
     n0 = pool.counters.checkpoints
     t, out = in_upkeep_thread(pool.checkpoint_concurrently)
-    time.sleep(0.02)
-    t0 = time.perf_counter()
-    for i in range(200, 210):
-        pool.put("t", "s", key(i), [val(i)])
-        assert np.array_equal(read(pool, i), val(i))
-    took = time.perf_counter() - t0
-    second = pool.checkpoint_concurrently()  # one at a time: refused, not run twice
-    busy = t.is_alive()
+    assert entered.wait(60)
+
+    def puts_and_reads() -> None:
+        for i in range(200, 210):
+            pool.put("t", "s", key(i), [val(i)])
+            assert np.array_equal(read(pool, i), val(i))
+    while_blocked(puts_and_reads, t)
+    assert pool.checkpoint_concurrently() is False  # one at a time: refused, not run twice
+    gate.set()
     t.join()
-    assert busy and out == [True] and pool.counters.checkpoints == n0 + 1
-    assert second is False
-    assert took < 0.2, took  # ten puts and reads, none behind the stalled checkpoint
+    assert out == [True] and pool.counters.checkpoints == n0 + 1
     pool.dev.close()
     reopened = Pool.open(FileDevice(pool_path))
     for i in list(range(60)) + list(range(200, 210)):

@@ -18,7 +18,6 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -213,7 +212,7 @@ def test_kvtierd_killed_between_lookup_and_load(state: dict[str, Any]) -> None:
     _turn(llm, ids)
     assert _stored(daemon, prompt_keys(state["model"], ids)) == 5
     ref = _reference(llm, ids)
-    busy = _ids(rng, 64)
+    busy = _ids(rng, 64)  # decodes 600 tokens: ~1-2 s on 2 cores
     llm.reset_prefix_cache()
     assert daemon.proc is not None
     pid = daemon.proc.pid
@@ -226,7 +225,7 @@ def test_kvtierd_killed_between_lookup_and_load(state: dict[str, Any]) -> None:
     killer = threading.Thread(target=kill_after_lookup)
     killer.start()
     outs = llm.generate([_prompt(busy), _prompt(ids)],
-                        [_params(400, ignore_eos=True), _params()], use_tqdm=False)
+                        [_params(600, ignore_eos=True), _params()], use_tqdm=False)
     killer.join()
     assert list(outs[1].outputs[0].token_ids) == ref
     daemon.proc.wait()
@@ -239,18 +238,3 @@ def test_kvtierd_killed_between_lookup_and_load(state: dict[str, Any]) -> None:
         if out.num_cached_tokens:
             break
         assert time.monotonic() < deadline, "the connector never reconnected"
-
-
-def test_vllm_scheduler_offers_async_loads(state: dict[str, Any]) -> None:
-    """vLLM's metrics see kvtier's hits as external prefix-cache hits."""
-    llm = state["llm"]
-    rng = random.Random(8)
-    ids = _ids(rng, 3 * CHUNK + 1)
-    _turn(llm, ids)
-    assert _stored(state["daemon"], prompt_keys(state["model"], ids)) == 3
-    out = _turn(llm, ids)
-    assert out.num_cached_tokens == 3 * CHUNK
-
-
-def test_model_dir_is_local(engine: dict[str, Any]) -> None:
-    assert (Path(engine["model"]) / "model.safetensors").exists()

@@ -1,0 +1,239 @@
+#!/usr/bin/env python3
+"""The vLLM connector's worker data path: a paged KV cache shaped and strided as vLLM 0.32
+allocates it, saved to and loaded from kvtierd's DRAM tier.
+
+vLLM itself does not run here (its CUDA wheel does not fit the GPU machine): this drives
+the exact calls `kvtier.client.vllm.Worker` makes for a request -- `KVSaver.save_chunks`
+over a `PagedSource` and `KVLoader.load_into` a `PagedDestination` + `synchronize` -- on
+one backing allocation viewed per layer as `[blocks, kv_heads, block_size, K+V]` in the
+physical order of a vLLM layout (LBNHC: each layer's blocks token-major, FlashAttention's
+NHD; BLNHC: block-major across layers), with the request's blocks scattered at random.
+
+Ratios, measured in the same run: load GB/s into the paged blocks / H2D from
+CUDA-registered host memory; save GB/s / D2H into registered memory.  Every load is
+checked against the saved bytes (sampled chunks, bit for bit), and GPU memory is read
+before the save, at its peak, and after the load's release.
+
+    scripts/bench_paged.py [--tokens 131072,409600] [--layouts LBNHC,BLNHC] [--json]
+    scripts/bench_paged.py --quick    # a tiny shape on the CPU (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_daemon import TOKEN, BenchDaemon
+
+from kvtier.client.client import Client
+from kvtier.client.gpu import KVLayout, KVLoader, KVSaver, register_arena
+from kvtier.client.paged import PagedDestination, PagedKV, PagedSource
+
+MiB, GiB = 1 << 20, 1 << 30
+SHAPES = {  # layers, kv heads, head dim (bf16)
+    "qwen2.5-7b": (28, 4, 128),
+    "llama-3.1-8b": (32, 8, 128),
+    "tiny": (2, 2, 64),
+}
+# vLLM's KVCacheLayout: the physical order of the logical dims [L, B, H, N, C].
+LAYOUTS = {"LBHNC": (0, 1, 2, 3, 4), "LBNHC": (0, 1, 3, 2, 4), "BLNHC": (1, 0, 3, 2, 4),
+           "BLHNC": (1, 0, 2, 3, 4)}
+
+
+def vllm_like_cache(L: int, B: int, H: int, N: int, D: int, dtype: torch.dtype, order: str,
+                    device: torch.device) -> list[torch.Tensor]:
+    """One allocation, viewed per layer as [B, H, N, 2D] in physical `order` (as vLLM's
+    allocate_kv_cache / create_kv_cache_views lay it out)."""
+    logical = (L, B, H, N, 2 * D)
+    perm = LAYOUTS[order]
+    phys = torch.empty([logical[d] for d in perm], dtype=dtype, device=device)
+    inv = [perm.index(d) for d in range(5)]
+    view = phys.permute(inv)
+    assert tuple(view.shape) == logical
+    return [view[li] for li in range(L)]
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def copy_rates(c: Client, dev: torch.device, n: int) -> dict[str, float]:
+    """H2D and D2H between the CUDA-registered arena and the device (CPU: memcpy)."""
+    register_arena(c)
+    host = torch.frombuffer(c.arena[:n], dtype=torch.uint8)
+    devbuf = torch.empty(n, dtype=torch.uint8, device=dev)
+    devbuf.fill_(3)
+    out = {}
+    for name, dst, src in (("h2d", devbuf, host), ("d2h", host, devbuf)):
+        dst.copy_(src, non_blocking=True)
+        sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            dst.copy_(src, non_blocking=True)
+        sync(dev)
+        out[f"{name}_bytes_per_s"] = 5 * n / (time.perf_counter() - t0)
+    del host
+    return out
+
+
+def gpu_mem(dev: torch.device) -> int:
+    return int(torch.cuda.memory_allocated(dev)) if dev.type == "cuda" else 0
+
+
+def run_one(d: BenchDaemon, layout: KVLayout, order: str, tokens: int, block: int,
+            dev: torch.device, arena: int, rng: torch.Generator, inflight: int,
+            save_slots: int, batch: int) -> dict[str, Any]:
+    L, H, D, T = layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.chunk_tokens
+    chunks = tokens // T
+    k = T // block
+    nblocks = chunks * k + chunks * k // 8 + 1  # the request's blocks and others
+    layers = vllm_like_cache(L, nblocks, H, block, D, layout.dtype, order, dev)
+    for t in layers:  # distinct, reproducible contents
+        t.copy_(torch.randn(t.shape, generator=rng).to(layout.dtype)) if dev.type == "cpu" \
+            else t.normal_()
+    paged = PagedKV(layers, layout)
+    perm = torch.randperm(nblocks, generator=rng)[:chunks * k].view(chunks, k).tolist()
+    fp = layout.fingerprint(f"bench-paged-{order}-{tokens}-{time.time_ns()}")
+    from kvtier.client.keys import chunk_keys
+
+    ids = torch.randint(0, 32000, (chunks * T,), generator=rng).tolist()
+    keys = chunk_keys(ids, fp, chunk_tokens=T)
+    sample = sorted(set(torch.randint(0, chunks, (8,), generator=rng).tolist()))
+    src = PagedSource(paged, perm)
+    want = []
+    for c in sample:
+        buf = torch.empty((L, 2, H, T, D), dtype=layout.dtype, device=dev)
+        src.gather(c, buf)
+        want.append(buf)
+    nbytes = chunks * layout.chunk_bytes
+    r: dict[str, Any] = {"layout": order, "tokens": chunks * T, "kv_bytes": nbytes,
+                         "block_size": block, "chunks": chunks, "paged_stacked":
+                         paged.stacked is not None}
+    with Client.connect(d.sock, "bench", TOKEN, arena_size=arena) as c:
+        saver = KVSaver(c, layout, fp, slots=save_slots)
+        sync(dev)
+        base = gpu_mem(dev)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        t0 = time.perf_counter()
+        rep = saver.save_chunks("bench", keys, src)
+        sync(dev)
+        r["save_s"] = time.perf_counter() - t0
+        r["save_bytes_per_s"] = rep.bytes / r["save_s"]
+        if dev.type == "cuda":
+            r["save_gpu_peak_over_base_bytes"] = int(torch.cuda.max_memory_allocated(dev)) - base
+        saver.close()
+        for t in layers:  # the blocks are reused by other requests meanwhile
+            t.zero_()
+        loader = KVLoader(c, layout, fp, layer_groups=1, inflight=inflight)
+        staging: list[torch.Tensor] = []
+        times = []
+        for _ in range(3):
+            sync(dev)
+            t0 = time.perf_counter()
+            dest = PagedDestination(paged, perm, batch=batch, staging=staging)
+            lrep = loader.load_into(keys, dest)
+            loader.synchronize()
+            times.append(time.perf_counter() - t0)
+            assert lrep.chunks == chunks, lrep
+        r["load_s"] = min(times)
+        r["load_s_all"] = [round(x, 4) for x in times]
+        r["load_bytes_per_s"] = nbytes / r["load_s"]
+        r["load_mapped_chunks"] = lrep.mapped
+        got = torch.empty((L, 2, H, T, D), dtype=layout.dtype, device=dev)
+        for c_, w in zip(sample, want, strict=True):
+            src.gather(c_, got)
+            if not torch.equal(got, w):
+                raise SystemExit(f"{order} {tokens}: chunk {c_} differs after the load")
+        r["verified_chunks"] = len(sample)
+        loader.close()
+        c.purge_session("bench")  # the next run's chunks get the whole DRAM tier
+        del staging, dest, want, got
+        sync(dev)
+        r["gpu_after_release_over_base_bytes"] = gpu_mem(dev) - base
+    del paged, src, layers
+    return r
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="qwen2.5-7b", choices=sorted(SHAPES))
+    ap.add_argument("--tokens", default="131072,409600")
+    ap.add_argument("--layouts", default="LBNHC,BLNHC")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--chunk-tokens", type=int, default=256)
+    ap.add_argument("--inflight", type=int, default=16)
+    ap.add_argument("--save-slots", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=16, help="chunk-groups per staging buffer")
+    ap.add_argument("--populate", action="store_true",
+                    help="kvtierd faults its DRAM tier in at start (as a production daemon's "
+                         "default [dram] populate = true does)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dir", default=None, help="work dir for kvtierd (default: a temp dir)")
+    ap.add_argument("--quick", action="store_true", help="tiny shape, 8k tokens, CPU")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.model, args.tokens, args.device = "tiny", "8192", "cpu"
+        args.block_size, args.chunk_tokens = 32, 128
+    dev = torch.device(args.device)
+    L, H, D = SHAPES[args.model]
+    layout = KVLayout(L, H, D, torch.bfloat16, args.chunk_tokens)
+    contexts = [int(x) for x in args.tokens.split(",")]
+    orders = args.layouts.split(",")
+    for o in orders:
+        if o not in LAYOUTS:
+            raise SystemExit(f"unknown layout {o!r}; one of {sorted(LAYOUTS)}")
+    kv_max = max(contexts) // args.chunk_tokens * layout.chunk_bytes
+    seg = 256 * MiB if kv_max > 4 * GiB else 16 * MiB
+    dram = int(math.ceil(kv_max * 1.15 / seg) + 8) * seg
+    work = tempfile.mkdtemp(prefix="kvtier-paged-", dir=args.dir)
+    arena = ((args.inflight + 2 * args.save_slots) * layout.chunk_bytes + 64 * MiB) // 4096 * 4096
+    arena = min(arena, GiB)
+    d = BenchDaemon(work, dram=dram, pool=2 * seg * 8 + MiB, segment=seg, ack="memory",
+                    populate=args.populate, arena_max=GiB, io_threads=min(16, os.cpu_count() or 4))
+    d.start()
+    rng = torch.Generator().manual_seed(7)
+    results = []
+    try:
+        with Client.connect(d.sock, "bench", TOKEN, arena_size=arena) as c:
+            rates = copy_rates(c, dev, min(arena // 2, GiB))
+        for tokens in contexts:
+            for order in orders:
+                r = run_one(d, layout, order, tokens, args.block_size, dev, arena, rng,
+                            args.inflight, args.save_slots, args.batch)
+                r["load_vs_h2d"] = round(r["load_bytes_per_s"] / rates["h2d_bytes_per_s"], 3)
+                r["save_vs_d2h"] = round(r["save_bytes_per_s"] / rates["d2h_bytes_per_s"], 3)
+                results.append(r)
+                if not args.json:
+                    print(f"{order} {r['tokens']:>8} tokens {r['kv_bytes'] / 1e9:6.2f} GB: "
+                          f"load {r['load_s']:.3f} s {r['load_bytes_per_s'] / 1e9:5.1f} GB/s "
+                          f"({r['load_vs_h2d']:.2f} of H2D), save {r['save_s']:.2f} s "
+                          f"{r['save_bytes_per_s'] / 1e9:5.2f} GB/s ({r['save_vs_d2h']:.2f} "
+                          f"of D2H)", flush=True)
+    finally:
+        d.stop()
+    out = {"model": args.model, "device": str(dev), "save_slots": args.save_slots,
+           "inflight": args.inflight, "batch": args.batch, "populate": args.populate,
+           "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+           "block_size": args.block_size, "chunk_tokens": args.chunk_tokens,
+           **{k: round(v) for k, v in rates.items()}, "results": [
+               {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+               for r in results]}
+    if args.json:
+        print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
