@@ -43,10 +43,10 @@ import torch
 from kvtier.client.arena import Slot
 from kvtier.client.client import Client
 from kvtier.client.crypto import OVERHEAD, FrameCipher
-from kvtier.client.errors import KvtierError, error_for
+from kvtier.client.errors import KvtierError
 from kvtier.client.h2d import Bytes, copy_rows
 from kvtier.client.keys import chunk_keys, model_fingerprint
-from kvtier.client.protocol import Completion, Status, Tier
+from kvtier.client.protocol import Completion, Tier
 
 CUDA_HOST_REGISTER_READ_ONLY = 0x08  # cudaHostRegisterReadOnly
 MAP_BATCH = 32  # keys per MAP request (the first DMA waits only for the first batch)
@@ -175,12 +175,6 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, stream: Any, event: bool = True)
         ev = torch.cuda.Event()
         ev.record(stream)
     return ev
-
-
-def _check(comp: Completion, what: str) -> Completion:
-    if comp.status != Status.OK:
-        raise error_for(comp.status, f"{what}: {Status(comp.status).name}")
-    return comp
 
 
 # -- reading and writing a transformers cache ---------------------------------------------------
@@ -320,7 +314,7 @@ class KVSaver:
                 s = c % len(self.slots)
                 if pending[s] is not None:
                     fut, pending[s] = pending[s], None
-                    _check(self.client._wait(fut), "put")  # type: ignore[arg-type]
+                    self.client.wait(fut, "put")  # type: ignore[arg-type]
                 # The staging buffer's previous D2H was waited for before its PUT went out.
                 source.gather(c, staging[s])
                 slot = self.slots[s]
@@ -346,7 +340,7 @@ class KVSaver:
             for f in pending:
                 if f is not None:
                     try:
-                        _check(self.client._wait(f), "put")
+                        self.client.wait(f, "put")
                     except KvtierError as e:
                         errors.append(e)
         if errors:
@@ -515,10 +509,14 @@ class KVLoader:
         self._copied: Any = None  # CUDA event after the last copy out of the DRAM mapping
 
     def close(self) -> None:
+        """Give back everything: DRAM pins, arena slots, and every device buffer the
+        loader holds (the last load's cache, staging buffers, the GPU opener)."""
         self._release_maps()
         for s in self.slots + self.plain:
             self.client.allocator.free(s)
         self.slots, self.plain = [], []
+        self.buffers, self.events = [], []
+        self._staging, self._staged, self._opener = [], [], None
 
     def _release_maps(self) -> None:
         if self._mapped:
@@ -562,6 +560,8 @@ class KVLoader:
         # One allocation for the whole cache, [layer, K/V, batch, head, token, dim]: chunk
         # c's frames [a, b) land at kv[a:b, :, 0, :, cT:(c+1)T] — rows of one pitch, so
         # each copy goes straight to its final place (no staging tensor, no reshuffle).
+        # The last load's cache is the caller's now: never hold two loads' buffers at once.
+        self.buffers, self.events = [], []
         kv = torch.empty((L, 2, 1, H, cap, D), dtype=lay.dtype, device=torch.device(device))
         self.buffers = [(kv[li, 0], kv[li, 1]) for li in range(L)]
         out = [(kb[:, :, :n * T], vb[:, :, :n * T]) for kb, vb in self.buffers]
@@ -750,7 +750,7 @@ class KVLoader:
 
     def _wait_get(self, g: int, c: int, fut: Future[Completion], per_frame: int) -> int:
         """Wait for the GET of chunk c's group g; its byte count, checked."""
-        comp = _check(self.client._wait(fut), "get")
+        comp = self.client.wait(fut, "get")
         a, b = self.groups[g]
         if comp.result != (b - a) * per_frame:
             raise KvtierError(f"chunk {c} layers [{a}, {b}): got {comp.result} bytes, "
@@ -1020,6 +1020,7 @@ def finish_resume(loader: KVLoader) -> None:
         remove()
         loader._remove_hooks = None  # type: ignore[attr-defined]
     loader.wait_all()
+    loader.buffers = []  # the cache holds them: when it goes, they go
 
 
 __all__ = ["KVLayout", "KVLoader", "KVSaver", "LoadReport", "ResumeResult", "SaveReport",

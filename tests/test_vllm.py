@@ -25,7 +25,15 @@ import pytest
 vllm = pytest.importorskip("vllm")
 
 from harness import TOKENS, Daemon  # noqa: E402
-from vllm_support import BLOCK, CHUNK, VOCAB, make_model, prompt_keys, transfer_config  # noqa: E402
+from vllm_support import (  # noqa: E402
+    BLOCK,
+    CHUNK,
+    VOCAB,
+    make_model,
+    prompt_keys,
+    reset_prefix_cache,
+    transfer_config,
+)
 
 from kvtier.client.client import Client  # noqa: E402
 
@@ -51,9 +59,9 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
                   daemon.socket, "alice", str(token_file), keyring=str(keyring))))
     st = {"llm": llm, "daemon": daemon, "model": model, "keyring": keyring}
     yield st
+    llm.llm_engine.engine_core.shutdown()  # now, not at exit after pytest closed its streams
     if daemon.proc is not None:
         daemon.stop()
-    del llm
 
 
 def _params(n: int = 8, *, load: bool = True, **kw: Any) -> Any:
@@ -71,7 +79,7 @@ def _prompt(ids: list[int], salt: str | None = None) -> dict[str, Any]:
 
 
 def _turn(llm: Any, ids: list[int], *, load: bool = True, salt: str | None = None) -> Any:
-    llm.reset_prefix_cache()
+    reset_prefix_cache(llm)
     return llm.generate([_prompt(ids, salt)], _params(load=load), use_tqdm=False)[0]
 
 
@@ -213,7 +221,7 @@ def test_kvtierd_killed_between_lookup_and_load(state: dict[str, Any]) -> None:
     assert _stored(daemon, prompt_keys(state["model"], ids)) == 5
     ref = _reference(llm, ids)
     busy = _ids(rng, 64)  # decodes 600 tokens: ~1-2 s on 2 cores
-    llm.reset_prefix_cache()
+    reset_prefix_cache(llm)
     assert daemon.proc is not None
     pid = daemon.proc.pid
 

@@ -70,3 +70,21 @@ def prompt_keys(model_dir: Path, token_ids: list[int], salt: str | None = None) 
                       torch.float32, CHUNK)
     return chunk_keys(token_ids, layout.fingerprint(MODEL_ID), chunk_tokens=CHUNK,
                       salt=(b"cache_salt=" + salt.encode()) if salt else b"")
+
+
+def reset_prefix_cache(llm: Any, timeout: float = 60.0) -> None:
+    """Empty vLLM's own prefix cache, so that a prefix can only come from kvtier.
+
+    vLLM refuses while finished requests still hold blocks -- the connector keeps them
+    until their saves are done, and they are let go at the engine's next step: step it
+    with a one-token request until the reset goes through."""
+    import time
+
+    from vllm import SamplingParams
+
+    deadline = time.monotonic() + timeout
+    while not llm.reset_prefix_cache():
+        if time.monotonic() > deadline:
+            raise AssertionError("vLLM's prefix cache could not be reset: blocks still held")
+        llm.generate([{"prompt_token_ids": [1]}], SamplingParams(max_tokens=1),
+                     use_tqdm=False)
