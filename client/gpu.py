@@ -587,9 +587,6 @@ class KVLoader:
         lay = self.layout
         dev = dest.device
         T, H, D, L = lay.chunk_tokens, lay.num_kv_heads, lay.head_dim, lay.num_layers
-        if self.gpu_decrypt and not dest.contiguous:
-            raise KvtierError('opening sealed chunks on the GPU needs a contiguous '
-                              'destination: use decrypt="cpu" for a paged cache')
 
         def src(raw: torch.Tensor, a: int, b: int) -> torch.Tensor:
             return raw.view(lay.dtype).view(b - a, 2, H, T, D)
@@ -665,8 +662,7 @@ class KVLoader:
         work = [(g, c) for g in range(len(self.groups)) for c in range(n) if c not in mapped[g]]
         work.sort(key=lambda gc: (gc[0], gc not in sealed_at))  # mapped first, group-major
         if self.gpu_decrypt:
-            assert isinstance(dest, ContiguousDestination)
-            self._open_on_device(work, sealed_at, keys, dest.kv, stream, done_in_group, n, rep)
+            self._open_on_device(work, sealed_at, keys, dest, stream, done_in_group, n, rep)
             rep.chunks = n
             rep.tokens = n * T
             rep.seconds = time.perf_counter() - t0
@@ -759,7 +755,7 @@ class KVLoader:
 
     def _open_on_device(self, work: Sequence[tuple[int, int]],
                         sealed_at: dict[tuple[int, int], tuple[int, int]], keys: Sequence[bytes],
-                        kv: torch.Tensor, stream: Any, done_in_group: list[int],
+                        dest: Destination, stream: Any, done_in_group: list[int],
                         chunks: int, rep: LoadReport) -> None:
         """Sealed chunk-groups to the device and opened there (kvtier.client.gcm_gpu).
 
@@ -768,14 +764,21 @@ class KVLoader:
         filled -- and every `gpu_batch` of them are decrypted into the cache by one kernel
         launch on a second stream, which waits for their copies only; a staging buffer is
         refilled once its kernels are done, a slot once its copy is.  The group events are
-        recorded on the kernel stream."""
+        recorded on the kernel stream.
+
+        A contiguous destination is decrypted into in place.  A staged one (paged blocks)
+        lends a window of `gpu_batch` chunks laid out like a contiguous cache: each batch
+        is decrypted into the window's columns in batch order and scattered from there on
+        the kernel stream, so the next batch's kernels overwrite the window only after."""
         from kvtier.client.crypto import FORMAT_VERSION
         from kvtier.client.gcm_gpu import FrameBatch, GcmOpener
 
         cipher = self.cipher
         assert cipher is not None
-        lay, dev = self.layout, kv.device
+        lay, dev = self.layout, dest.device
         H, T, D, isz = lay.num_kv_heads, lay.chunk_tokens, lay.head_dim, lay.itemsize
+        staged = not isinstance(dest, ContiguousDestination)
+        kv = dest.window(self.gpu_batch) if staged else dest.kv  # type: ignore[attr-defined]
         cap = kv.shape[4]
         row_bytes, pitch = T * D * isz, cap * D * isz
         layer_bytes = 2 * H * pitch
@@ -802,13 +805,13 @@ class KVLoader:
         kv_bytes = kv.view(-1).view(torch.uint8)
         turn = 0
         # The batch being gathered: per chunk-group, its first frame's source offset,
-        # destination offset, key, layers [a, b) and group.
-        batch: list[tuple[int, int, bytes, int, int, int]] = []
+        # destination offset, key, layers [a, b), group and chunk.
+        batch: list[tuple[int, int, bytes, int, int, int, int]] = []
         used = 0
 
         def frames() -> FrameBatch:
-            span = np.concatenate([np.arange(b - a) for (_, _, _, a, b, _) in batch])
-            first = np.repeat(np.arange(len(batch)), [b - a for (_, _, _, a, b, _) in batch])
+            span = np.concatenate([np.arange(b - a) for (_, _, _, a, b, _, _) in batch])
+            first = np.repeat(np.arange(len(batch)), [b - a for (_, _, _, a, b, _, _) in batch])
             src = np.array([x[0] for x in batch], dtype=np.int64)[first] + span * per_frame
             dst = np.array([x[1] for x in batch], dtype=np.int64)[first] + span * layer_bytes
             key = np.frombuffer(b"".join(x[2] for x in batch), dtype=np.uint8).reshape(
@@ -831,13 +834,19 @@ class KVLoader:
                     opener.open(kid, dk, FORMAT_VERSION, self._staging[s], frames(),
                                 lay.frame_bytes, kv_bytes, row_bytes, pitch,
                                 upload_on=stream)  # behind this batch's copies, in order
+                    if staged:  # the window's columns to their blocks, before it is reused
+                        dest.scatter_window(kv, batch[0][3], batch[0][4],  # type: ignore
+                                            [x[6] for x in batch])
                     done = torch.cuda.Event()
                     done.record(kstream)
                 self._staged[s] = done
             else:
                 opener.open(kid, dk, FORMAT_VERSION, self._staging[s], frames(),
                             lay.frame_bytes, kv_bytes, row_bytes, pitch)
-            for *_, g in batch:
+                if staged:
+                    dest.scatter_window(kv, batch[0][3], batch[0][4],  # type: ignore
+                                        [x[6] for x in batch])
+            for *_, g, _c in batch:
                 done_in_group[g] += 1
                 if done_in_group[g] == chunks:
                     self._group_done(g, kstream)
@@ -855,7 +864,8 @@ class KVLoader:
             nonlocal used
             a, b = self.groups[g]
             nbytes = (b - a) * per_frame
-            if used + nbytes > capacity or (batch and batch[-1][5] != g):
+            if used + nbytes > capacity or (batch and batch[-1][5] != g) or \
+                    (staged and len(batch) == self.gpu_batch):  # the window is full
                 flush()
             s = turn % len(self._staging)
             if not batch and self._staged[s] is not None and stream is not None:
@@ -869,7 +879,8 @@ class KVLoader:
             else:
                 ev = _copy(self._staging[s][used:used + nbytes], host, stream,
                            event=event and stream is not None)
-            batch.append((used, a * layer_bytes + c * row_bytes, keys[c], a, b, g))
+            col = len(batch) if staged else c  # a staged destination: the window's column
+            batch.append((used, a * layer_bytes + col * row_bytes, keys[c], a, b, g, c))
             used += nbytes
             rep.bytes += (b - a) * lay.frame_bytes
             return ev

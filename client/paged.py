@@ -131,6 +131,23 @@ class PagedKV:
             self.block_size, self.layout.head_dim
         # [n, l, 2, H, k, N, D] -> per K/V [l, n, k, H, N, D]: the destination's index order.
         parts = frames.view(n, b - a, 2, H, k, N, D).permute(2, 1, 0, 4, 3, 5, 6)
+        self.scatter_parts(a, b, parts, blocks, whole=whole)
+
+    def scatter_window(self, window: torch.Tensor, a: int, b: int, blocks: torch.Tensor, *,
+                       whole: bool = True) -> None:
+        """Columns [0, n) of a contiguous window [L, 2, 1, H, W*T, D] (layers [a, b) of n
+        chunks, column j = chunk j of `blocks` [n, k]) -> the paged cache."""
+        n, H, k, N, D = blocks.shape[0], self.geometry.num_kv_heads, self.blocks_per_chunk, \
+            self.block_size, self.layout.head_dim
+        cols = window[a:b, :, 0, :, :n * k * N]  # [l, 2, H, n*T, D]
+        parts = cols.view(b - a, 2, H, n, k, N, D).permute(1, 0, 3, 4, 2, 5, 6)
+        self.scatter_parts(a, b, parts, blocks, whole=whole)
+
+    def scatter_parts(self, a: int, b: int, parts: torch.Tensor, blocks: torch.Tensor, *,
+                      whole: bool = True) -> None:
+        """parts [2 (K/V), b-a, n, k, H, N, D] -> layers [a, b) at `blocks` [n, k]."""
+        n, k = blocks.shape
+        H, N, D = self.geometry.num_kv_heads, self.block_size, self.layout.head_dim
         if not whole:
             sel = (blocks >= 0).reshape(-1).nonzero().squeeze(1)
             parts = parts.reshape(2, b - a, n * k, H, N, D)[:, :, sel]
@@ -188,8 +205,8 @@ class PagedDestination:
         # use them (and kept by the caller across loads).
         self._staging = staging if staging is not None else []
         need = self.batch * lay.num_layers * self.frame_elems
-        if len(self._staging) != 2 or any(t.numel() < need or t.device != self.device
-                                          for t in self._staging):
+        if len(self._staging) < 2 or any(t.numel() < need or t.device != self.device
+                                         for t in self._staging[:2]):
             self._staging[:] = [torch.empty(need, dtype=lay.dtype, device=self.device)
                                 for _ in range(2)]
         self._turn = 0
@@ -265,6 +282,24 @@ class PagedDestination:
             self._scattered[s] = self._last = done
         self._pending, self._used, self._group = [], 0, None
         self._turn += 1
+
+    def window(self, columns: int) -> torch.Tensor:
+        """A contiguous cache of `columns` chunks, [L, 2, 1, H, columns*T, D], for sealed
+        chunks opened on the GPU before they are scattered (kept in `staging`)."""
+        lay = self.paged.layout
+        shape = (lay.num_layers, 2, 1, lay.num_kv_heads, columns * lay.chunk_tokens,
+                 lay.head_dim)
+        if len(self._staging) < 3 or tuple(self._staging[2].shape) != shape:
+            del self._staging[2:]
+            self._staging.append(torch.empty(shape, dtype=lay.dtype, device=self.device))
+        return self._staging[2]
+
+    def scatter_window(self, window: torch.Tensor, a: int, b: int,
+                       chunks: list[int]) -> None:
+        """Columns [0, len(chunks)) of `window` are layers [a, b) of those chunks (of this
+        load): to their blocks, on the current stream."""
+        self.paged.scatter_window(window, a, b, self._index(chunks),
+                                  whole=not self.partial.intersection(chunks))
 
     def _index(self, p: list[int]) -> torch.Tensor:
         n = len(p)

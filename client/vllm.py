@@ -128,7 +128,7 @@ class ConnectorConfig:
     pkcs11_token_label: str | None = None
     pkcs11_pin: str | None = None
     pkcs11_pin_file: str | None = None
-    decrypt: str = "cpu"
+    decrypt: str = "auto"  # where sealed chunks are opened (kvtier.client.gpu.KVLoader)
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 30.0
     timeout_s: float = 30.0
@@ -163,9 +163,8 @@ class ConnectorConfig:
             raise ValueError("kvtier connector: chunk_tokens must be positive")
         if cfg.on_load_error not in ("recompute", "vllm"):
             raise ValueError('kvtier connector: on_load_error must be "recompute" or "vllm"')
-        if cfg.decrypt not in ("cpu",):
-            raise ValueError('kvtier connector: decrypt must be "cpu" (sealed chunks are '
-                             "opened on the host's cores before they go to paged blocks)")
+        if cfg.decrypt not in ("auto", "gpu", "cpu"):
+            raise ValueError('kvtier connector: decrypt must be "auto", "gpu" or "cpu"')
         for k in ("inflight", "load_batch", "save_slots"):
             if getattr(cfg, k) < 1:
                 raise ValueError(f"kvtier connector: {k} must be at least 1")

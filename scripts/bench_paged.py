@@ -92,7 +92,7 @@ def gpu_mem(dev: torch.device) -> int:
 
 def run_one(d: BenchDaemon, layout: KVLayout, order: str, tokens: int, block: int,
             dev: torch.device, arena: int, rng: torch.Generator, inflight: int,
-            save_slots: int, batch: int) -> dict[str, Any]:
+            save_slots: int, batch: int, keyring: Any = None) -> dict[str, Any]:
     L, H, D, T = layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.chunk_tokens
     chunks = tokens // T
     k = T // block
@@ -158,6 +158,39 @@ def run_one(d: BenchDaemon, layout: KVLayout, order: str, tokens: int, block: in
         r["verified_chunks"] = len(sample)
         loader.close()
         c.purge_session("bench")  # the next run's chunks get the whole DRAM tier
+        if keyring is not None:  # the same, sealed
+            from kvtier.client.crypto import FrameCipher
+
+            cipher = FrameCipher(c, keyring, "bench", scope="tenant")
+            ekeys = [bytes([k[0] ^ 0xFF]) + k[1:] for k in keys]
+            saver = KVSaver(c, layout, fp, slots=save_slots, cipher=cipher)
+            t0 = time.perf_counter()
+            saver.save_chunks("bench-enc", ekeys, src)
+            sync(dev)
+            r["save_enc_s"] = time.perf_counter() - t0
+            saver.close()
+            for t in layers:
+                t.zero_()
+            loader = KVLoader(c, layout, fp, layer_groups=1, inflight=inflight, cipher=cipher)
+            r["decrypt_on"] = "gpu" if loader.gpu_decrypt else "cpu"
+            times = []
+            for _ in range(3):
+                sync(dev)
+                t0 = time.perf_counter()
+                dest = PagedDestination(paged, perm, batch=batch, staging=staging)
+                loader.load_into(ekeys, dest)
+                loader.synchronize()
+                times.append(time.perf_counter() - t0)
+            r["load_enc_s"] = min(times)
+            r["load_enc_s_all"] = [round(x, 4) for x in times]
+            r["load_enc_vs_plain"] = round(r["load_s"] / r["load_enc_s"], 3)
+            for c_, w in zip(sample, want, strict=True):
+                src.gather(c_, got)
+                if not torch.equal(got, w):
+                    raise SystemExit(f"{order} {tokens}: sealed chunk {c_} differs")
+            loader.close()
+            cipher.close()
+            c.purge_session("bench-enc")
         del staging, dest, want, got
         sync(dev)
         r["gpu_after_release_over_base_bytes"] = gpu_mem(dev) - base
@@ -175,6 +208,9 @@ def main() -> int:
     ap.add_argument("--inflight", type=int, default=16)
     ap.add_argument("--save-slots", type=int, default=4)
     ap.add_argument("--batch", type=int, default=16, help="chunk-groups per staging buffer")
+    ap.add_argument("--encrypt", action="store_true",
+                    help="also save and load sealed chunks (AES-256-GCM; opened on the GPU "
+                         "where CUDA and Triton are, else on the host's cores)")
     ap.add_argument("--populate", action="store_true",
                     help="kvtierd faults its DRAM tier in at start (as a production daemon's "
                          "default [dram] populate = true does)")
@@ -205,13 +241,18 @@ def main() -> int:
     d.start()
     rng = torch.Generator().manual_seed(7)
     results = []
+    keyring = None
+    if args.encrypt:
+        from kvtier.client.crypto import Keyring
+
+        keyring = Keyring(os.path.join(work, "keyring.json"))
     try:
         with Client.connect(d.sock, "bench", TOKEN, arena_size=arena) as c:
             rates = copy_rates(c, dev, min(arena // 2, GiB))
         for tokens in contexts:
             for order in orders:
                 r = run_one(d, layout, order, tokens, args.block_size, dev, arena, rng,
-                            args.inflight, args.save_slots, args.batch)
+                            args.inflight, args.save_slots, args.batch, keyring)
                 r["load_vs_h2d"] = round(r["load_bytes_per_s"] / rates["h2d_bytes_per_s"], 3)
                 r["save_vs_d2h"] = round(r["save_bytes_per_s"] / rates["d2h_bytes_per_s"], 3)
                 results.append(r)

@@ -8,6 +8,7 @@ physical layout vLLM 0.32 can resolve, with the layers in one allocation or apar
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -133,11 +134,15 @@ def test_from_vllm_orders_layers_by_index_and_drops_shared_ones() -> None:
     assert len(PagedKV.from_vllm(names, LAYOUT).layers) == L
 
 
-@pytest.mark.parametrize("encrypted", [False, True])
+@pytest.mark.parametrize("encrypted,decrypt", [(False, "cpu"), (True, "cpu"), (True, "gpu")])
 def test_paged_and_contiguous_caches_share_one_format(daemon: Daemon, tmp_path: Path,
-                                                       encrypted: bool) -> None:
+                                                       encrypted: bool, decrypt: str) -> None:
     """Saved from paged blocks, loaded into a contiguous cache and into other blocks;
     saved from a contiguous (transformers) cache, loaded into paged blocks."""
+    if decrypt == "gpu" and not torch.cuda.is_available() and \
+            os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the GPU opener's kernels need a GPU or Triton's interpreter")
+    pytest.importorskip("triton") if decrypt == "gpu" else None
     daemon.tenants = {"alice": {"encryption": "on" if encrypted else "off"}}
     daemon.start()
     g = torch.Generator().manual_seed(3)
@@ -155,7 +160,7 @@ def test_paged_and_contiguous_caches_share_one_format(daemon: Daemon, tmp_path: 
         rep = saver.save_chunks("s", keys, PagedSource(paged, rows))
         assert rep.chunks == 4 and rep.bytes == 4 * LAYOUT.chunk_bytes
         saver.close()
-        kw = {"decrypt": "cpu"} if encrypted else {}
+        kw = {"decrypt": decrypt, "gpu_batch": 3} if encrypted else {}
         for groups in (1, 2):
             loader = KVLoader(c, LAYOUT, fp, layer_groups=groups, inflight=3, cipher=cipher,
                               session="s", **kw)
