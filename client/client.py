@@ -301,14 +301,7 @@ class Client:
         return fut.result(timeout=self.timeout)
 
     def _call(self, req: Request, what: str) -> Completion:
-        fut = self.submit(req)
-        try:
-            comp = self._wait(fut)
-        except TimeoutError:
-            raise TimeoutError_(f"{what}: no completion within {self.timeout} s") from None
-        if comp.status != Status.OK:
-            raise error_for(comp.status, f"{what}: {Status(comp.status).name}")
-        return comp
+        return self.wait(self.submit(req), what)
 
     # -- operations -------------------------------------------------------------------------------
 

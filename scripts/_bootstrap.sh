@@ -47,13 +47,17 @@ ensure_venv() {
         "$VENV/bin/python" -m pip install -q -e "$REPO[$extras]" --config-settings editable_mode=strict
         echo "$want" >"$stamp"
     else
-        # Editable (strict) installs link files; new modules need a refresh.
-        local out
-        if ! out=$("$VENV/bin/python" -m pip install -q --no-deps -e "$REPO" \
-                   --config-settings editable_mode=strict 2>&1); then
-            echo "$out" >&2
-            return 1
-        fi
+        refresh_kvtier "$VENV"
+    fi
+}
+
+# Editable (strict) installs link files: new modules need a refresh.
+refresh_kvtier() {
+    local out
+    if ! out=$("$1/bin/python" -m pip install -q --no-deps -e "$REPO" \
+               --config-settings editable_mode=strict 2>&1); then
+        echo "$out" >&2
+        return 1
     fi
 }
 
@@ -91,11 +95,6 @@ PY
             >/dev/null 2>&1 || true
         echo "$want" >"$stamp"
     else
-        local out
-        if ! out=$("$VENV_VLLM/bin/python" -m pip install -q --no-deps -e "$REPO" \
-                   --config-settings editable_mode=strict 2>&1); then
-            echo "$out" >&2
-            return 1
-        fi
+        refresh_kvtier "$VENV_VLLM"
     fi
 }
