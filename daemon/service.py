@@ -444,7 +444,8 @@ class Service:
         session = ClientSession(client_id=client_id, tenant=tenant.id, uid=uid, pid=pid,
                                 store=self.store, res=res, ring_entries=entries,
                                 inflight=lim.inflight_per_client, io=self.io,
-                                record=self.metrics.record, stats=self.stats,
+                                record=self.metrics.record,
+                                stats=functools.partial(self.tenant_stats, tenant.id),
                                 stalled_timeout_s=lim.stalled_client_timeout_s,
                                 audit=self._audit, prefetch=self.prefetch, qos=self.qos,
                                 reuse=self.reuse)
@@ -554,6 +555,20 @@ class Service:
 
     def _qos_tenants(self) -> dict[str, Any]:
         return self.qos.tenants if self.qos is not None else {}
+
+    def tenant_stats(self, tenant: str) -> dict[str, Any]:
+        """What a client's STATS answers: its own tenant only -- its entries and bytes, its
+        DRAM tier, its clients.  Nothing of other tenants, not even that they exist; the
+        daemon-wide status is the admin's (`stats`)."""
+        assert self.store is not None
+        dram = self.store.drams.get(tenant)
+        return {"tenant": tenant, "ack": self.store.ack,
+                "media": self.store.media.tenant_usage(tenant),
+                "dram": dram.stats() if dram is not None else None,
+                "daemon": {"metrics_port": self.metrics_port,
+                           "clients": [{"id": s.id, "pid": s.pid, "uid": s.uid, "ops": s.ops,
+                                        "errors": s.errors}
+                                       for s in self.sessions.values() if s.tenant == tenant]}}
 
     def stats(self) -> dict[str, Any]:
         assert self.store is not None

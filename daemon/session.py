@@ -564,12 +564,14 @@ class ClientSession:
             return [data]
         if req.count > 65535:
             raise InvalidArgument(f"{req.count} frames; a value has at most 65535")
-        table = np.frombuffer(self._range(req.aux_off, req.count * 8, "frame table"),
-                              dtype="<u8").astype(np.int64)
-        if (table < 0).any() or int(table.sum()) != data.nbytes:
+        # Python ints: a u64 (or i64) sum wraps, and [100 + 2^62, 2^62, 2^62, 2^62] would
+        # "add up" to 100.
+        lengths = np.frombuffer(self._range(req.aux_off, req.count * 8, "frame table"),
+                                dtype="<u8").tolist()
+        if sum(lengths) != data.nbytes:
             raise InvalidArgument("frame lengths do not add up to the data length")
         out, pos = [], 0
-        for n in table.tolist():
+        for n in lengths:
             out.append(data[pos:pos + n])
             pos += n
         return out

@@ -110,8 +110,9 @@ def run_client_demo(socket_path: str, token: str, tenant: str = "default",
     t.add_row("verified", "[green]all bytes match[/]" if ok else "[red]MISMATCH[/]")
     t.add_row("media pool", f"{st['media']['entries']} entries, "
               f"{format_size(st['media']['live_bytes'])} live")
-    t.add_row("dram tier", f"{st['dram']['entries']} entries, "
-              f"{format_size(st['dram']['live_bytes'])} live")
+    if st["dram"] is not None:
+        t.add_row("dram tier", f"{st['dram']['entries']} entries, "
+                  f"{format_size(st['dram']['live_bytes'])} live")
     console.print(t)
     return 0 if ok else 1
 

@@ -70,6 +70,7 @@ from rich.progress import Progress
 from kvtier.client.admin import AdminClient
 from kvtier.client.arena import Slot
 from kvtier.client.client import Client
+from kvtier.client.errors import KvtierError
 from kvtier.client.protocol import Completion, Flag, Op, Request, Status, Tier
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -284,7 +285,13 @@ def replay(w: Workload, socket: str, tenant: str, token: str, *, speed: float, l
                 progress(1)
             rp.reap()
         rp.reap(wait=True)
-        rp.r.stats = c.stats()
+    # Daemon-wide figures (promotions, prefetch, the policy's plans) are the admin's: a
+    # client's STATS describes its own tenant only.
+    try:
+        with AdminClient(socket) as a:
+            rp.r.stats = a.call("status")
+    except KvtierError:
+        rp.r.stats = {}
     return rp.r
 
 

@@ -24,7 +24,7 @@ from kvtier.client.errors import (
     PermissionDeniedError,
     ValueTooLargeError,
 )
-from kvtier.client.protocol import CtrlParser, Msg, Tier, encode_ctrl
+from kvtier.client.protocol import CtrlParser, Msg, Status, Tier, encode_ctrl
 
 
 def k(i: int, n: int = 16) -> bytes:
@@ -268,3 +268,42 @@ def test_admin_listing_of_a_large_session(tmp_path) -> None:
         assert {r["key"] for r in rows} == {i.to_bytes(16, "little").hex() for i in range(800)}
     finally:
         d.stop()
+
+
+def test_stats_tells_a_tenant_about_itself_only(daemon: Daemon) -> None:
+    """A client's STATS: its own tenant's entries, bytes and clients; nothing that shows
+    another tenant exists, let alone what it stores or who its clients are."""
+    daemon.start()
+    with connect(daemon, "alice") as a, connect(daemon, "bob") as b:
+        before = b.stats()
+        for i in range(5):
+            a.put("s", k(500 + i), [b"a" * 4096])
+        b.put("s", k(600), [b"b" * 100])
+        st = b.stats()
+        assert st["tenant"] == "bob" and st["media"]["entries"] == 1
+        assert st["media"]["live_bytes"] > 0 and len(st["daemon"]["clients"]) == 1
+        blob = json.dumps(st)
+        assert "alice" not in blob
+        assert before["media"]["entries"] == 0  # alice's five puts changed nothing here
+        assert a.stats()["media"]["entries"] == 5
+        assert {"qos", "policy", "io", "prefetch"}.isdisjoint(st)
+        # The daemon-wide view is still there, for the admin.
+        assert "alice" in json.dumps(daemon.admin("status"))
+
+
+def test_a_frame_table_that_adds_up_only_modulo_2_64_is_refused(daemon: Daemon) -> None:
+    daemon.start()
+    with connect(daemon, "alice") as c:
+        slot = c.allocator.alloc(100 + 8 * 4)
+        try:
+            slot.view[:100] = b"x" * 100
+            # 100 + 3 * 2^62 + 2^62 = 100 + 2^64: wraps to 100 in u64 (and in i64) sums.
+            req = c.put_request("s", k(700), slot, [100, 0, 0, 0])
+            np.frombuffer(slot.view[100:132], dtype="<u8")[:] = [100 + 2**62, 2**62, 2**62,
+                                                                  2**62]
+            comp = c.submit(req).result(timeout=10)
+            assert comp.status == Status.INVALID
+        finally:
+            c.allocator.free(slot)
+        with pytest.raises(NotFoundError):
+            c.get(k(700))
