@@ -10,6 +10,7 @@ I/O limiter; no payload is copied into Python objects on the way.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import mmap
@@ -115,6 +116,9 @@ def _status_of(e: BaseException) -> Status:
     return Status.INTERNAL
 
 
+MISS_CHECKS_QUEUED = 8  # requests' misses waiting for the cross-tenant check, per client
+
+
 class ClientSession:
     def __init__(self, *, client_id: int, tenant: str, uid: int, pid: int,
                  store: TieredStore, res: SessionResources, ring_entries: int,
@@ -145,6 +149,13 @@ class ClientSession:
         self._stats = stats
         self._stalled_timeout_s = stalled_timeout_s
         self._audit = audit or (lambda event, **fields: None)
+        # Misses to check for cross-tenant attempts, checked and audited by a task of their
+        # own after the answer went out (a synchronous check per request was a timing
+        # oracle on other tenants' keys): (op, keys, whether the keys may include this
+        # tenant's own).  Bounded: what does not fit is counted and audited as a number.
+        self._misses_in, self._misses_out = trio.open_memory_channel[
+            tuple[str, list[bytes], bool]](MISS_CHECKS_QUEUED)
+        self._misses_skipped = 0
         self._prefetch = prefetch
         self._qos = qos
         self._reuse = reuse
@@ -180,6 +191,7 @@ class ClientSession:
     async def serve(self) -> None:
         """Consume the submission ring until cancelled; raises DropClient on abuse."""
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._check_misses)
             while True:
                 await trio.lowlevel.wait_readable(self.res.sq_efd)
                 try:
@@ -460,7 +472,7 @@ class ClientSession:
                 done: tuple[GetResult, Tier, _Posted | None] = await self._thread(
                     read, IoClass.INTERACTIVE, req.data_len, deadline)
             except NotFound:
-                await self._audit_misses("get", [key])
+                self._audit_misses("get", [key])
                 raise
             value, tier, posted = done
             self._reuse.read(t, [key])
@@ -478,15 +490,15 @@ class ClientSession:
             if req.session:  # a turn of that session starts (reuse statistics)
                 self._reuse.turn(t, req.session, keys, prefix)
             if prefix < len(keys):
-                await self._audit_misses("lookup", [k for k, tier in zip(keys, tiers.tolist(),
-                                                                        strict=True) if not tier])
+                self._audit_misses("lookup", [k for k, tier in zip(keys, tiers.tolist(),
+                                                                  strict=True) if not tier])
             return Completion(req.tag, Status.OK, 0, prefix, len(keys))
         if req.op == Op.DELETE:
             keys = self._keylist(req)
             gone = await self._thread(lambda: [self.store.delete(t, k) for k in keys])
             if not all(gone):
-                await self._audit_misses("delete", [k for k, g in zip(keys, gone, strict=True)
-                                                    if not g])
+                self._audit_misses("delete", [k for k, g in zip(keys, gone, strict=True)
+                                              if not g])
             return Completion(req.tag, Status.OK, 0, sum(gone))
         if req.op == Op.PURGE_SESSION:
             if not req.session:
@@ -507,14 +519,14 @@ class ClientSession:
             r = await self._prefetch.hint(t, keys, deadline)
             n, met = r.promoted, r.met
             if not req.flags & Flag.SESSION:
-                await self._audit_absent("prefetch", keys)
+                self._audit_misses("prefetch", keys, absent=False)
             return Completion(req.tag, Status.OK if met else Status.DEADLINE, 0, n, int(met))
         if req.op == Op.MAP:
             keys, table, rng = self._map_args(req)
             maps = await self._thread(lambda: self.store.map_dram(t, keys, rng))
             if any(m is None for m in maps):
-                await self._audit_absent("map", [k for k, m in zip(keys, maps, strict=True)
-                                                 if m is None])
+                self._audit_misses("map", [k for k, m in zip(keys, maps, strict=True)
+                                           if m is None], absent=False)
             return self._mapped(req, keys, table, maps)
         if req.op == Op.UNMAP:
             if not 0 < req.count <= MAX_MAPS:
@@ -537,27 +549,64 @@ class ClientSession:
 
     AUDIT_MISSES_MAX = 64  # keys checked per request for cross-tenant attempts
 
-    async def _audit_misses(self, op: str, missed: list[bytes]) -> None:
-        """Audit every key this tenant asked for that another tenant holds.
+    def _audit_misses(self, op: str, missed: list[bytes], *, absent: bool = True) -> None:
+        """Have every key this tenant asked for and another tenant holds audited.
 
-        The client's answer does not change (a miss is a miss): it learns nothing about
-        other tenants, but the attempt is on record with the key and its owner."""
+        The client's answer does not change (a miss is a miss), and neither does its
+        timing: the check runs after the answer, in `_check_misses`.  `absent=False`: some
+        of `missed` may be this tenant's own (not in DRAM, say) and are sorted out there."""
         missed = missed[:self.AUDIT_MISSES_MAX]
         if not missed:
             return
-        t = self.tenant
-        owners = await self._thread(lambda: self.store.owners(t, missed))
-        for key, owner in owners.items():
-            self._audit("cross_tenant_attempt", client=self.id, tenant=t, uid=self.uid,
-                        pid=self.pid, op=op, key=key.hex(), owner=owner)
+        try:
+            self._misses_in.send_nowait((op, missed, absent))
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            self._misses_skipped += len(missed)
 
-    async def _audit_absent(self, op: str, keys: list[bytes]) -> None:
-        """`_audit_misses` for the keys of `keys` this tenant does not hold at all."""
-        keys = keys[:self.AUDIT_MISSES_MAX]
+    async def _check_misses(self) -> None:
+        """Check queued misses for other tenants' keys and audit each attempt; what the
+        queue could not hold is audited as a count.  Whatever is queued when the client
+        goes is checked before the task ends."""
+        try:
+            async for op, keys, absent in self._misses_out:
+                try:
+                    await self._thread(functools.partial(self._audit_attempts, op, keys,
+                                                         absent), IoClass.BACKGROUND)
+                except (StoreError, ValueError, OSError) as e:  # the answer is long gone
+                    log.warning("client %d (%s): cross-tenant check of %d keys failed: %s",
+                                self.id, self.tenant, len(keys), e)
+        finally:
+            while True:
+                try:
+                    op, keys, absent = self._misses_out.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+                try:
+                    self._audit_attempts(op, keys, absent)
+                except (StoreError, ValueError, OSError) as e:
+                    log.warning("client %d (%s): cross-tenant check of %d keys failed: %s",
+                                self.id, self.tenant, len(keys), e)
+            if self._misses_skipped:
+                self._audit("cross_tenant_checks_skipped", client=self.id, tenant=self.tenant,
+                            uid=self.uid, pid=self.pid, keys=self._misses_skipped)
+                self._misses_skipped = 0
+
+    def _audit_attempts(self, op: str, keys: list[bytes], absent: bool) -> None:
+        """(blocking) Audit each of `keys` that another tenant holds."""
         t = self.tenant
-        _, tiers = await self._thread(lambda: self.store.lookup(t, keys))
-        await self._audit_misses(op, [k for k, tier in zip(keys, tiers.tolist(), strict=True)
-                                      if not tier])
+        if not absent:
+            _, tiers = self.store.lookup(t, keys)
+            keys = [k for k, tier in zip(keys, tiers.tolist(), strict=True) if not tier]
+        by_owner: dict[str, list[str]] = {}
+        for key, owner in self.store.owners(t, keys).items():
+            by_owner.setdefault(owner, []).append(key.hex())
+        for owner, held in by_owner.items():  # one record per owner, not per key
+            self._audit("cross_tenant_attempt", client=self.id, tenant=t, uid=self.uid,
+                        pid=self.pid, op=op, owner=owner, keys=held)
+        if self._misses_skipped:
+            self._audit("cross_tenant_checks_skipped", client=self.id, tenant=t,
+                        uid=self.uid, pid=self.pid, keys=self._misses_skipped)
+            self._misses_skipped = 0
 
     def _frames(self, req: Request, data: memoryview) -> list[memoryview]:
         if req.count <= 1:

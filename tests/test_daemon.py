@@ -86,7 +86,7 @@ def test_tenants_are_isolated_and_attempts_are_audited(daemon: Daemon) -> None:
     recs = [json.loads(x) for x in (daemon.dir / "audit.log").read_text().splitlines()]
     tries = [r for r in recs if r["event"] == "cross_tenant_attempt"]
     assert sorted(r["op"] for r in tries) == ["delete", "get", "lookup", "map", "prefetch"]
-    assert all((r["tenant"], r["owner"], r["key"]) == ("bob", "alice", k(7).hex())
+    assert all((r["tenant"], r["owner"], r["keys"]) == ("bob", "alice", [k(7).hex()])
                for r in tries)
     assert all(r["uid"] == os.geteuid() for r in tries)
 
@@ -307,3 +307,33 @@ def test_a_frame_table_that_adds_up_only_modulo_2_64_is_refused(daemon: Daemon) 
             c.allocator.free(slot)
         with pytest.raises(NotFoundError):
             c.get(k(700))
+
+
+def test_other_tenants_keys_cost_a_lookup_what_absent_keys_cost(daemon: Daemon) -> None:
+    """The cross-tenant check runs after the answer: bob's LOOKUP of 64 keys alice holds
+    takes what a LOOKUP of 64 keys nobody holds takes (medians of interleaved rounds, one
+    run), and the attempts are still audited."""
+    daemon.start()
+    held = [k(1000 + i) for i in range(64)]
+    absent = [k(5000 + i) for i in range(64)]
+    with connect(daemon, "alice") as a, connect(daemon, "bob") as b:
+        for key in held:
+            a.put("s", key, [b"v" * 64])
+        times: dict[str, list[float]] = {"held": [], "absent": []}
+        for _ in range(3):  # warm both paths
+            b.lookup(held), b.lookup(absent)
+        for i in range(400):
+            for name in (("held", "absent") if i % 2 else ("absent", "held")):
+                t0 = time.perf_counter()
+                assert b.lookup(held if name == "held" else absent)[0] == 0
+                times[name].append(time.perf_counter() - t0)
+        med = {n: sorted(v)[len(v) // 2] for n, v in times.items()}
+        assert med["held"] / med["absent"] < 1.2, med
+        assert med["absent"] / med["held"] < 1.2, med
+    daemon.stop()
+    recs = [json.loads(x) for x in (daemon.dir / "audit.log").read_text().splitlines()]
+    tries = [r for r in recs if r["event"] == "cross_tenant_attempt"]
+    skipped = sum(r["keys"] for r in recs if r["event"] == "cross_tenant_checks_skipped")
+    assert tries and all(r["owner"] == "alice" for r in tries)
+    # Every attempt is on record: checked (by key) or, past the queue, counted.
+    assert sum(len(r["keys"]) for r in tries) + skipped >= 403 * 64
