@@ -35,7 +35,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -312,9 +312,9 @@ class KVSaver:
         try:
             for c, key in enumerate(keys):
                 s = c % len(self.slots)
-                if pending[s] is not None:
-                    fut, pending[s] = pending[s], None
-                    self.client.wait(fut, "put")  # type: ignore[arg-type]
+                fut, pending[s] = pending[s], None
+                if fut is not None:
+                    self.client.wait(fut, "put")
                 # The staging buffer's previous D2H was waited for before its PUT went out.
                 source.gather(c, staging[s])
                 slot = self.slots[s]
@@ -385,7 +385,6 @@ class Destination(Protocol):
     `kvtier.client.paged.PagedDestination` (vLLM's paged blocks)."""
 
     device: torch.device
-    contiguous: bool
 
     def target(self, c: int, a: int, b: int, stream: Any) -> torch.Tensor: ...
 
@@ -394,11 +393,21 @@ class Destination(Protocol):
     def record_stream(self, stream: Any) -> None: ...
 
 
+class StagedDestination(Destination, Protocol):
+    """A destination that is not one tensor (paged blocks): sealed chunks opened on the
+    GPU go to its `window` of `columns` chunks first, laid out like a contiguous cache, and
+    `scatter_window` moves columns [0, len(chunks)) -- layers [a, b) of those chunks of the
+    load -- to their places, on the current stream."""
+
+    def window(self, columns: int) -> torch.Tensor: ...
+
+    def scatter_window(self, window: torch.Tensor, a: int, b: int,
+                       chunks: list[int]) -> None: ...
+
+
 class ContiguousDestination:
     """kv [layer, K/V, batch, head, token, dim]: chunk c's frames [a, b) land at
     kv[a:b, :, 0, :, cT:(c+1)T] -- rows of one pitch, each copy straight to its place."""
-
-    contiguous = True
 
     def __init__(self, kv: torch.Tensor, chunk_tokens: int) -> None:
         self.kv, self.T, self.device = kv, chunk_tokens, kv.device
@@ -777,8 +786,12 @@ class KVLoader:
         assert cipher is not None
         lay, dev = self.layout, dest.device
         H, T, D, isz = lay.num_kv_heads, lay.chunk_tokens, lay.head_dim, lay.itemsize
-        staged = not isinstance(dest, ContiguousDestination)
-        kv = dest.window(self.gpu_batch) if staged else dest.kv  # type: ignore[attr-defined]
+        staged: StagedDestination | None = None
+        if isinstance(dest, ContiguousDestination):
+            kv = dest.kv
+        else:
+            staged = cast(StagedDestination, dest)
+            kv = staged.window(self.gpu_batch)
         cap = kv.shape[4]
         row_bytes, pitch = T * D * isz, cap * D * isz
         layer_bytes = 2 * H * pitch
@@ -834,18 +847,18 @@ class KVLoader:
                     opener.open(kid, dk, FORMAT_VERSION, self._staging[s], frames(),
                                 lay.frame_bytes, kv_bytes, row_bytes, pitch,
                                 upload_on=stream)  # behind this batch's copies, in order
-                    if staged:  # the window's columns to their blocks, before it is reused
-                        dest.scatter_window(kv, batch[0][3], batch[0][4],  # type: ignore
-                                            [x[6] for x in batch])
+                    if staged is not None:  # the window to its blocks, before it is reused
+                        staged.scatter_window(kv, batch[0][3], batch[0][4],
+                                              [x[6] for x in batch])
                     done = torch.cuda.Event()
                     done.record(kstream)
                 self._staged[s] = done
             else:
                 opener.open(kid, dk, FORMAT_VERSION, self._staging[s], frames(),
                             lay.frame_bytes, kv_bytes, row_bytes, pitch)
-                if staged:
-                    dest.scatter_window(kv, batch[0][3], batch[0][4],  # type: ignore
-                                        [x[6] for x in batch])
+                if staged is not None:
+                    staged.scatter_window(kv, batch[0][3], batch[0][4],
+                                          [x[6] for x in batch])
             for *_, g, _c in batch:
                 done_in_group[g] += 1
                 if done_in_group[g] == chunks:
@@ -865,7 +878,7 @@ class KVLoader:
             a, b = self.groups[g]
             nbytes = (b - a) * per_frame
             if used + nbytes > capacity or (batch and batch[-1][5] != g) or \
-                    (staged and len(batch) == self.gpu_batch):  # the window is full
+                    (staged is not None and len(batch) == self.gpu_batch):  # window full
                 flush()
             s = turn % len(self._staging)
             if not batch and self._staged[s] is not None and stream is not None:
@@ -879,7 +892,7 @@ class KVLoader:
             else:
                 ev = _copy(self._staging[s][used:used + nbytes], host, stream,
                            event=event and stream is not None)
-            col = len(batch) if staged else c  # a staged destination: the window's column
+            col = len(batch) if staged is not None else c  # staged: the window's column
             batch.append((used, a * layer_bytes + col * row_bytes, keys[c], a, b, g, c))
             used += nbytes
             rep.bytes += (b - a) * lay.frame_bytes

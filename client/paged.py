@@ -186,8 +186,6 @@ class PagedDestination:
     buffer, a change of layer group, or the end of a group is scattered into the blocks on
     the copy stream (stream order: a buffer is refilled only after its scatter ran)."""
 
-    contiguous = False
-
     def __init__(self, paged: PagedKV, blocks: Sequence[Sequence[int]], *,
                  batch: int = 16, staging: list[torch.Tensor] | None = None) -> None:
         self.paged = paged

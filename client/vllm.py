@@ -362,7 +362,6 @@ class Scheduler:
         self.link = Link(cfg, 4 << 20, "kvtier scheduler")
         self.reqs: dict[str, _ReqState] = {}
         self.loads: list[ChunkJob] = []
-        self.stats = collections.Counter[str]()
 
     def _state(self, request: Any) -> _ReqState:
         st = self.reqs.get(request.request_id)
@@ -400,11 +399,8 @@ class Scheduler:
             st.hit = hit or 0
             st.saved = st.hit
             st.looked_up = True
-            self.stats["lookups"] += 1
-            self.stats["lookup_hit_chunks"] += st.hit
             if cold and self.cfg.prefetch:
                 c.prefetch_submit(cold, deadline_ms=self.cfg.prefetch_deadline_ms)
-                self.stats["prefetch_hints"] += 1
         except KvtierError as e:
             self.link.failed(c, e)
             log.debug("lookup failed: %s", e)
@@ -448,8 +444,6 @@ class Scheduler:
         st.load_blocks = {b for row in rows for b in row if b >= 0}
         self.loads.append(ChunkJob(request.request_id, st.session,
                                    st.chains[0].keys[first:last], rows))
-        self.stats["loads"] += 1
-        self.stats["load_tokens"] += num_external_tokens
 
     def update_connector_output(self, out: Any) -> None:
         """Loads that failed (their blocks come back invalid): vLLM recomputes those
@@ -461,7 +455,6 @@ class Scheduler:
             if st.load_blocks & bad:
                 st.load_failed = True
                 st.load_blocks = set()
-                self.stats["load_failures"] += 1
 
     def build_connector_meta(self, so: SchedulerOutput) -> KvtierMetadata:
         meta = KvtierMetadata(loads=self.loads, preempted=sorted(so.preempted_req_ids or ()))
@@ -504,7 +497,6 @@ class Scheduler:
                                    keys[st.saved:full], rows))
         st.saved = full
         st.has_saves = True
-        self.stats["save_chunks"] += len(rows)
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, None]:
         st = self.reqs.pop(request.request_id, None)
@@ -573,18 +565,16 @@ class Worker:
         self._tools: tuple[int, KVLoader, KVSaver] | None = None
         self.link = Link(cfg, arena, "kvtier worker")
         self._cv = threading.Condition()
-        self._queue: collections.deque[_Job] = collections.deque()
+        self._saves_queue: collections.deque[_Job] = collections.deque()
         self._loads_queue: collections.deque[_Job] = collections.deque()
         self._saves_pending: collections.Counter[str] = collections.Counter()
         self._had_saves: set[str] = set()  # requests with saves queued (held by vLLM)
         self._finished_reqs: set[str] = set()  # finished in the scheduler, saves may run
         self._done_recving: set[str] = set()
         self._failed_blocks: set[int] = set()
-        self._busy = 0
         self._stop = False
         self._thread: threading.Thread | None = None
         self._staging: list[torch.Tensor] = []
-        self.stats = collections.Counter[str]()
 
     # vLLM calls ----------------------------------------------------------------------------
 
@@ -617,7 +607,7 @@ class Worker:
             ready.record(torch.cuda.current_stream(self.paged.device))
         with self._cv:
             for spec in meta.saves:
-                self._queue.append(_Job("save", spec, ready))
+                self._saves_queue.append(_Job("save", spec, ready))
                 self._saves_pending[spec.req_id] += 1
                 self._had_saves.add(spec.req_id)
             self._cv.notify()
@@ -664,11 +654,10 @@ class Worker:
 
     def _next(self) -> _Job | None:
         with self._cv:
-            self._cv.wait_for(lambda: self._stop or self._queue or self._loads_queue)
+            self._cv.wait_for(lambda: self._stop or self._saves_queue or self._loads_queue)
             if self._stop:
                 return None
-            self._busy += 1
-            return (self._loads_queue or self._queue).popleft()
+            return (self._loads_queue or self._saves_queue).popleft()
 
     def _run(self) -> None:
         stream = None
@@ -687,7 +676,6 @@ class Worker:
                     self._do(job, None)
             finally:
                 with self._cv:
-                    self._busy -= 1
                     if job.kind == "save":
                         self._saves_pending[job.spec.req_id] -= 1
                     else:
@@ -731,9 +719,7 @@ class Worker:
         if c is None:
             if job.kind == "load":
                 self._load_failed(spec, "kvtierd unavailable")
-            else:
-                self.stats["saves_dropped"] += len(spec.keys)
-            return
+            return  # a save is dropped: a later miss, never a wrong answer
         try:
             loader, saver = self._tools_for(c)
             if job.kind == "load":
@@ -743,8 +729,6 @@ class Worker:
                                         staging=self._staging)
                 rep = loader.load_into(spec.keys, dest)
                 loader.synchronize()
-                self.stats["loaded_chunks"] += rep.chunks
-                self.stats["loaded_bytes"] += rep.bytes
                 log.debug("loaded %d chunks (%d MB) for %s in %.3f s", rep.chunks,
                           rep.bytes >> 20, spec.req_id, time.perf_counter() - t0)
             else:
@@ -752,10 +736,7 @@ class Worker:
                     torch.cuda.current_stream().wait_event(job.ready)
                 have, _ = c.lookup(spec.keys)  # another request may have stored them
                 src = PagedSource(self.paged, spec.blocks[have:])
-                rep2 = saver.save_chunks(spec.session, spec.keys[have:], src,
-                                         ttl_s=self.cfg.ttl_s)
-                self.stats["saved_chunks"] += rep2.chunks
-                self.stats["saved_bytes"] += rep2.bytes
+                saver.save_chunks(spec.session, spec.keys[have:], src, ttl_s=self.cfg.ttl_s)
         except Exception as e:
             self.link.failed(c, e)
             if isinstance(e, (DisconnectedError, OSError)):
@@ -763,13 +744,11 @@ class Worker:
             if job.kind == "load":
                 self._load_failed(spec, f"{type(e).__name__}: {e}")
             else:
-                self.stats["saves_failed"] += len(spec.keys)
                 log.warning("kvtier: saving %d chunks of %s failed: %s", len(spec.keys),
                             spec.req_id, e)
 
     def _load_failed(self, spec: ChunkJob, why: str) -> None:
         blocks = {b for row in spec.blocks for b in row if b >= 0}
-        self.stats["load_failures"] += 1
         log.warning("kvtier: load of %d chunks for %s failed (%s); vLLM recomputes them",
                     len(spec.keys), spec.req_id, why)
         with self._cv:

