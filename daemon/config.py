@@ -56,6 +56,10 @@ class PoolConfig:
     segment_size: int
     direct: str = "auto"
     nvmf: NvmfPoolConfig | None = None
+    # When the daemon may format: "if-missing" (create the file when it does not exist;
+    # the default), "if-empty" (also a zero-length file or a namespace with no pool on it)
+    # or "never" (only open a pool that is already there).
+    format: str = "if-missing"
 
 
 @dataclass
@@ -71,6 +75,7 @@ class TenantConfig:
     bandwidth: int | None = None  # bytes/s of GET + PUT payload; None: unlimited
     iops: int | None = None  # GET + PUT requests per second; None: unlimited
     weight: float = 1.0  # its share of contended I/O threads within a class (fair queueing)
+    max_clients: int | None = None  # clients at once; None: limits.max_clients_per_tenant
 
     def check_token(self, token: str) -> bool:
         return verify_token(token, self.token_hash)
@@ -82,6 +87,11 @@ class Limits:
     arena_max: int = 1 << 30
     ring_entries: int = 1024
     max_clients: int = 256
+    max_clients_per_tenant: int = 128  # a tenant's own cap ([[tenant]] max_clients overrides)
+    max_unauthenticated: int = 64  # connections that have not finished HELLO, at once
+    max_unauthenticated_per_uid: int = 8  # ... of them from one uid
+    hello_threads: int = 2  # token checks (scrypt) running at once
+    control_timeout_s: float = 10.0  # for HELLO, and for any half-sent control message
     inflight_per_client: int = 64
     io_threads: int = 8
     prefetch_threads: int = 4  # promotions in flight at once (the `prefetch` I/O class)
@@ -143,6 +153,12 @@ class Config:
                     f"or give the tenant `dram = \"<size>\"`")
         return shares
 
+    def max_clients_of(self, tenant: TenantConfig) -> int:
+        """How many clients of `tenant` may be connected at once."""
+        if tenant.max_clients is not None:
+            return tenant.max_clients
+        return self.limits.max_clients_per_tenant
+
     def tenant(self, tenant_id: str) -> TenantConfig | None:
         for t in self.tenants:
             if t.id == tenant_id:
@@ -161,6 +177,7 @@ class Config:
                          "retention_s": t.retention_s, "encryption": t.encryption,
                          "key_scope": t.key_scope, "quota": t.quota,
                          "bandwidth": t.bandwidth, "iops": t.iops, "weight": t.weight,
+                         "max_clients": t.max_clients,
                          "token_hash": "<redacted>"}
                         for t in self.tenants],
             "limits": vars(self.limits), "policy": asdict(self.policy),
@@ -323,7 +340,7 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
         if kind == "nvmf":
             cfg.pools.append(PoolConfig(name, kind, "", pr.size("size", 0),
                                         pr.size("segment_size", 64 << 20),
-                                        nvmf=_nvmf_pool(pr)))
+                                        nvmf=_nvmf_pool(pr), format=_format_mode(pr)))
             pr.check_unknown()
             continue
         ppath = pr.get("path", str, required=True)
@@ -333,7 +350,8 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
         if direct not in ("auto", "on", "off"):
             raise pr.fail("direct", f'must be "auto", "on" or "off", got {direct!r}')
         cfg.pools.append(PoolConfig(name, kind, ppath, pr.size("size", 0),
-                                    pr.size("segment_size", 64 << 20), direct))
+                                    pr.size("segment_size", 64 << 20), direct,
+                                    format=_format_mode(pr)))
         pr.check_unknown()
     if not cfg.pools:
         cfg.pools = default_config(state).pools
@@ -368,12 +386,15 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
             tc.bandwidth = tr.size("bandwidth")
         if "iops" in tr.table:
             tc.iops = tr.get("iops", int)
+        if "max_clients" in tr.table:
+            tc.max_clients = tr.get("max_clients", int)
         tr.used.add("weight")
         weight = tr.table.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, int | float) or weight <= 0:
             raise tr.fail("weight", f"must be a positive number, got {weight!r}")
         tc.weight = float(weight)
-        for key, val in (("quota", tc.quota), ("bandwidth", tc.bandwidth), ("iops", tc.iops)):
+        for key, val in (("quota", tc.quota), ("bandwidth", tc.bandwidth), ("iops", tc.iops),
+                         ("max_clients", tc.max_clients)):
             if val is not None and val <= 0:
                 raise tr.fail(key, f"must be positive, got {val}")
         cfg.tenants.append(tc)
@@ -383,8 +404,9 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
         lim = cfg.limits
         lim.arena_default = lr.size("arena_default", lim.arena_default)
         lim.arena_max = lr.size("arena_max", lim.arena_max)
-        for k in ("ring_entries", "max_clients", "inflight_per_client", "io_threads",
-                  "prefetch_threads"):
+        for k in ("ring_entries", "max_clients", "max_clients_per_tenant",
+                  "max_unauthenticated", "max_unauthenticated_per_uid", "hello_threads",
+                  "inflight_per_client", "io_threads", "prefetch_threads"):
             v = lr.get(k, int, getattr(lim, k))
             if v <= 0:
                 raise lr.fail(k, f"must be positive, got {v}")
@@ -395,6 +417,8 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
             raise lr.fail("stalled_client_timeout_s", f"must be a positive number of "
                                                       f"seconds, got {stall!r}")
         lim.stalled_client_timeout_s = float(stall)
+        if "control_timeout_s" in lr.table:
+            lim.control_timeout_s = _duration(lr, "control_timeout_s")
         if "sweep_interval_s" in lr.table:
             lim.sweep_interval_s = _duration(lr, "sweep_interval_s")
         if "starvation_s" in lr.table:
@@ -435,6 +459,17 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
     if cfg.tenants:
         cfg.dram_shares()
     return cfg
+
+
+_FORMAT_MODES = ("if-missing", "if-empty", "never")
+
+
+def _format_mode(pr: _Reader) -> str:
+    mode: str = pr.get("format", str, "if-missing")
+    if mode not in _FORMAT_MODES:
+        raise pr.fail("format", f"must be one of {', '.join(map(repr, _FORMAT_MODES))}, "
+                                f"got {mode!r}")
+    return mode
 
 
 def _policy(pr: _Reader) -> PolicyConfig:
