@@ -73,6 +73,7 @@ Buffer = Any  # anything exposing the buffer protocol (bytes, memoryview, numpy 
 T = TypeVar("T")
 log = logging.getLogger("kvtierd.pool")
 PUT_RESERVE = 2  # free segments puts leave beyond a checkpoint's: one cleaner, one META
+STATS_LOCK_WAIT_S = 0.25  # how long stats() waits for the lock before reading without it
 
 
 class SegState(enum.IntEnum):
@@ -170,6 +171,9 @@ class RecoveryReport:
     records_replayed: int = 0
     torn_records: int = 0
     superblock_used: str = "A"
+    # Why a copy was not used ("A"/"B" -> the reason), also among `warnings`: a damaged or
+    # missing copy, or (for A) one older than B.  Empty when both copies agree.
+    superblock_errors: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -273,6 +277,10 @@ class Pool:
         zero = aligned_buffer(B)
         for i in range(count):
             dev.writev(pool._seg_offset(i), [zero])
+        # The superblock is what makes the device a pool: only once the wipe is durable
+        # may it land (a crash before it leaves no magic anywhere -- blank media, formatted
+        # again -- and one after it a valid, empty pool).
+        dev.flush()
         pool._write_superblocks()
         pool.checkpoint()
         return pool
@@ -282,7 +290,7 @@ class Pool:
              options: PoolOptions | None = None) -> Pool:
         """Open an existing pool and recover its state (checkpoint + log replay)."""
         t0 = time.perf_counter()
-        sb, which, warnings = _read_superblocks(dev)
+        sb, which, errors = _read_superblocks(dev)
         B = getattr(dev, "pool_block_size", 4096)
         if sb.block_size != B:
             raise FormatError(f"{dev.name}: pool block size {sb.block_size}, device opened "
@@ -292,7 +300,8 @@ class Pool:
                               f"formatted for {sb.device_size}")
         pool = cls(dev, sb, clock=clock, options=options or PoolOptions())
         pool.recovery.superblock_used = which
-        pool.recovery.warnings.extend(warnings)
+        pool.recovery.superblock_errors = dict(errors)
+        pool.recovery.warnings.extend(errors.values())
         pool._recover()
         pool.recovery.seconds = time.perf_counter() - t0
         return pool
@@ -1657,10 +1666,20 @@ class Pool:
         return out
 
     def stats(self) -> dict[str, Any]:
-        with self._lock:
-            return self._stats()
+        """The pool's counts and counters.  The lock is held across some device I/O (a
+        segment header, a tombstone, a checkpoint), and a write to a target that stopped
+        answering holds it up to the device's I/O timeout; status must answer meanwhile, so
+        past STATS_LOCK_WAIT_S the same figures are read without the lock (`lock_busy`):
+        each is one plain read, so together they may be a moment apart, and live bytes
+        come from the per-segment counts the pool keeps rather than from the index."""
+        if not self._lock.acquire(timeout=STATS_LOCK_WAIT_S):
+            return self._stats(int(self.live.sum()), lock_busy=True)
+        try:
+            return self._stats(int(self.segment_live_blocks().sum()), lock_busy=False)
+        finally:
+            self._lock.release()
 
-    def _stats(self) -> dict[str, Any]:
+    def _stats(self, live_blocks: int, *, lock_busy: bool) -> dict[str, Any]:
         st = self.segs["state"]
         c = self.counters
         return {
@@ -1669,11 +1688,12 @@ class Pool:
             "segment_size": self.sb.segment_size,
             "segments": {s.name.lower(): int(np.count_nonzero(st == s)) for s in SegState},
             "entries": self.index.count,
-            "live_bytes": int(self.segment_live_blocks().sum()) * self.B,
+            "live_bytes": live_blocks * self.B,
             "index_bytes": self.index.nbytes,
             "write_amplification": round(c.write_amplification, 4),
             "counters": {k: getattr(c, k) for k in c.__dataclass_fields__},
             "recovery_seconds": round(self.recovery.seconds, 6),
+            "lock_busy": lock_busy,
         }
 
     def _check_open(self) -> None:
@@ -1704,11 +1724,13 @@ def _deadline(now: float, ttl_s: float | None, expiry_s: float | None) -> int:
     return 0
 
 
-def _read_superblocks(dev: BlockDevice) -> tuple[Superblock, str, list[str]]:
+def _read_superblocks(dev: BlockDevice) -> tuple[Superblock, str, dict[str, str]]:
+    """The superblock to use, which copy it is, and why the other one is not (by copy)."""
     if dev.size < HEADER_ZONE:
         raise FormatError(f"{dev.name}: {dev.size} bytes is too small to hold a pool")
     good: list[tuple[Superblock, str]] = []
     errors: list[StoreError] = []
+    by_copy: dict[str, str] = {}
     for name, off in (("A", 0), ("B", SB_B_OFFSET)):
         buf = aligned_buffer(SB_SIZE)
         dev.readv_into(off, [buf])
@@ -1716,6 +1738,7 @@ def _read_superblocks(dev: BlockDevice) -> tuple[Superblock, str, list[str]]:
             good.append((decode_superblock(buf, where=f"{dev.name}: superblock {name}"), name))
         except StoreError as e:
             errors.append(e)
+            by_copy[name] = str(e)
     if not good:
         # A version error says more than "corrupt"; "not a pool" says more than either.
         for cls_ in (type(e) for e in errors):
@@ -1726,5 +1749,8 @@ def _read_superblocks(dev: BlockDevice) -> tuple[Superblock, str, list[str]]:
         raise CorruptionError(f"{dev.name}: both superblock copies are damaged: "
                               + "; ".join(str(e) for e in errors))
     sb, which = max(good, key=lambda g: g[0].generation)
-    return sb, which, [str(e) for e in errors]
+    if which == "B" and len(good) == 2:  # A is written first: an older A is not normal
+        by_copy["A"] = (f"{dev.name}: superblock A: generation {good[0][0].generation} is "
+                        f"older than copy B's {sb.generation}")
+    return sb, which, by_copy
 

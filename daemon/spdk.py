@@ -21,6 +21,12 @@ the hosts are allowed with that key (`nvmf_subsystem_add_host --psk`) and the li
 a secure channel (`nvmf_subsystem_add_listener --secure-channel`): the target then
 refuses a connection that does not start with TLS, and a host without the key.
 
+`provision_pool` checks what it can before the first call that changes the target (the
+key files by SPDK's own rules, since SPDK parses a key only when a host is allowed with
+it; the bdev's description; conflicts in the target's state), and a run that fails
+midway takes back what it did, newest first (`SpdkTarget.rollback`), but for a transport
+it created: SPDK has no call that deletes one.
+
 The calls block (a Unix socket round trip), so the daemon makes them from a worker thread
 (`open_media_pool` runs in `trio.to_thread`).
 """
@@ -29,11 +35,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from kvtier.daemon.config import IO_UNIT_SIZE, MAX_IO_SIZE, PoolConfig
 from kvtier.daemon.errors import StoreError
+from kvtier.daemon.nvmf import psk
 
 log = logging.getLogger("kvtierd.spdk")
 
@@ -44,11 +52,20 @@ class SpdkError(StoreError):
 
 @dataclass
 class Changes:
+    """What a provisioning run changed on the target (`made`, in words) and how to take
+    each change back (`undo`: the inverse JSON-RPC calls, in the order they became due)."""
+
     made: list[str] = field(default_factory=list)
+    undo: list[tuple[str, dict[str, Any], str]] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)  # changes that cannot be taken back
 
     def add(self, what: str) -> None:
         log.info("spdk: %s", what)
         self.made.append(what)
+
+    def revert_with(self, what: str, method: str, **params: Any) -> None:
+        """Register the call that undoes a change just made (`what` names the undoing)."""
+        self.undo.append((method, params, what))
 
 
 def _error_text(exc: Exception) -> str:
@@ -107,7 +124,27 @@ class SpdkTarget:
         except SpdkError:
             return False
 
+    def key_conflict(self, name: str, path: str) -> str | None:
+        """Why keyring key `name` cannot be the pool's key at `path`, or None."""
+        for k in self.call("keyring_get_keys"):
+            if k.get("name") == name and k.get("path") not in (None, path):
+                return f"SPDK key {name} is {k.get('path')}, the pool's PSK file is {path}"
+        return None
+
+    def namespace_conflict(self, nqn: str, bdev: str, nsid: int) -> str | None:
+        """Why `bdev` cannot be namespace `nsid` of subsystem `nqn`, or None."""
+        sub = self.subsystem(nqn) or {}
+        for ns in sub.get("namespaces", []):
+            if ns.get("bdev_name") == bdev and int(ns.get("nsid", 0)) != nsid:
+                return (f"{nqn}: bdev {bdev} is namespace {ns.get('nsid')}, the pool is "
+                        f"configured for namespace {nsid}")
+            if ns.get("bdev_name") != bdev and int(ns.get("nsid", 0)) == nsid:
+                return f"{nqn}: namespace {nsid} is bdev {ns.get('bdev_name')}, not {bdev}"
+        return None
+
     # -- ensure ---------------------------------------------------------------------------
+    # Each changing call that succeeds registers its inverse in `ch` (`revert_with`), so a
+    # run that fails midway can take back what it did (`rollback`).
 
     def ensure_transport(self, ch: Changes, trtype: str = "TCP", *,
                          max_io_size: int = MAX_IO_SIZE,
@@ -129,9 +166,13 @@ class SpdkTarget:
                   io_unit_size=io_unit_size)
         ch.add(f"created the {trtype} transport (max_io_size {max_io_size}, "
                f"io_unit_size {io_unit_size})")
+        # SPDK has no call that deletes a transport; one serving no listener is idle.
+        ch.kept.append(f"the {trtype} transport (SPDK cannot delete a transport; it serves "
+                       f"nothing without a listener)")
 
     def ensure_bdev(self, ch: Changes, spec: dict[str, Any]) -> str:
         """Create the bdev `spec` describes unless it exists; returns the bdev's name."""
+        check_bdev_spec(spec)
         kind, name = spec["kind"], spec["name"]
         bdev = f"{name}n1" if kind == "nvme" else name
         if self.bdev_exists(bdev):
@@ -141,30 +182,27 @@ class SpdkTarget:
                       block_size=spec["block_size"])
         elif kind == "malloc":
             bs = spec["block_size"]
-            if spec["size"] % bs:
-                raise SpdkError(f"malloc bdev {name}: size {spec['size']} is not a multiple "
-                                f"of the block size {bs}")
             self.call("bdev_malloc_create", name=name, num_blocks=spec["size"] // bs,
                       block_size=bs)
-        elif kind == "nvme":
+        else:
             self.call("bdev_nvme_attach_controller", name=name, trtype=spec["trtype"],
                       traddr=spec["traddr"])
-        else:
-            raise SpdkError(f"bdev kind {kind!r} is not one kvtier provisions")
         ch.add(f"created {kind} bdev {bdev}")
+        ch.revert_with(f"deleted {kind} bdev {bdev}", _BDEV_DELETE[kind], name=name)
         return bdev
 
     def ensure_key(self, ch: Changes, name: str, path: str) -> None:
         """A file-based key in SPDK's keyring (`keyring_file_add_key`): the PSK file, in
         the interchange format, where the target can read it and nobody else can."""
-        for k in self.call("keyring_get_keys"):
-            if k.get("name") == name:
-                if k.get("path") not in (None, path):
-                    raise SpdkError(f"SPDK key {name} is {k.get('path')}, the pool's PSK "
-                                    f"file is {path}")
-                return
+        why = self.key_conflict(name, path)
+        if why is not None:
+            raise SpdkError(why)
+        if any(k.get("name") == name for k in self.call("keyring_get_keys")):
+            return
         self.call("keyring_file_add_key", name=name, path=path)
         ch.add(f"added key {name} ({path}) to the keyring")
+        ch.revert_with(f"removed key {name} from the keyring", "keyring_file_remove_key",
+                       name=name)
 
     def ensure_subsystem(self, ch: Changes, nqn: str, *, serial: str,
                          hosts: list[str], psk: str | None = None) -> dict[str, Any]:
@@ -175,6 +213,7 @@ class SpdkTarget:
             self.call("nvmf_create_subsystem", nqn=nqn, serial_number=serial,
                       allow_any_host=False)
             ch.add(f"created subsystem {nqn}")
+            ch.revert_with(f"deleted subsystem {nqn}", "nvmf_delete_subsystem", nqn=nqn)
             sub = self.subsystem(nqn) or {"hosts": [], "namespaces": [], "listen_addresses": []}
         have = {h.get("nqn"): h for h in sub.get("hosts", [])}
         for h in hosts:
@@ -182,27 +221,31 @@ class SpdkTarget:
                 continue
             if h in have:
                 self.call("nvmf_subsystem_remove_host", nqn=nqn, host=h)
+                old = have[h].get("psk")
+                ch.revert_with(f"allowed host {h} on {nqn} again as it was",
+                               "nvmf_subsystem_add_host", nqn=nqn, host=h,
+                               **({"psk": old} if old else {}))
             if psk is None:
                 self.call("nvmf_subsystem_add_host", nqn=nqn, host=h)
                 ch.add(f"allowed host {h} on {nqn}")
             else:
                 self.call("nvmf_subsystem_add_host", nqn=nqn, host=h, psk=psk)
                 ch.add(f"allowed host {h} on {nqn} with TLS key {psk}")
+            ch.revert_with(f"removed host {h} from {nqn}", "nvmf_subsystem_remove_host",
+                           nqn=nqn, host=h)
         return sub
 
     def ensure_namespace(self, ch: Changes, nqn: str, bdev: str, nsid: int) -> None:
+        why = self.namespace_conflict(nqn, bdev, nsid)
+        if why is not None:
+            raise SpdkError(why)
         sub = self.subsystem(nqn) or {}
-        for ns in sub.get("namespaces", []):
-            if ns.get("bdev_name") == bdev:
-                if int(ns.get("nsid", 0)) != nsid:
-                    raise SpdkError(f"{nqn}: bdev {bdev} is namespace {ns.get('nsid')}, the "
-                                    f"pool is configured for namespace {nsid}")
-                return
-            if int(ns.get("nsid", 0)) == nsid:
-                raise SpdkError(f"{nqn}: namespace {nsid} is bdev {ns.get('bdev_name')}, "
-                                f"not {bdev}")
+        if any(ns.get("bdev_name") == bdev for ns in sub.get("namespaces", [])):
+            return
         self.call("nvmf_subsystem_add_ns", nqn=nqn, namespace={"bdev_name": bdev, "nsid": nsid})
         ch.add(f"added {bdev} as namespace {nsid} of {nqn}")
+        ch.revert_with(f"removed namespace {nsid} from {nqn}", "nvmf_subsystem_remove_ns",
+                       nqn=nqn, nsid=nsid)
 
     def ensure_listener(self, ch: Changes, nqn: str, address: str, port: int, *,
                         secure: bool = False) -> None:
@@ -213,9 +256,13 @@ class SpdkTarget:
         for la in sub.get("listen_addresses", []):
             if (str(la.get("trtype", "")).upper() == "TCP" and la.get("traddr") == address
                     and str(la.get("trsvcid")) == str(port)):
-                if bool(la.get("secure_channel", secure)) == secure:
+                was = bool(la.get("secure_channel", secure))
+                if was == secure:
                     return
                 self.call("nvmf_subsystem_remove_listener", nqn=nqn, listen_address=where)
+                ch.revert_with(f"restored the listener {address}:{port} of {nqn}",
+                               "nvmf_subsystem_add_listener", nqn=nqn, listen_address=where,
+                               **({"secure_channel": True} if was else {}))
                 break
         if secure:
             self.call("nvmf_subsystem_add_listener", nqn=nqn, listen_address=where,
@@ -224,6 +271,24 @@ class SpdkTarget:
         else:
             self.call("nvmf_subsystem_add_listener", nqn=nqn, listen_address=where)
             ch.add(f"listening for {nqn} on {address}:{port}")
+        ch.revert_with(f"stopped listening for {nqn} on {address}:{port}",
+                       "nvmf_subsystem_remove_listener", nqn=nqn, listen_address=where)
+
+    def rollback(self, ch: Changes) -> tuple[list[str], list[str]]:
+        """Take back what `ch` recorded, newest first: (what was undone, what could not be,
+        with SPDK's answer).  Every undo is tried, whatever the ones before did."""
+        done: list[str] = []
+        failed: list[str] = []
+        for method, params, what in reversed(ch.undo):
+            try:
+                self.call(method, **params)
+                done.append(what)
+                log.info("spdk: rollback: %s", what)
+            except SpdkError as e:
+                failed.append(f"{what}: {e}")
+                log.error("spdk: rollback: could not undo (%s): %s", what, e)
+        ch.undo.clear()
+        return done, failed
 
     # -- reverse --------------------------------------------------------------------------
 
@@ -236,32 +301,104 @@ class SpdkTarget:
             kind, name = bdev_spec["kind"], bdev_spec["name"]
             bdev = f"{name}n1" if kind == "nvme" else name
             if self.bdev_exists(bdev):
-                method = {"aio": "bdev_aio_delete", "malloc": "bdev_malloc_delete",
-                          "nvme": "bdev_nvme_detach_controller"}[kind]
-                self.call(method, name=name)
+                self.call(_BDEV_DELETE[kind], name=name)
                 ch.add(f"deleted {kind} bdev {bdev}")
         return ch
 
 
+_BDEV_DELETE = {"aio": "bdev_aio_delete", "malloc": "bdev_malloc_delete",
+                "nvme": "bdev_nvme_detach_controller"}
+
+
+def check_bdev_spec(spec: dict[str, Any]) -> None:
+    kind, name = spec.get("kind"), spec.get("name")
+    if kind not in _BDEV_DELETE:
+        raise SpdkError(f"bdev kind {kind!r} is not one kvtier provisions")
+    if kind == "malloc" and spec["size"] % spec["block_size"]:
+        raise SpdkError(f"malloc bdev {name}: size {spec['size']} is not a multiple of the "
+                        f"block size {spec['block_size']}")
+
+
+def check_key_files(p: PoolConfig) -> tuple[str, str] | None:
+    """(keyring name, path SPDK reads) of pool `p`'s PSK, after checking what can be checked
+    here before anything changes on the target; None without TLS.
+
+    SPDK's keyring takes only an absolute path (`keyring_file_check_path`), and the target
+    parses the key only when a host is allowed with it, after the keyring, the bdev and
+    the subsystem exist -- so a key file SPDK would refuse is refused here, by SPDK's rule
+    (`psk.read_file`).  The node's copy (`provision.psk_path`) is checked too when it is
+    on this machine (the RPC socket is a Unix socket, so SPDK usually is), and must hold
+    the same key; one only the node sees is SPDK's to check, and a refusal is rolled back."""
+    n = p.nvmf
+    assert n is not None and n.provision is not None
+    if not n.psk_file:
+        return None
+    pv = n.provision
+    name = pv.get("psk_name") or f"kvtier-{p.name}"
+    path = pv.get("psk_path") or n.psk_file
+    if not os.path.isabs(path):
+        which = "provision.psk_path" if pv.get("psk_path") else "psk_file"
+        raise SpdkError(f"pool {p.name}: {which} {path!r} is relative; SPDK's keyring takes "
+                        f"only absolute paths (\"Non-absolute paths are not allowed\")")
+    try:
+        mine = psk.read_file(n.psk_file)
+        if n.psk is not None and mine != n.psk:
+            raise SpdkError(f"pool {p.name}: {n.psk_file} no longer holds the key the pool "
+                            f"was configured with")
+        if path != n.psk_file and os.path.lexists(path) and psk.read_file(path) != mine:
+            raise SpdkError(f"pool {p.name}: {path} (provision.psk_path) holds another key "
+                            f"than {n.psk_file} (psk_file): the TLS handshake would fail")
+    except psk.PskError as e:
+        raise SpdkError(f"pool {p.name}: {e}; nothing was changed on the target") from None
+    return name, path
+
+
 def provision_pool(p: PoolConfig) -> Changes:
-    """Make the SPDK target serve pool `p`'s namespace (idempotent)."""
+    """Make the SPDK target serve pool `p`'s namespace (idempotent).
+
+    Everything that can be checked is checked before the first changing call: the pool's
+    key files by SPDK's rules, the bdev's description, and the target's state for a
+    conflict (a keyring key of the same name for another file, the namespace taken).  A
+    call that fails after that (SPDK refusing the node's key file, a listener's port in
+    use, ...) is answered by taking back what this run did, newest first, and the error
+    says what was undone and what was not: the TCP transport stays if this run created it
+    (SPDK has no call to delete one; without a listener it serves nothing), and an undo
+    SPDK refuses is named so that `kvtier pool decommission` or SPDK's rpc.py can finish."""
     n = p.nvmf
     if n is None or n.provision is None:
         raise SpdkError(f"pool {p.name}: no [pool.provision] section")
     pv = n.provision
+    check_bdev_spec(pv["bdev"])
+    key = check_key_files(p)
     ch = Changes()
     with SpdkTarget(pv["rpc"], timeout_s=pv["timeout_s"]) as t:
-        t.ensure_transport(ch, max_io_size=pv.get("max_io_size", MAX_IO_SIZE),
-                           io_unit_size=pv.get("io_unit_size", IO_UNIT_SIZE))
-        bdev = t.ensure_bdev(ch, pv["bdev"])
-        key = None
-        if n.psk_file:  # TLS: the same PSK file, where the target reads it
-            key = pv.get("psk_name") or f"kvtier-{p.name}"
-            t.ensure_key(ch, key, pv.get("psk_path") or n.psk_file)
-        t.ensure_subsystem(ch, n.subnqn, serial=pv["serial_number"], hosts=pv["allow_hosts"],
-                           psk=key)
-        t.ensure_namespace(ch, n.subnqn, bdev, n.nsid)
-        t.ensure_listener(ch, n.subnqn, n.address, n.port, secure=key is not None)
+        bdev_spec = pv["bdev"]
+        bdev_name = f"{bdev_spec['name']}n1" if bdev_spec["kind"] == "nvme" else bdev_spec["name"]
+        for why in (t.key_conflict(*key) if key else None,
+                    t.namespace_conflict(n.subnqn, bdev_name, n.nsid)):
+            if why is not None:
+                raise SpdkError(f"pool {p.name}: {why}; nothing was changed on the target")
+        try:
+            t.ensure_transport(ch, max_io_size=pv.get("max_io_size", MAX_IO_SIZE),
+                               io_unit_size=pv.get("io_unit_size", IO_UNIT_SIZE))
+            if key is not None:  # first: the change SPDK is likeliest to refuse
+                t.ensure_key(ch, *key)
+            bdev = t.ensure_bdev(ch, bdev_spec)
+            t.ensure_subsystem(ch, n.subnqn, serial=pv["serial_number"],
+                               hosts=pv["allow_hosts"], psk=key[0] if key else None)
+            t.ensure_namespace(ch, n.subnqn, bdev, n.nsid)
+            t.ensure_listener(ch, n.subnqn, n.address, n.port, secure=key is not None)
+        except Exception as e:  # whatever failed, what this run did is taken back
+            what = str(e) if isinstance(e, SpdkError) else f"{type(e).__name__}: {e}"
+            if not ch.made and not ch.undo:
+                raise SpdkError(f"{what}; nothing was changed on the target") from None
+            done, failed = t.rollback(ch)
+            msg = f"{what}; rolled back {'; '.join(done) if done else 'nothing'}"
+            if ch.kept:
+                msg += f"; kept {'; '.join(ch.kept)}"
+            if failed:
+                msg += f"; COULD NOT UNDO: {'; '.join(failed)}"
+            raise SpdkError(msg) from None if isinstance(e, SpdkError) else e
     return ch
 
 

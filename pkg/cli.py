@@ -399,12 +399,17 @@ def _pool_gen_psk(args: argparse.Namespace) -> int:
 
     key = psk.generate(48, psk.HASH_SHA384) if args.sha384 else psk.generate()
     try:
-        fd = os.open(args.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # Exactly the interchange text, no newline: SPDK's keyring hands the whole file to
+        # its parser, which refuses anything after the closing ':'.
+        psk.write_file(args.path, key)
     except FileExistsError:
         raise ValueError(f"{args.path} exists: a key file is never overwritten") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(key.interchange() + "\n")
-    print(f"wrote a {len(key.key)}-byte PSK ({key.suite}) to {args.path}")
+    except OSError as e:
+        raise ValueError(f"{args.path}: {e.strerror or e}") from None
+    if psk.read_file(args.path) != key:  # read back by the rule SPDK applies
+        raise ValueError(f"{args.path}: the key read back differs from the one written")
+    print(f"wrote a {len(key.key)}-byte PSK ({key.suite}) to {args.path} (mode 0600, no "
+          f"trailing newline, as SPDK's keyring reads it)")
     return 0
 
 

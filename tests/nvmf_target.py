@@ -18,6 +18,12 @@ File-backed namespaces behind NVMe-oF subsystems, reached over TCP:
   have a PSK there (SPDK's `keyring_file_add_key`, `nvmf_subsystem_add_host --psk`,
   `nvmf_subsystem_add_listener --secure-channel`); a host with a PSK must connect over
   TLS, as itself;
+* key files read by SPDK's own rules, not the host's (so that a host that accepts what SPDK
+  refuses fails here too): `keyring_file_add_key` wants an absolute path to a file with
+  no group/other permission bits, owned by the target's uid (SPDK's `keyring_file`
+  module), and the key is parsed as `nvme_tcp_parse_interchange_psk` does -- the whole
+  file, whose last byte must be the closing ':' -- when a host is allowed with it and at
+  every handshake;
 * faults for the tests: SIGUSR1 toggles a stall (commands are taken but never answered),
   SIGUSR2 resets every connection (RST), and SIGKILL is SIGKILL.
 
@@ -29,14 +35,19 @@ It prints "listening <port>" (one line per listener) once it accepts connections
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
+import errno
 import json
 import os
+import re
 import signal
 import socket
 import struct
 import sys
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +81,79 @@ MQES = 128
 MAX_IO_QUEUES = 127
 IN_CAPSULE = 4096
 SCT_GENERIC, SCT_CMD = 0, 1
+SPDK_TLS_PSK_MAX_LEN = 200
+
+
+# -- key files, as SPDK reads them ---------------------------------------------------------------
+
+class KeyRefused(Exception):
+    """What SPDK refuses a key file with: an errno and the line SPDK logs."""
+
+    def __init__(self, err: int, log: str) -> None:
+        super().__init__(log)
+        self.errno = err
+
+
+def keyring_check_path(path: str) -> int:
+    """SPDK's keyring_file_check_path: the file's size, or KeyRefused."""
+    if not path.startswith("/"):
+        raise KeyRefused(errno.EPERM, f"Non-absolute paths are not allowed: {path}")
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise KeyRefused(e.errno or errno.EIO,
+                         f"Could not stat key file '{path}': {e.strerror}") from None
+    if st.st_mode & 0o077 or st.st_uid != os.getuid():
+        raise KeyRefused(errno.EPERM, f"Invalid permissions for key file '{path}': "
+                                      f"0{st.st_mode:o}")
+    return st.st_size
+
+
+def keyring_get_key(path: str) -> bytes:
+    """SPDK's keyring_file_get_key into a SPDK_TLS_PSK_MAX_LEN buffer: the file as it is."""
+    size = keyring_check_path(path)
+    if size > SPDK_TLS_PSK_MAX_LEN:
+        raise KeyRefused(errno.ENOBUFS, f"Invalid key size: {size} > {SPDK_TLS_PSK_MAX_LEN}")
+    with open(path, "rb") as f:
+        data = f.read(size)
+    if len(data) != size:
+        raise KeyRefused(errno.EIO, "Could not load key")
+    return data
+
+
+def parse_interchange_psk(buf: bytes) -> tuple[bytes, int]:
+    """SPDK's nvme_tcp_parse_interchange_psk over a NUL-terminated buffer: (configured PSK,
+    hash), or KeyRefused with SPDK's message.  (`%02hhx` is taken as one or two hex
+    digits; SPDK's sscanf would also skip whitespace there.)"""
+    s = buf.split(b"\0", 1)[0]
+    m = re.match(rb"NVMeTLSkey-1:([0-9a-fA-F]{1,2})", s)
+    if m is None or not s or s[-1:] != b":":
+        raise KeyRefused(errno.EINVAL, "Invalid format of PSK interchange!")
+    if len(s) >= SPDK_TLS_PSK_MAX_LEN:
+        raise KeyRefused(errno.EINVAL, "PSK interchange exceeds maximum "
+                                       f"{SPDK_TLS_PSK_MAX_LEN} characters!")
+    hash_id = int(m.group(1), 16)
+    if hash_id not in (0, 1, 2):
+        raise KeyRefused(errno.EINVAL, "Invalid PSK length!")
+    tokens = [t for t in s.split(b":") if t]  # strtok_r: empty tokens are skipped
+    if len(tokens) < 3:
+        raise KeyRefused(errno.EINVAL, "Could not get base64 string from PSK interchange!")
+    try:
+        raw = base64.b64decode(tokens[2], validate=True)
+    except (binascii.Error, ValueError):
+        raise KeyRefused(errno.EINVAL, "Could not decode base64 PSK!") from None
+    size = {1: 32, 2: 48}.get(hash_id) or {36: 32, 52: 48}.get(len(raw), 0)
+    if len(raw) != size + 4:
+        raise KeyRefused(errno.EINVAL, "Invalid key: unsupported key length")
+    if zlib.crc32(raw[:size]) != struct.unpack("<I", raw[size:])[0]:
+        raise KeyRefused(errno.EINVAL, "CRC-32 checksums do not match!")
+    return raw[:size], hash_id
+
+
+def spdk_read_psk(path: str) -> psk.ConfiguredPsk:
+    """The key in `path` as SPDK's keyring and parser read it (KeyRefused if they would not)."""
+    key, hash_id = parse_interchange_psk(keyring_get_key(path))
+    return psk.ConfiguredPsk(key, hash_id)
 
 
 @dataclass
@@ -174,7 +258,11 @@ class Target:
         out = {}
         for sub in self.subsystems.values():
             for host, name in sub.host_psk.items():
-                k = psk.read_file(self.keys[name])
+                try:
+                    k = spdk_read_psk(self.keys[name])
+                except KeyRefused as e:  # SPDK fails this host's handshake: so do we
+                    print(f"key {name}: {e}", file=sys.stderr, flush=True)
+                    continue
                 ident, key = k.tls_psk(host, sub.nqn)
                 out[ident] = (key, k.suite)
         return out
@@ -575,8 +663,10 @@ class Rpc:
     def __init__(self, target: Target, workdir: str) -> None:
         self.t = target
         self.workdir = workdir
+        self.calls: list[str] = []  # every method asked for, in order (tests read it)
 
     def call(self, method: str, p: dict[str, Any]) -> Any:
+        self.calls.append(method)
         fn = getattr(self, "m_" + method, None)
         if fn is None:
             raise RpcError(-32601, "Method not found")
@@ -690,6 +780,10 @@ class Rpc:
         if p.get("psk") is not None:
             if p["psk"] not in self.t.keys:
                 raise RpcError(-32602, f"Invalid parameters: key {p['psk']} not found")
+            try:  # SPDK's TCP transport loads and parses the key when the host is added
+                spdk_read_psk(self.t.keys[p["psk"]])
+            except KeyRefused as e:
+                raise RpcError(-32603, f"Internal error (key {p['psk']}: {e})") from None
             sub.host_psk[p["host"]] = p["psk"]
         sub.hosts.add(p["host"])
         return True
@@ -704,10 +798,10 @@ class Rpc:
         name, path = p["name"], p["path"]
         if name in self.t.keys:
             raise RpcError(-17, "File exists")
-        try:
-            psk.read_file(path)  # refused as SPDK refuses: unreadable, or others can read
-        except psk.PskError as e:
-            raise RpcError(-1, str(e)) from None
+        try:  # SPDK checks the path and the file's mode and owner here, not its content
+            keyring_check_path(path)
+        except KeyRefused as e:
+            raise RpcError(-e.errno, f"{os.strerror(e.errno)} ({e})") from None
         self.t.keys[name] = path
         return True
 
@@ -839,7 +933,11 @@ def main() -> None:
         if a.psk_file:
             if not a.host:
                 ap.error("--psk-file needs --host")
-            t.keys["key0"] = a.psk_file
+            try:
+                spdk_read_psk(os.path.abspath(a.psk_file))
+            except KeyRefused as e:
+                ap.error(f"--psk-file: {e}")
+            t.keys["key0"] = os.path.abspath(a.psk_file)
             sub.host_psk = {h: "key0" for h in a.host}
         port = t.listen(a.addr, a.port, secure=bool(a.psk_file))
         sub.listeners.add((a.addr, port))

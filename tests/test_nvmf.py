@@ -191,7 +191,9 @@ def test_target_faults_fail_requests_clearly_and_lose_nothing_acknowledged(
         if fault == "reset":  # writes were stalled in flight: they saw the reset itself
             assert "reset by peer" in " ".join(errors)
         h = dev.health()
-        assert h["state"] == "live" and h["last_error"]
+        # live again: the outage's error is history, with its time, no longer last_error
+        assert h["state"] == "live" and h["last_error"] == "" and h["down_since"] == 0
+        assert h["connection_losses"] >= 1 and h["recent_errors"] and h["last_error_at"]
         _check_acked(dev, acked)
     finally:
         dev.close()
@@ -210,7 +212,9 @@ def test_a_stalled_target_times_out_and_the_host_recovers(target: TargetProcess)
             dev.readv_into(0, [memoryview(out)])
         assert time.monotonic() - t0 < 3
         target.signal(signal.SIGUSR1)
-        dev.readv_into(0, [memoryview(out)])  # after the reconnect
+        # I/O never waits for a reconnect: wait for it here, then read
+        assert dev.wait_live(timeout=10), dev.health()
+        dev.readv_into(0, [memoryview(out)])
         assert np.array_equal(out, data)
         h = dev.health()
         assert h["timeouts"] >= 1 and h["reconnects"] >= 1

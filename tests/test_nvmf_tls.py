@@ -6,8 +6,10 @@ subset.  test_spdk.py runs the TLS pool against a real SPDK where one is present
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +18,16 @@ from harness import Daemon
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nvmf_support import HERE, HOSTNQN, TargetProcess, free_port
+from nvmf_target import KeyRefused, Rpc, Target, serve_rpc, spdk_read_psk
 from test_nvmf import _check_acked, connect, fault_under_writes, k, nvmf_pool_toml, rnd
 
-from kvtier.daemon.config import ConfigError, load_config
+from kvtier.daemon.config import ConfigError, NvmfPoolConfig, PoolConfig, load_config
 from kvtier.daemon.errors import DeviceError
 from kvtier.daemon.nvmf import psk
 from kvtier.daemon.nvmf.device import NvmfDevice
+from kvtier.daemon.nvmf.host import NvmfTargetConfig
 from kvtier.daemon.nvmf.tls import TlsError, TlsSession
-from kvtier.daemon.spdk import provision_pool
+from kvtier.daemon.spdk import SpdkError, SpdkTarget, provision_pool
 
 MiB = 1 << 20
 # SPDK's own test key (test/nvmf/target/tls.sh: format_interchange_psk
@@ -108,6 +112,58 @@ def test_a_key_file_others_can_read_is_refused(tmp_path: Path) -> None:
     assert psk.read_file(path).key == b"00112233445566778899aabbccddeeff"
     with pytest.raises(psk.PskError, match="No such file"):
         psk.read_file(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("sha384", [False, True])
+def test_gen_psk_writes_exactly_what_spdk_reads(tmp_path: Path, sha384: bool) -> None:
+    """No newline after the key (SPDK's parser wants the closing ':' last), mode 0600, and
+    read back by the host's reader and by SPDK's rule (the stand-in target's)."""
+    from kvtier.cli import main
+
+    path = str(tmp_path / "k.psk")
+    assert main(["pool", "gen-psk", *(["--sha384"] if sha384 else []), path]) == 0
+    raw = Path(path).read_bytes()
+    assert raw.endswith(b":") and b"\n" not in raw and raw.strip() == raw
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    key = psk.read_file(path)
+    assert raw == key.interchange().encode() and len(key.key) == (48 if sha384 else 32)
+    assert spdk_read_psk(path) == key
+
+
+@pytest.mark.parametrize("extra", ["{}\n", "{}\n\n", "{}\r\n", "{} ", " {}", "\n{}"])
+def test_a_key_file_spdk_would_refuse_is_refused_saying_how_to_fix_it(tmp_path: Path,
+                                                                        extra: str) -> None:
+    """A key followed by a newline (what `echo KEY > f` writes) or with whitespace around it:
+    SPDK refuses it, so the reader does, at config validation, with a command that fixes
+    the file in place; once fixed both read it."""
+    path = write_key(tmp_path / "k.psk", extra.format(SPDK_TEST_KEY))
+    with pytest.raises(psk.PskError, match=r"(newline|whitespace).* the key; SPDK's keyring "
+                                           r"reads the file as it is.*rewrite it with `"):
+        psk.read_file(path)
+    with pytest.raises(KeyRefused, match="Invalid format of PSK interchange"):
+        spdk_read_psk(path)  # the stand-in target applies SPDK's rule: it agrees
+    cfg = tmp_path / "k.toml"
+    cfg.write_text(nvmf_pool_toml(4420, "nqn.2016-06.io.x:y", f'psk_file = "{path}"'))
+    with pytest.raises(ConfigError, match=r"pool\[0\]\.psk_file: .*the key; SPDK"):
+        load_config(str(cfg))
+    try:
+        psk.read_file(path)
+    except psk.PskError as e:
+        fix = str(e).split("`")[1]
+    subprocess.run(["sh", "-c", fix], check=True)
+    assert psk.read_file(path).key == b"00112233445566778899aabbccddeeff"
+    assert spdk_read_psk(path) == psk.parse(SPDK_TEST_KEY)
+    assert os.stat(path).st_mode & 0o777 == 0o600  # fixed in place: the mode stays
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="chown to another uid needs root")
+def test_a_key_file_another_user_owns_is_refused(tmp_path: Path) -> None:
+    path = write_key(tmp_path / "k", SPDK_TEST_KEY)
+    os.chown(path, 12345, -1)
+    with pytest.raises(psk.PskError, match=r"owned by uid 12345, not by uid 0.*chown"):
+        psk.read_file(path)
+    with pytest.raises(KeyRefused, match="Invalid permissions"):
+        spdk_read_psk(path)
 
 
 # -- the TLS session, in memory ----------------------------------------------------------------
@@ -293,6 +349,112 @@ def test_a_tls_pool_is_provisioned_idempotently_and_served(tmp_path: Path) -> No
     finally:
         proc.kill()
         proc.wait()
+
+
+READ_ONLY = {"spdk_get_version", "nvmf_get_transports", "nvmf_get_subsystems",
+             "bdev_get_bdevs", "keyring_get_keys"}
+TLS_NQN = "nqn.2016-06.io.kvtier:tls"
+
+
+@pytest.fixture
+def rpc_target(tmp_path: Path) -> Iterator[tuple[str, Rpc, Target]]:
+    """The stand-in's SPDK JSON-RPC in this process: (socket, Rpc with the methods it was
+    asked for in `calls`, Target)."""
+    t = Target()
+    rpc = Rpc(t, str(tmp_path))
+    sock = str(tmp_path / "spdk.sock")
+    serve_rpc(rpc, sock)
+    yield sock, rpc, t
+    t._stop.set()
+    for addr in list(t._listeners):
+        t.unlisten(*addr)
+
+
+def tls_pool(rpc: str, port: int, keyfile: str, key: psk.ConfiguredPsk | None = None,
+             **prov: object) -> PoolConfig:
+    pv: dict[str, object] = {
+        "rpc": rpc, "serial_number": "KVT0001", "allow_hosts": [HOSTNQN], "timeout_s": 10.0,
+        "bdev": {"kind": "malloc", "name": "m0", "size": 8 * MiB, "block_size": 4096}, **prov}
+    return PoolConfig("remote0", "nvmf", "", 0, MiB, nvmf=NvmfPoolConfig(
+        "127.0.0.1", port, TLS_NQN, HOSTNQN, psk=key, psk_file=keyfile, provision=pv))
+
+
+def test_provisioning_checks_the_key_files_before_it_changes_anything(
+        rpc_target: tuple[str, Rpc, Target], tmp_path: Path) -> None:
+    """A key file SPDK would refuse (a newline after the key, group-readable), a node copy
+    holding another key, a relative path (SPDK's keyring wants absolute ones): refused
+    before a single call that changes the target."""
+    sock, rpc, t = rpc_target
+    key = psk.generate()
+    port = free_port()
+    newline = write_key(tmp_path / "nl.psk", key.interchange() + "\n")
+    with pytest.raises(SpdkError, match=r"a newline after the key.*printf %s.*nothing was changed"):
+        provision_pool(tls_pool(sock, port, newline))
+    loose = write_key(tmp_path / "loose.psk", key, 0o640)
+    with pytest.raises(SpdkError, match=r"chmod 0600.*nothing was changed"):
+        provision_pool(tls_pool(sock, port, loose, key))
+    good = write_key(tmp_path / "good.psk", key)
+    other = write_key(tmp_path / "node.psk", psk.generate())
+    with pytest.raises(SpdkError, match=r"holds another key .*handshake would fail"):
+        provision_pool(tls_pool(sock, port, good, key, psk_path=other))
+    with pytest.raises(SpdkError, match=r"relative; SPDK's keyring takes only absolute"):
+        provision_pool(tls_pool(sock, port, good, key, psk_path="node.psk"))
+    assert set(rpc.calls) <= READ_ONLY, rpc.calls
+    assert not (t.transports or t.bdevs or t.keys or t.subsystems)
+    # What the old checks let through, SPDK's rule refuses where SPDK does: the keyring
+    # takes the file (it checks mode and owner), the host allowed with it does not.
+    with SpdkTarget(sock) as st:
+        with pytest.raises(SpdkError, match="Operation not permitted"):
+            st.call("keyring_file_add_key", name="k1", path=loose)
+        st.call("keyring_file_add_key", name="k0", path=newline)
+        st.call("nvmf_create_subsystem", nqn=TLS_NQN, serial_number="X")
+        with pytest.raises(SpdkError, match="Invalid format of PSK interchange"):
+            st.call("nvmf_subsystem_add_host", nqn=TLS_NQN, host=HOSTNQN, psk="k0")
+
+
+def test_a_provisioning_that_fails_midway_takes_back_what_it_did(
+        rpc_target: tuple[str, Rpc, Target], tmp_path: Path) -> None:
+    """SPDK refusing a later call (the node's key file missing; the listener's port taken)
+    leaves the target as it was, but for the transport SPDK cannot delete; the error says
+    what was undone.  Run again once the cause is gone, it provisions a working pool."""
+    sock, rpc, t = rpc_target
+    key = psk.generate()
+    keyfile = write_key(tmp_path / "k.psk", key)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    absent = str(tmp_path / "only-on-the-node.psk")  # not here: SPDK's to check
+    with pytest.raises(SpdkError, match=r"keyring_file_add_key failed: .*No such file.*"
+                                        r"rolled back nothing; kept the TCP transport"):
+        provision_pool(tls_pool(sock, port, keyfile, key, psk_path=absent))
+    assert t.transports and not (t.bdevs or t.keys or t.subsystems)
+    rpc.calls.clear()
+    p = tls_pool(sock, port, keyfile, key)
+    with pytest.raises(SpdkError, match=r"nvmf_subsystem_add_listener failed: .*rolled back "
+                                        r".*deleted subsystem .*deleted malloc bdev m0; "
+                                        r"removed key kvtier-remote0 from the keyring$"):
+        provision_pool(p)
+    assert not (t.bdevs or t.keys or t.subsystems)
+    assert [m for m in rpc.calls if m not in READ_ONLY] == [
+        "keyring_file_add_key", "bdev_malloc_create", "nvmf_create_subsystem",
+        "nvmf_subsystem_add_host", "nvmf_subsystem_add_ns", "nvmf_subsystem_add_listener",
+        # the rollback, newest first
+        "nvmf_subsystem_remove_ns", "nvmf_subsystem_remove_host", "nvmf_delete_subsystem",
+        "bdev_malloc_delete", "keyring_file_remove_key"]
+    busy.close()
+    made = provision_pool(p).made
+    assert made[-1] == f"listening for {TLS_NQN} on 127.0.0.1:{port} (secure channel: TLS)"
+    dev = NvmfDevice(NvmfTargetConfig("127.0.0.1", port, TLS_NQN, HOSTNQN, psk=key,
+                                      connect_timeout_s=3.0))
+    try:
+        data = rnd(4, 65536)
+        dev.writev(0, [memoryview(data)])
+        out = np.zeros_like(data)
+        dev.readv_into(0, [memoryview(out)])
+        assert np.array_equal(out, data)
+    finally:
+        dev.close()
 
 
 def test_tls_config_errors_are_named(tmp_path: Path) -> None:

@@ -96,8 +96,7 @@ def test_tls_pool_on_spdk(spdk: str, tmp_path: Path) -> None:
     p = pool_config(spdk, port)
     key = psk.generate()
     keyfile = tmp_path / "pool.psk"
-    keyfile.write_text(key.interchange())
-    keyfile.chmod(0o600)
+    psk.write_file(str(keyfile), key)  # what `kvtier pool gen-psk` writes
     assert p.nvmf is not None
     p.nvmf.psk, p.nvmf.psk_file = key, str(keyfile)
     made = provision_pool(p).made
@@ -112,6 +111,84 @@ def test_tls_pool_on_spdk(spdk: str, tmp_path: Path) -> None:
     with pytest.raises(NvmfError):
         NvmfDevice(NvmfTargetConfig("127.0.0.1", port, NQN, HOSTNQN, psk=psk.generate(),
                                     connect_timeout_s=3.0))
+    assert decommission_pool(p, delete_bdev=True).made
+
+
+def test_spdk_refuses_a_key_file_ending_with_a_newline_and_provisioning_does_first(
+        spdk: str, tmp_path: Path) -> None:
+    """SPDK's own verdict on the rule psk.read_file and the test target apply: its keyring
+    takes a key file ending with a newline (it checks mode and owner) but the key is
+    refused when a host is allowed with it, or at the latest no handshake opens with it;
+    the same key without the newline is taken.  Provisioning refuses the file before it
+    changes anything."""
+    from kvtier.daemon.nvmf import psk
+    from kvtier.daemon.nvmf.host import NvmfError
+    from kvtier.daemon.spdk import Changes, SpdkError
+
+    key = psk.generate()
+    newline = tmp_path / "nl.psk"
+    newline.write_text(key.interchange() + "\n")
+    newline.chmod(0o600)
+    port = free_port()
+    p = pool_config(spdk, port)
+    assert p.nvmf is not None
+    p.nvmf.psk_file = str(newline)
+
+    def state(t: SpdkTarget) -> tuple[object, ...]:
+        return tuple(t.call(m) for m in ("nvmf_get_subsystems", "bdev_get_bdevs",
+                                         "keyring_get_keys"))
+
+    with SpdkTarget(spdk) as t:
+        before = state(t)
+    with pytest.raises(SpdkError, match=r"a newline after the key.*nothing was changed"):
+        provision_pool(p)
+    with SpdkTarget(spdk) as t:
+        assert state(t) == before
+        t.call("keyring_file_add_key", name="nl", path=str(newline))
+        t.call("nvmf_create_subsystem", nqn=NQN, serial_number="KVT1", allow_any_host=False)
+        try:
+            t.call("nvmf_subsystem_add_host", nqn=NQN, host=HOSTNQN, psk="nl")
+        except SpdkError:
+            pass  # refused where the test target refuses it
+        else:  # taken when allowed: then no handshake opens with it
+            ch = Changes()
+            bdev = t.ensure_bdev(ch, {"kind": "malloc", "name": "M1", "size": 8 * MiB,
+                                      "block_size": 4096})
+            t.ensure_namespace(ch, NQN, bdev, 1)
+            t.ensure_listener(ch, NQN, "127.0.0.1", port, secure=True)
+            with pytest.raises(NvmfError):
+                NvmfDevice(NvmfTargetConfig("127.0.0.1", port, NQN, HOSTNQN, psk=key,
+                                            connect_timeout_s=3.0))
+            t.call("nvmf_subsystem_remove_host", nqn=NQN, host=HOSTNQN)
+        fixed = tmp_path / "ok.psk"
+        psk.write_file(str(fixed), key)
+        t.call("keyring_file_add_key", name="ok", path=str(fixed))
+        t.call("nvmf_subsystem_add_host", nqn=NQN, host=HOSTNQN, psk="ok")
+
+
+def test_a_provisioning_spdk_refuses_midway_is_rolled_back(spdk: str, tmp_path: Path) -> None:
+    """The listener's port taken by another process: SPDK refuses the listener after the
+    bdev, the subsystem, its host and namespace exist; provisioning takes them back."""
+    import socket
+
+    from kvtier.daemon.spdk import SpdkError
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    p = pool_config(spdk, port)
+    with SpdkTarget(spdk) as t:
+        before = (t.call("nvmf_get_subsystems"), t.call("bdev_get_bdevs"))
+    try:
+        with pytest.raises(SpdkError, match=r"nvmf_subsystem_add_listener failed.*rolled "
+                                            r"back .*deleted subsystem .*deleted malloc bdev"):
+            provision_pool(p)
+    finally:
+        busy.close()
+    with SpdkTarget(spdk) as t:
+        assert (t.call("nvmf_get_subsystems"), t.call("bdev_get_bdevs")) == before
+    assert provision_pool(p).made  # the port free: it provisions
     assert decommission_pool(p, delete_bdev=True).made
 
 

@@ -6,5 +6,9 @@
 * `queue` -- the host's per-queue state machine (sans-IO);
 * `host` -- the trio transport: controller association, queues, MDTS splitting,
   keep-alive, timeouts, reconnect;
-* `device` -- a `BlockDevice` over one namespace, so a pool lives on it unchanged.
+* `device` -- a `BlockDevice` over one namespace, so a pool lives on it unchanged;
+* `psk` -- TLS pre-shared keys: the interchange format, the PSK identity and the
+  derivations of the retained and TLS PSKs;
+* `tls` -- TLS 1.3 with an external PSK (the secure channel), sans-IO, over the system's
+  OpenSSL.
 """

@@ -11,6 +11,12 @@ runs on the daemon's control loop.
 Reads land in the caller's buffers (no alignment needed over TCP); a read whose start or end
 is not on an LBA boundary reads the edge blocks into a small buffer and copies only the
 bytes asked for.  Writes must be LBA-aligned (the pool writes whole blocks).
+
+While the connection is down, I/O fails at once with a `DeviceError` and the host
+reconnects in the background: no caller waits for a reconnect, so the pool's lock (held
+over segment header writes) is never held across one.  `health()` reads the controller's
+counters without going through the host's loop, so it answers whatever the target does;
+`wait_state` lets a caller that holds no lock wait for the connection to come back.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ class NvmfDevice:
         self.cfg = cfg
         self._name = name
         self._ctrl = Controller(cfg, name)
+        self._state_cv = threading.Condition()
+        self._ctrl.on_state = self._state_changed
         self._token: trio.lowlevel.TrioToken | None = None
         self._closing: trio.Event | None = None
         self._ready = threading.Event()
@@ -159,12 +167,32 @@ class NvmfDevice:
         self._call(self._ctrl.flush)
 
     def health(self) -> dict[str, Any]:
+        """State and counters (Health's fields and the namespace's), without waiting on the
+        host's loop or the target."""
         h = self._ctrl.health.as_dict()
         h.update(kind="nvmf", address=f"{self.cfg.address}:{self.cfg.port}",
                  subnqn=self.cfg.subnqn, nsid=self.cfg.nsid, lba_size=self._ctrl.lba_size,
                  io_queues=self._ctrl.io_queues, queue_depth=self.cfg.queue_depth,
-                 max_io=self._ctrl.max_io, namespace_bytes=self._ctrl.size)
+                 max_io=self._ctrl.max_io, namespace_bytes=self._ctrl.size,
+                 io_timeout_s=self.cfg.io_timeout_s)
         return h
+
+    @property
+    def state(self) -> str:
+        return self._ctrl.state
+
+    def _state_changed(self, state: str) -> None:
+        with self._state_cv:
+            self._state_cv.notify_all()
+
+    def wait_state(self, *states: str, timeout: float) -> bool:
+        """Block until the connection's state is one of `states` ("live", "reconnecting");
+        False after `timeout` seconds.  Never call it holding a lock other threads need."""
+        with self._state_cv:
+            return self._state_cv.wait_for(lambda: self._ctrl.state in states, timeout)
+
+    def wait_live(self, timeout: float) -> bool:
+        return self.wait_state("live", timeout=timeout)
 
     def close(self) -> None:
         token, self._token = self._token, None

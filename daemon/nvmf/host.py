@@ -13,8 +13,13 @@ submitted as one batch over the queues, round robin; its caller wakes once, at t
 the KATO, and when anything fails (a connection reset or closed, a protocol error, a
 command past its timeout, the target gone) it tears the association down at once -- every
 command in flight fails with an `NvmfError` that says what happened -- and builds a new one
-with exponential backoff.  Requests that arrive while it reconnects wait for it up to their
-timeout.  A command whose waiter goes away (timeout or cancellation) always takes the
+with exponential backoff, in the background.  Requests that arrive while there is no live
+association fail at once (`NvmfError`, "not connected"): a caller never waits for a
+reconnect, so one that holds a lock (the pool writes segment headers under its own) never
+holds it across an outage.  Losing the connection, the reconnect attempts (rate-limited)
+and getting it back are logged once per change and counted in `Health`; `last_error` is
+the error of the current outage ("" while live), `recent_errors` the last few with their
+times.  A command whose waiter goes away (timeout or cancellation) always takes the
 association down with it: an NVMe command cannot be recalled, and a late C2HData must not
 land in a buffer its caller has since reused, nor a late R2T send one.
 
@@ -27,11 +32,10 @@ into wherever the state machine says.
 
 from __future__ import annotations
 
-import os
+import logging
 import socket
 import time
-import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,12 +46,21 @@ from kvtier.daemon.errors import DeviceError
 from kvtier.daemon.nvmf import nvme
 from kvtier.daemon.nvmf.psk import ConfiguredPsk
 from kvtier.daemon.nvmf.queue import Completed, Connected, HostQueue, Send, Terminated
+
+# Plain data, kept out of this trio module so that the config need not import it;
+# re-exported here (`X as X`) for the users that import them from `host`.
+from kvtier.daemon.nvmf.target_config import NvmfTargetConfig as NvmfTargetConfig
+from kvtier.daemon.nvmf.target_config import default_hostnqn as default_hostnqn
 from kvtier.daemon.nvmf.tls import TlsError, TlsSession
 
 ADMIN_DEPTH = 32
 ADMIN_QID = 0
 TLS_FLUSH = 1 << 20  # plaintext bytes encrypted before the records go out
 TLS_RECV = 1 << 18  # ciphertext read from the socket at a time
+RETRY_LOG_INTERVAL_S = 10.0  # at most one log line per this long for failed reconnects
+RECENT_ERRORS = 8  # errors kept, with their times, in Health.recent_errors
+
+log = logging.getLogger("kvtierd.nvmf")
 
 
 class NvmfError(DeviceError):
@@ -61,45 +74,33 @@ class NvmeStatusError(NvmfError):
 
 
 @dataclass
-class NvmfTargetConfig:
-    address: str
-    port: int
-    subnqn: str
-    hostnqn: str
-    nsid: int = 1
-    queues: int = 4
-    queue_depth: int = 32
-    header_digest: bool = False
-    data_digest: bool = False
-    kato_ms: int = 10_000
-    io_timeout_s: float = 10.0
-    connect_timeout_s: float = 5.0
-    reconnect_max_s: float = 2.0
-    hostid: bytes = field(default_factory=lambda: uuid.uuid4().bytes)
-    psk: ConfiguredPsk | None = None  # TLS 1.3 with this PSK on every queue
-    psk_file: str = ""  # where `psk` was read from (provisioning hands it to SPDK)
-
-    @property
-    def where(self) -> str:
-        return f"{self.address}:{self.port} {self.subnqn} ns {self.nsid}"
-
-
-@dataclass
 class Health:
-    state: str = "connecting"
-    connects: int = 0
-    reconnects: int = 0
-    last_error: str = ""
+    """The controller's state and counters.  Written by the host's trio thread only; read
+    from any thread without a lock (each field is replaced whole), so `kvtier status`
+    never waits on the device."""
+
+    state: str = "connecting"  # "connecting" (first attach), "live", "reconnecting"
+    connects: int = 0  # associations built
+    reconnects: int = 0  # associations built after a loss
+    connection_losses: int = 0  # live associations lost
+    reconnect_attempts: int = 0  # failed attempts to build one after a loss
+    io_refused: int = 0  # requests failed at once because there was no live association
+    last_error: str = ""  # what the current outage is about; "" while live
+    last_error_at: float = 0.0  # wall time of the newest error (kept once live again)
+    recent_errors: tuple[dict[str, Any], ...] = ()  # the newest RECENT_ERRORS: {at, error}
+    down_since: float = 0.0  # wall time the connection was lost; 0 while live
     commands: int = 0
     errors: int = 0
     timeouts: int = 0
     bytes_read: int = 0
     bytes_written: int = 0
     tls: str = ""  # the secure channel of the last queue connected, "" without TLS
-    since: float = field(default_factory=time.time)
+    since: float = field(default_factory=time.time)  # of the current state
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
+        d = dict(vars(self))
+        d["recent_errors"] = [dict(e) for e in self.recent_errors]
+        return d
 
 
 class _Batch:
@@ -508,8 +509,13 @@ class Controller:
         self.cfg = cfg
         self.name = name
         self.health = Health()
+        # Called (on the host's thread) after every change of `health.state`.
+        self.on_state: Callable[[str], None] | None = None
         self._assoc: _Association | None = None
-        self._live = trio.Event()
+        self._down_at = 0.0  # monotonic time of the loss, for the durations logged
+        self._attempts = 0  # failed reconnect attempts in the current outage
+        self._retry_logged_at: float | None = None  # monotonic; None: none logged yet
+        self._retries_unlogged = 0
         self.lba_size = 0
         self.nblocks = 0
         self.max_io = 0
@@ -518,6 +524,75 @@ class Controller:
     @property
     def size(self) -> int:
         return self.lba_size * self.nblocks
+
+    @property
+    def live(self) -> bool:
+        assoc = self._assoc
+        return assoc is not None and assoc.failed is None
+
+    @property
+    def state(self) -> str:
+        """`health.state`, except "reconnecting" from the moment an association fails
+        (`run` records the loss a moment later, on the host's thread)."""
+        st = self.health.state
+        return "reconnecting" if st == "live" and not self.live else st
+
+    # -- state changes (each logged once, and counted) ------------------------------------
+
+    def _set_state(self, state: str) -> None:
+        h = self.health
+        if h.state != state:
+            h.state, h.since = state, time.time()
+        if self.on_state is not None:
+            self.on_state(state)
+
+    def _record_error(self, error: str) -> None:
+        h = self.health
+        now = time.time()
+        h.last_error, h.last_error_at = error, now
+        h.recent_errors = (*h.recent_errors[-(RECENT_ERRORS - 1):],
+                           {"at": round(now, 3), "error": error})
+
+    def _lost(self, reason: str) -> None:
+        h = self.health
+        h.connection_losses += 1
+        h.down_since = time.time()
+        self._down_at = time.monotonic()
+        self._attempts = self._retries_unlogged = 0
+        self._retry_logged_at = None
+        self._record_error(reason)
+        self._set_state("reconnecting")
+        log.warning("%s: lost the connection to %s: %s; reconnecting in the background "
+                    "(I/O fails until it is back)", self.name, self.cfg.where, reason)
+
+    def _retry_failed(self, error: str) -> None:
+        self.health.reconnect_attempts += 1
+        self._attempts += 1
+        self._record_error(error)
+        now = time.monotonic()
+        # One line for the first failed attempt, then at most one per interval: an outage
+        # of hours at a 2 s backoff must not write thousands of lines.
+        if self._retry_logged_at is None or now - self._retry_logged_at >= RETRY_LOG_INTERVAL_S:
+            more = (f" ({self._retries_unlogged} more failed since the last report)"
+                    if self._retries_unlogged else "")
+            log.warning("%s: still reconnecting to %s: attempt %d failed, down %.1f s%s: %s",
+                        self.name, self.cfg.where, self._attempts, now - self._down_at, more,
+                        error)
+            self._retry_logged_at, self._retries_unlogged = now, 0
+        else:
+            self._retries_unlogged += 1
+            log.debug("%s: reconnect attempt %d failed: %s", self.name, self._attempts, error)
+
+    def _now_live(self, first: bool) -> None:
+        h = self.health
+        h.connects += 1
+        if not first:
+            h.reconnects += 1
+            log.warning("%s: the connection to %s is back after %.1f s (%d failed attempts)",
+                        self.name, self.cfg.where, time.monotonic() - self._down_at,
+                        self._attempts)
+        h.last_error, h.down_since = "", 0.0  # history stays in recent_errors
+        self._set_state("live")
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         first = True
@@ -534,39 +609,31 @@ class Controller:
                     error = f"no answer within {self.cfg.connect_timeout_s:g} s"
                 except NvmfError as e:
                     error = str(e)
+                if error is None and not first and \
+                        (assoc.lba_size, assoc.nblocks) != (self.lba_size, self.nblocks):
+                    error = (f"namespace changed from {self.nblocks} x {self.lba_size} to "
+                             f"{assoc.nblocks} x {assoc.lba_size} bytes; not using it")
                 if error is not None:
                     assoc.fail(error)
                     nursery.cancel_scope.cancel()
-                    self.health.last_error = error
-                    self.health.state = "reconnecting" if not first else "connecting"
                     if first:
+                        self._record_error(error)
                         fatal = NvmfError(f"{self.name}: cannot attach {self.cfg.where}: {error}")
-                else:
-                    if not first and (assoc.lba_size, assoc.nblocks) != (self.lba_size,
-                                                                           self.nblocks):
-                        assoc.fail("namespace geometry changed")
-                        self.health.last_error = (
-                            f"namespace changed from {self.nblocks} x {self.lba_size} to "
-                            f"{assoc.nblocks} x {assoc.lba_size} bytes; not using it")
                     else:
-                        self.lba_size, self.nblocks = assoc.lba_size, assoc.nblocks
-                        self.max_io, self.io_queues = assoc.max_io, len(assoc.io)
-                        self._assoc = assoc
-                        self.health.state = "live"
-                        self.health.connects += 1
-                        self.health.reconnects += 0 if first else 1
-                        self.health.since = time.time()
-                        backoff = 0.05
-                        self._live.set()
-                        if first:
-                            first = False
-                            task_status.started()
-                        nursery.start_soon(assoc.keep_alive)
-                        await assoc.failed_event.wait()
-                        self._assoc = None
-                        self._live = trio.Event()
-                        self.health.state = "reconnecting"
-                        self.health.last_error = assoc.failed or ""
+                        self._retry_failed(error)
+                else:
+                    self.lba_size, self.nblocks = assoc.lba_size, assoc.nblocks
+                    self.max_io, self.io_queues = assoc.max_io, len(assoc.io)
+                    self._assoc = assoc
+                    backoff = 0.05
+                    self._now_live(first)
+                    if first:
+                        first = False
+                        task_status.started()
+                    nursery.start_soon(assoc.keep_alive)
+                    await assoc.failed_event.wait()
+                    self._assoc = None
+                    self._lost(assoc.failed or "association failed")
                     nursery.cancel_scope.cancel()
             if fatal is not None:
                 raise fatal
@@ -574,18 +641,18 @@ class Controller:
             backoff = min(backoff * 2, self.cfg.reconnect_max_s)
 
     async def _association(self, what: str) -> _Association:
+        """The live association, or NvmfError at once: a request never waits for a
+        reconnect (its caller may hold a lock others need; see the module docstring)."""
         assoc = self._assoc
         if assoc is not None and assoc.failed is None:
             return assoc
-        with trio.move_on_after(self.cfg.io_timeout_s):
-            while True:
-                await self._live.wait()
-                assoc = self._assoc
-                if assoc is not None and assoc.failed is None:
-                    return assoc
-                await trio.sleep(0.01)
+        h = self.health
+        h.io_refused += 1
+        # Just failed, not yet seen by `run`: the association's own reason is the newest.
+        why = (assoc.failed if assoc is not None else None) or h.last_error or "connecting"
+        down = f" for {time.time() - h.down_since:.1f} s" if h.down_since else ""
         raise NvmfError(f"{self.name}: {what}: not connected to {self.cfg.where} "
-                        f"({self.health.last_error or 'connecting'}); still reconnecting")
+                        f"(down{down}: {why}); reconnecting in the background")
 
     # -- I/O --------------------------------------------------------------------------------
 
@@ -649,14 +716,3 @@ class Controller:
     async def flush(self) -> None:
         assoc = await self._association("flush")
         await assoc.command(assoc.pick(), nvme.flush_cmd(self.cfg.nsid), "flush")
-
-
-def default_hostnqn() -> str:
-    """A stable host NQN for this machine (from /etc/machine-id when there is one)."""
-    try:
-        with open("/etc/machine-id") as f:
-            mid = f.read().strip()
-        u = uuid.UUID(mid) if len(mid) == 32 else uuid.uuid5(uuid.NAMESPACE_DNS, mid)
-    except (OSError, ValueError):
-        u = uuid.uuid5(uuid.NAMESPACE_DNS, os.uname().nodename)
-    return f"nqn.2014-08.org.nvmexpress:uuid:{u}"
