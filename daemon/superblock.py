@@ -90,3 +90,21 @@ def superblock_present(dev: BlockDevice) -> bool:
         if bytes(buf[:len(SB_MAGIC)]) == SB_MAGIC:
             return True
     return False
+
+
+def newest_superblock(dev: BlockDevice) -> Superblock | None:
+    """The valid copy with the higher generation, or None if neither decodes (opening the
+    pool then says why).  A look at the geometry before the pool is opened."""
+    best: Superblock | None = None
+    buf = aligned_buffer(SB_SIZE)
+    for name, off in (("A", 0), ("B", SB_B_OFFSET)):
+        if off + SB_SIZE > dev.size:
+            continue
+        dev.readv_into(off, [buf])
+        try:
+            sb = decode_superblock(buf, where=f"{dev.name}: superblock {name}")
+        except (FormatError, CorruptionError):  # VersionError is a FormatError
+            continue
+        if best is None or sb.generation > best.generation:
+            best = sb
+    return best
