@@ -5,6 +5,15 @@ the problem.  With no file the embedded default is used: a DRAM tier plus one fi
 under the state dir, and one tenant (`default`) whose token is kept in
 `<state_dir>/default.token` (created 0600 on first start).  docs/OPERATIONS.md lists
 every key.
+
+Validation is in two steps: `parse_config` checks everything the values alone decide
+(what `Pool.format`, the DRAM tiers and the token checks would refuse at start, or accept
+and then never use), and `check_runtime` what the filesystem decides (directories that
+must exist or be creatable).  `kvtierd check-config` runs both.
+
+A leaf module: it imports neither trio, the NVMe-oF host nor the engine (tests/
+test_config_checks.py checks that), so the engine's limits it checks against are
+restated below, and a test holds them equal to the engine's.
 """
 
 from __future__ import annotations
@@ -12,17 +21,49 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import secrets
+import stat
 import tomllib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kvtier.daemon.nvmf import psk
-from kvtier.daemon.nvmf.host import NvmfTargetConfig, default_hostnqn
-from kvtier.daemon.policy import POLICIES
+from kvtier.daemon.nvmf.target_config import NvmfTargetConfig, default_hostnqn
 from kvtier.daemon.sizes import parse_size
 
-MIN_DRAM_SEGMENTS = 4  # the smallest pool the engine formats
+# The DRAM policies (kvtier.daemon.policy.POLICIES, which checks it has exactly these).
+POLICY_NAMES = ("lru", "reuse")
+
+# The engine's geometry (kvtier.daemon.superblock, kvtier.daemon.pool).
+HEADER_ZONE = 1 << 20  # a pool's superblocks; its segments start after it
+POOL_BLOCK_SIZE = 4096  # the pool block size: segments and file pools are multiples of it
+MIN_SEGMENT = 64 << 10
+MAX_SEGMENT = 1 << 30
+PUT_RESERVE = 2  # free segments a put leaves beyond a checkpoint's (cleaner, META)
+# The fewest segments a pool -- media or DRAM -- needs to take a put at all: the checkpoint
+# `Pool.format` writes, room for the next checkpoint (one segment for a pool this small),
+# PUT_RESERVE, and one to write into.  `Pool.format` takes 4, but a pool of 4 refuses every
+# put (PoolFullError): a media pool stores nothing, a DRAM tier caches nothing.
+MIN_POOL_SEGMENTS = 1 + 1 + PUT_RESERVE + 1
+MAX_THREADS = 1024  # limits.io_threads, prefetch_threads, hello_threads: 1..MAX_THREADS
+SOCKET_PATH_MAX = 107  # bytes of a Unix socket path (sun_path, less its NUL)
+# Token hashes: what OpenSSL's scrypt (hashlib) accepts -- 128 * r * (n + 2 + p) bytes of
+# memory at most, its default maxmem; n < 2**(16 * r) -- and a bound on the cost of one
+# check (n * r * p; `kvtier token hash` makes 2**17): 32 times that, about 1 s a HELLO.
+SCRYPT_MAX_MEM = 32 << 20
+SCRYPT_MAX_COST = 1 << 22
+
+
+def min_pool_bytes(segment_size: int) -> int:
+    """The smallest media pool of `segment_size` segments that takes puts."""
+    return HEADER_ZONE + MIN_POOL_SEGMENTS * segment_size
+
+
+def min_dram_bytes(segment_size: int) -> int:
+    """The smallest DRAM tier (a whole number of segments) that caches anything: the
+    header zone, rounded up to whole segments, plus MIN_POOL_SEGMENTS."""
+    return (-(-HEADER_ZONE // segment_size) + MIN_POOL_SEGMENTS) * segment_size
 
 
 class ConfigError(Exception):
@@ -91,6 +132,7 @@ class Limits:
     max_unauthenticated: int = 64  # connections that have not finished HELLO, at once
     max_unauthenticated_per_uid: int = 8  # ... of them from one uid
     hello_threads: int = 2  # token checks (scrypt) running at once
+    auth_failures_before_lockout: int = 8  # a uid's failed HELLOs in a row before it waits
     control_timeout_s: float = 10.0  # for HELLO, and for any half-sent control message
     inflight_per_client: int = 64
     io_threads: int = 8
@@ -133,25 +175,41 @@ class Config:
 
     def dram_shares(self) -> dict[str, int]:
         """Each tenant's private DRAM tier size: its `dram` if set, else an equal share of
-        what `[dram] size` has left, in whole segments.  Raises ConfigError if a share is
-        too small to be a pool (4 segments) or the explicit sizes exceed `[dram] size`."""
+        what `[dram] size` has left, in whole segments.  Raises ConfigError, naming the key
+        to change, if the explicit sizes exceed `[dram] size` or a tier is too small to
+        cache anything (`min_dram_bytes`: the header zone and MIN_POOL_SEGMENTS segments)."""
         seg = self.dram_segment_size
+        index = {t.id: i for i, t in enumerate(self.tenants)}
         fixed = {t.id: t.dram_size for t in self.tenants if t.dram_size is not None}
         rest = [t.id for t in self.tenants if t.dram_size is None]
-        left = self.dram_size - sum(v for v in fixed.values() if v is not None)
+        total = sum(v for v in fixed.values() if v is not None)
+        left = self.dram_size - total
         if left < 0:
-            raise ConfigError(f"config {self.source}: the tenants' dram sizes add up to more "
-                              f"than dram.size ({self.dram_size} bytes)")
+            raise ConfigError(f"config {self.source}: dram.size: the tenants' dram sizes add "
+                              f"up to more than dram.size ({self.dram_size} bytes): {total} "
+                              f"bytes")
         shares = {k: v for k, v in fixed.items() if v is not None}
         for tid in rest:
             shares[tid] = left // len(rest) // seg * seg
         for tid, size in shares.items():
-            if size < MIN_DRAM_SEGMENTS * seg:
-                raise ConfigError(
-                    f"config {self.source}: tenant {tid!r}: its DRAM tier of {size} bytes is "
-                    f"smaller than {MIN_DRAM_SEGMENTS} segments of {seg} bytes; raise dram.size "
-                    f"or give the tenant `dram = \"<size>\"`")
+            self._check_dram_tier(tid, size, f"tenant[{index[tid]}].dram" if tid in fixed
+                                  else None)
         return shares
+
+    def _check_dram_tier(self, tid: str, size: int, key: str | None) -> None:
+        """`key`: the tenant's own `dram`; None: its tier is an equal share of dram.size."""
+        seg = self.dram_segment_size
+        need = min_dram_bytes(seg)
+        if size >= need:
+            return
+        want = f'`dram = "{_size_text(need)}"` or more'
+        how = f"set {want}" if key else f"raise dram.size, or give the tenant {want}"
+        raise ConfigError(
+            f"config {self.source}: {key or 'dram.size'}: tenant {tid!r}: its DRAM tier of "
+            f"{size} bytes is smaller than {need} bytes, the least that caches anything "
+            f"(the {HEADER_ZONE >> 20} MiB header zone in whole segments, then "
+            f"{MIN_POOL_SEGMENTS} segments of dram.segment_size = {seg}; a smaller tier "
+            f"sends every PUT to the media pool): {how}")
 
     def max_clients_of(self, tenant: TenantConfig) -> int:
         """How many clients of `tenant` may be connected at once."""
@@ -200,16 +258,46 @@ def hash_token(token: str) -> str:
     return f"scrypt${n}${r}${p}${salt.hex()}${h.hex()}"
 
 
+_HEX = re.compile(r"(?:[0-9a-fA-F]{2})+")
+
+
+def parse_token_hash(stored: str) -> tuple[int, int, int, bytes, bytes]:
+    """(n, r, p, salt, hash) of a `scrypt$<n>$<r>$<p>$<salt hex>$<hash hex>` token hash.
+    ValueError says what is wrong: a hash this accepts is one a token can match."""
+    parts = stored.split("$")
+    if len(parts) != 6 or parts[0] != "scrypt":
+        raise ValueError("must be a scrypt hash, scrypt$<n>$<r>$<p>$<salt hex>$<hash hex>")
+    for name, text in zip("nrp", parts[1:4], strict=True):
+        if not (text.isascii() and text.isdigit()) or len(text) > 20:
+            raise ValueError(f"{name} must be a decimal number, got {text[:24]!r}")
+    n, r, p = (int(v) for v in parts[1:4])
+    if n < 2 or n & (n - 1):
+        raise ValueError(f"n must be a power of two > 1, got {n}")
+    if r < 1 or p < 1:
+        raise ValueError(f"r and p must be at least 1, got r={r}, p={p}")
+    if n >= 1 << min(16 * r, 64):
+        raise ValueError(f"n must be below 2**(16*r) = {1 << 16 * r}, got {n}")
+    if 128 * r * (n + 2 + p) > SCRYPT_MAX_MEM:
+        raise ValueError(f"n={n}, r={r}, p={p} need {128 * r * (n + 2 + p)} bytes of memory "
+                         f"(128*r*(n+2+p)); scrypt here allows {SCRYPT_MAX_MEM}")
+    if n * r * p > SCRYPT_MAX_COST:
+        raise ValueError(f"n*r*p = {n * r * p} makes every HELLO too slow; at most "
+                         f"{SCRYPT_MAX_COST} (`kvtier token hash` uses {2**14 * 8})")
+    salt, want = parts[4], parts[5]
+    if not _HEX.fullmatch(salt):
+        raise ValueError(f"salt must be hex digits (at least one byte), got {salt!r}")
+    if len(want) != 64 or not _HEX.fullmatch(want):
+        raise ValueError(f"hash must be 64 hex digits (32 bytes), got {want!r}")
+    return n, r, p, bytes.fromhex(salt), bytes.fromhex(want)
+
+
 def verify_token(token: str, stored: str) -> bool:
     try:
-        kind, n, r, p, salt, want = stored.split("$")
-        if kind != "scrypt":
-            return False
-        h = hashlib.scrypt(token.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r),
-                           p=int(p), dklen=32)
+        n, r, p, salt, want = parse_token_hash(stored)
+        h = hashlib.scrypt(token.encode(), salt=salt, n=n, r=r, p=p, dklen=32)
     except ValueError:
         return False
-    return hmac.compare_digest(h.hex(), want)
+    return hmac.compare_digest(h, want)
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -296,6 +384,82 @@ def ensure_default_tenant(cfg: Config) -> str:
     return token
 
 
+def check_runtime(cfg: Config) -> None:
+    """What the filesystem decides about `cfg`, checked as the user calling it (run
+    `kvtierd check-config` as kvtierd's user): ConfigError naming the key.
+
+    * `state_dir` and the directory of `socket`: existing directories this user may
+      create files in, or creatable (their nearest existing ancestor is); an existing
+      `socket` must be a socket (kvtierd removes a stale one at start) and an existing
+      `<state_dir>/audit.log` writable.
+    * file pools: the directory of `path` must exist (kvtierd does not create it), unless
+      it is `state_dir` (created at start, before the pool is opened); a missing `path`
+      needs a writable directory, `size`, and a `format` other than "never"; an existing
+      one must be a regular file or block device, readable and writable.
+    """
+    _check_socket_path(cfg)
+
+    def fail(key: str, problem: str) -> ConfigError:
+        return ConfigError(f"config {cfg.source}: {key}: {problem}")
+
+    def creatable_dir(key: str, path: str) -> None:
+        probe = os.path.abspath(path)
+        while not os.path.lexists(probe):
+            probe = os.path.dirname(probe)
+        if not os.path.isdir(probe):
+            raise fail(key, f"{probe} (on the way to {path}) is not a directory")
+        if os.access(probe, os.W_OK | os.X_OK):
+            return
+        if probe == os.path.abspath(path):
+            raise fail(key, f"directory {path} is not writable by uid {os.geteuid()}")
+        raise fail(key, f"directory {path} does not exist, and {probe}, where it would be "
+                        f"created, is not writable by uid {os.geteuid()}")
+
+    creatable_dir("state_dir", cfg.state_dir)
+    audit = os.path.join(cfg.state_dir, "audit.log")
+    if os.path.exists(audit) and not os.access(audit, os.R_OK | os.W_OK):
+        raise fail("state_dir", f"{audit} is not readable and writable by uid {os.geteuid()}")
+    creatable_dir("socket", os.path.dirname(os.path.abspath(cfg.socket)))
+    try:
+        st = os.lstat(cfg.socket)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise fail("socket", f"{cfg.socket} exists and is not a socket (kvtierd would "
+                                 f"remove it to listen there)")
+    for i, p in enumerate(cfg.pools):
+        if p.kind != "file":
+            continue
+        key = f"pool[{i}]"
+        parent = os.path.dirname(os.path.abspath(p.path))
+        in_state = parent == os.path.abspath(cfg.state_dir)  # checked above
+        if not in_state and not os.path.isdir(parent):
+            raise fail(f"{key}.path", f"directory {parent} (of {p.path}) does not exist; "
+                                      f"kvtierd does not create it: create it, or fix the "
+                                      f"path")
+        if not os.path.lexists(p.path):
+            if p.format == "never":
+                raise fail(f"{key}.format", f'{p.path} does not exist and format = "never" '
+                                            f"(kvtierd only opens a pool that is there)")
+            if not p.size:
+                raise fail(f"{key}.size", f"{p.path} does not exist and no size is "
+                                          f"configured to create it")
+            if os.path.isdir(parent) and not os.access(parent, os.W_OK | os.X_OK):
+                raise fail(f"{key}.path", f"{p.path} does not exist and its directory "
+                                          f"{parent} is not writable by uid {os.geteuid()}")
+            continue
+        try:
+            mode = os.stat(p.path).st_mode
+        except OSError as e:
+            raise fail(f"{key}.path", f"{p.path}: {e.strerror}") from None
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise fail(f"{key}.path", f"{p.path} is not a regular file or block device")
+        if not os.access(p.path, os.R_OK | os.W_OK):
+            raise fail(f"{key}.path", f"{p.path} is not readable and writable by uid "
+                                      f"{os.geteuid()}")
+
+
 def load_config(path: str) -> Config:
     try:
         with open(path, "rb") as f:
@@ -319,7 +483,7 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
     if "dram" in data:
         d = r.sub("dram", data["dram"])
         cfg.dram_size = d.size("size", cfg.dram_size)
-        cfg.dram_segment_size = d.size("segment_size", cfg.dram_segment_size)
+        cfg.dram_segment_size = _segment_size(d, "segment_size", cfg.dram_segment_size)
         cfg.dram_populate = d.get("populate", bool, True)
         d.check_unknown()
         r.used.add("dram")
@@ -337,10 +501,12 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
         kind = pr.get("kind", str, "file")
         if kind not in ("file", "nvmf"):
             raise pr.fail("kind", f'unknown pool kind {kind!r} (supported: "file", "nvmf")')
+        size, seg = pr.size("size", 0), _segment_size(pr, "segment_size", 64 << 20)
+        if size:
+            _check_pool_size(pr, kind, size, seg)
         if kind == "nvmf":
-            cfg.pools.append(PoolConfig(name, kind, "", pr.size("size", 0),
-                                        pr.size("segment_size", 64 << 20),
-                                        nvmf=_nvmf_pool(pr), format=_format_mode(pr)))
+            cfg.pools.append(PoolConfig(name, kind, "", size, seg, nvmf=_nvmf_pool(pr),
+                                        format=_format_mode(pr)))
             pr.check_unknown()
             continue
         ppath = pr.get("path", str, required=True)
@@ -349,8 +515,7 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
         direct = pr.get("direct", str, "auto")
         if direct not in ("auto", "on", "off"):
             raise pr.fail("direct", f'must be "auto", "on" or "off", got {direct!r}')
-        cfg.pools.append(PoolConfig(name, kind, ppath, pr.size("size", 0),
-                                    pr.size("segment_size", 64 << 20), direct,
+        cfg.pools.append(PoolConfig(name, kind, ppath, size, seg, direct,
                                     format=_format_mode(pr)))
         pr.check_unknown()
     if not cfg.pools:
@@ -364,9 +529,10 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
         if cfg.tenant(tid):
             raise tr.fail("id", f"duplicate tenant {tid!r}")
         th = tr.get("token_hash", str, required=True)
-        if not th.startswith("scrypt$") or th.count("$") != 5:
-            raise tr.fail("token_hash", "must be a scrypt hash (make one with "
-                                        "`kvtier token hash`)")
+        try:
+            parse_token_hash(th)
+        except ValueError as e:
+            raise tr.fail("token_hash", f"{e} (make one with `kvtier token hash`)") from None
         uids = _uids(tr, "allowed_uids", None)
         tdram = tr.size("dram", 0) if "dram" in tr.table else None
         if tdram is not None and tdram % cfg.dram_segment_size:
@@ -406,10 +572,13 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
         lim.arena_max = lr.size("arena_max", lim.arena_max)
         for k in ("ring_entries", "max_clients", "max_clients_per_tenant",
                   "max_unauthenticated", "max_unauthenticated_per_uid", "hello_threads",
-                  "inflight_per_client", "io_threads", "prefetch_threads"):
+                  "auth_failures_before_lockout", "inflight_per_client", "io_threads",
+                  "prefetch_threads"):
             v = lr.get(k, int, getattr(lim, k))
             if v <= 0:
                 raise lr.fail(k, f"must be positive, got {v}")
+            if k.endswith("_threads") and v > MAX_THREADS:
+                raise lr.fail(k, f"must be 1..{MAX_THREADS} (threads), got {v}")
             setattr(lim, k, v)
         lr.used.add("stalled_client_timeout_s")
         stall = lr.table.get("stalled_client_timeout_s", lim.stalled_client_timeout_s)
@@ -431,6 +600,8 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
             raise lr.fail("ring_entries", f"must be a power of two, got {lim.ring_entries}")
         if lim.arena_default > lim.arena_max:
             raise lr.fail("arena_default", "must not exceed arena_max")
+        if lim.arena_default < 4096:  # HELLO refuses arenas below a page
+            raise lr.fail("arena_default", f"must be at least 4096, got {lim.arena_default}")
         lr.check_unknown()
         r.used.add("limits")
     if "policy" in data:
@@ -456,9 +627,53 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
         fr.check_unknown()
         r.used.add("fuse")
     r.check_unknown()
+    _check_socket_path(cfg)
     if cfg.tenants:
         cfg.dram_shares()
+    else:  # the embedded default tenant (`ensure_default_tenant`) gets all of it
+        cfg._check_dram_tier("default", cfg.dram_size // cfg.dram_segment_size
+                             * cfg.dram_segment_size, None)
     return cfg
+
+
+def _size_text(n: int) -> str:
+    """`n` bytes as a config size ("24M", "1344K", or bytes)."""
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if n and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
+
+
+def _segment_size(r: _Reader, key: str, default: int) -> int:
+    seg = r.size(key, default)
+    if seg % POOL_BLOCK_SIZE or not MIN_SEGMENT <= seg <= MAX_SEGMENT:
+        raise r.fail(key, f"must be a multiple of {POOL_BLOCK_SIZE} from 64K to 1G "
+                          f"({MIN_SEGMENT}..{MAX_SEGMENT} bytes), got {seg}")
+    return seg
+
+
+def _check_pool_size(pr: _Reader, kind: str, size: int, seg: int) -> None:
+    """What `Pool.format` needs of a pool of `size` bytes (an nvmf pool's limit is rounded
+    down to whole blocks), and enough segments to take puts."""
+    if kind == "file" and size % POOL_BLOCK_SIZE:
+        raise pr.fail("size", f"must be a multiple of {POOL_BLOCK_SIZE}, got {size}")
+    if seg > size:
+        raise pr.fail("segment_size", f"{seg} bytes is larger than the pool (size = {size})")
+    usable = size - size % POOL_BLOCK_SIZE - HEADER_ZONE
+    if usable < MIN_POOL_SEGMENTS * seg:
+        raise pr.fail("size", f"{size} bytes hold {max(usable // seg, 0)} segment(s) of "
+                              f"segment_size = {seg} "
+                              f"after the {HEADER_ZONE >> 20} MiB header zone; a "
+                              f"pool needs at least {MIN_POOL_SEGMENTS} to store anything: "
+                              f"size >= {min_pool_bytes(seg)}")
+
+
+def _check_socket_path(cfg: Config) -> None:
+    n = len(os.fsencode(cfg.socket))
+    if n > SOCKET_PATH_MAX:
+        raise ConfigError(f"config {cfg.source}: socket: {cfg.socket} is {n} bytes; a Unix "
+                          f"socket path has at most {SOCKET_PATH_MAX}: set a shorter socket "
+                          f"(or state_dir)")
 
 
 _FORMAT_MODES = ("if-missing", "if-empty", "never")
@@ -475,8 +690,8 @@ def _format_mode(pr: _Reader) -> str:
 def _policy(pr: _Reader) -> PolicyConfig:
     pc = PolicyConfig()
     pc.name = pr.get("name", str, pc.name)
-    if pc.name not in POLICIES:
-        raise pr.fail("name", f"must be one of {', '.join(POLICIES)}, got {pc.name!r}")
+    if pc.name not in POLICY_NAMES:
+        raise pr.fail("name", f"must be one of {', '.join(POLICY_NAMES)}, got {pc.name!r}")
     if "horizon_s" in pr.table:
         pc.horizon_s = _duration(pr, "horizon_s")
     pr.used.add("fill")

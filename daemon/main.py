@@ -15,6 +15,7 @@ import sys
 from kvtier.daemon.config import (
     Config,
     ConfigError,
+    check_runtime,
     default_config,
     ensure_default_tenant,
     load_config,
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                             args.segment_size, args.prompt_tokens)
         if cmd == "check-config":
             cfg = load_config(args.config)
+            check_runtime(cfg)  # directories: as the user running this
             print(f"{args.config}: ok ({len(cfg.pools)} pool(s), {len(cfg.tenants)} tenant(s))")
             return 0
         logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),

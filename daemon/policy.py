@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from kvtier.daemon.config import POLICY_NAMES
 from kvtier.daemon.index import split_keys
 from kvtier.daemon.pool import SegState
 from kvtier.daemon.reuse import ReuseStats
@@ -215,6 +216,9 @@ class ReusePolicy:
 
 
 POLICIES = {"lru": LruPolicy, "reuse": ReusePolicy}
+if set(POLICIES) != set(POLICY_NAMES):  # the config validates `[policy] name` by the names
+    raise ImportError(f"kvtier.daemon.policy.POLICIES {sorted(POLICIES)} differ from "
+                      f"kvtier.daemon.config.POLICY_NAMES {sorted(POLICY_NAMES)}")
 
 
 def make_policy(name: str, stats: ReuseStats, **options: Any) -> DramPolicy:
