@@ -216,6 +216,11 @@ class Pool:
                  options: PoolOptions) -> None:
         self.dev = dev
         self.sb = sb
+        # The superblock copy that may not name the current checkpoint (older, damaged),
+        # None while both do: it is written first, so that the copy recovery would use
+        # is never the one being overwritten (two power losses in a row, the second
+        # tearing the only good copy, left a pool that did not open).
+        self._sb_stale: str | None = None
         self.clock = clock
         self.opt = options
         self.B = sb.block_size
@@ -228,6 +233,12 @@ class Pool:
         self._idle = threading.Condition(self._lock)
         # (tenant, k0, k1) -> (LSN of the newest put in flight, session)
         self._inflight: dict[tuple[int, int, int], tuple[int, int]] = {}
+        # Puts whose write failed but may have reached the media whole (an NVMe-oF write
+        # whose answer timed out, a write whose flush failed): (lsn, session) by key,
+        # until a checkpoint past their LSN means they are never replayed.  A delete or
+        # purge of such a key writes its tombstone as if it were live, else a restart
+        # would replay the record and bring a deleted value back.
+        self._doubtful: dict[tuple[int, int, int], tuple[int, int]] = {}
         self._n_inflight = 0
         self.index = Index()
         self.tenants: list[str] = []
@@ -300,6 +311,7 @@ class Pool:
                               f"formatted for {sb.device_size}")
         pool = cls(dev, sb, clock=clock, options=options or PoolOptions())
         pool.recovery.superblock_used = which
+        pool._sb_stale = ("B" if which == "A" else "A") if errors else None
         pool.recovery.superblock_errors = dict(errors)
         pool.recovery.warnings.extend(errors.values())
         pool._recover()
@@ -586,9 +598,12 @@ class Pool:
             with self._lock:
                 self.pins[seg] -= 1
                 self._n_inflight -= 1
-                current = self._inflight.get(ikey, (0, 0))[0] == lsn
+                entry = self._inflight.get(ikey, (0, 0))
+                current = entry[0] == lsn
                 if current:
                     del self._inflight[ikey]
+                    if not ok:
+                        self._doubtful[ikey] = entry
                 replaced = False
                 if ok and current:
                     replaced = self._index_put(r.tenant, r.session, r.key, seg, at, nblocks,
@@ -626,6 +641,11 @@ class Pool:
                     (session is not None and sid != session):
                 continue
             del self._inflight[ik]
+        for ik, (_lsn, sid) in list(self._doubtful.items()):
+            if ik[0] != t or (key is not None and ik[1:] != key) or \
+                    (session is not None and sid != session):
+                continue
+            del self._doubtful[ik]
 
     def _index_put(self, tenant: str, session: str, key: bytes, seg: int, at: int,
                    nblocks: int, nframes: int, keygen: int, exp: int, now: int) -> bool:
@@ -978,8 +998,9 @@ class Pool:
             self._check_open()
             row = self._live_row(tenant, key)
             t = self._tenant_id(tenant, False)
-            pending = t >= 0 and len(key) in record.KEY_LENGTHS and \
-                (t, *split_key(key)) in self._inflight
+            pending = t >= 0 and len(key) in record.KEY_LENGTHS and (
+                (t, *split_key(key)) in self._inflight or
+                (t, *split_key(key)) in self._doubtful)
             if row < 0 and not pending:
                 return False
             # Opening a META segment may wait (for a checkpoint) with the lock released:
@@ -1001,7 +1022,8 @@ class Pool:
             if t < 0 or s < 0:
                 return 0
             rows = self.index.select(tenant=t, session=s)
-            pending = any(k[0] == t and v[1] == s for k, v in self._inflight.items())
+            pending = any(k[0] == t and v[1] == s for k, v in
+                          (*self._inflight.items(), *self._doubtful.items()))
             if len(rows) == 0 and not pending:
                 return 0
             self._append_meta(Kind.PURGE_SESSION, tenant, session, b"")
@@ -1019,7 +1041,7 @@ class Pool:
             if t < 0:
                 return 0
             rows = self.index.select(tenant=t)
-            pending = any(k[0] == t for k in self._inflight)
+            pending = any(k[0] == t for k in (*self._inflight, *self._doubtful))
             if len(rows) == 0 and not pending:
                 return 0
             self._append_meta(Kind.PURGE_TENANT, tenant, "", b"")
@@ -1290,10 +1312,13 @@ class Pool:
         self.sb.generation += 1
         buf = aligned_buffer(SB_SIZE)
         self.sb.encode_into(buf)
-        self.dev.writev(0, [buf])
-        self.dev.flush()
-        self.dev.writev(SB_B_OFFSET, [buf])
-        self.dev.flush()
+        copies = {"A": 0, "B": SB_B_OFFSET}
+        order = ("B", "A") if self._sb_stale == "B" else ("A", "B")
+        for n, name in enumerate(order):
+            self.dev.writev(copies[name], [buf])
+            self.dev.flush()
+            # the first written now names the newest checkpoint; the other may not
+            self._sb_stale = order[1] if n == 0 else None
 
     def _checkpoint_state(self) -> ckpt.CheckpointState:
         ix = self.index
@@ -1410,6 +1435,7 @@ class Pool:
             (self.segs["max_lsn"] < plan.lsn)
         st[covered] = SegState.FREE
         self._bytes_since_ckpt = max(0, self._bytes_since_ckpt - plan.bytes_covered)
+        self._doubtful = {ik: v for ik, v in self._doubtful.items() if v[0] >= plan.lsn}
         self.counters.checkpoints += 1
         self._ckpt_running = False
         self._idle.notify_all()
@@ -1749,8 +1775,11 @@ def _read_superblocks(dev: BlockDevice) -> tuple[Superblock, str, dict[str, str]
         raise CorruptionError(f"{dev.name}: both superblock copies are damaged: "
                               + "; ".join(str(e) for e in errors))
     sb, which = max(good, key=lambda g: g[0].generation)
-    if which == "B" and len(good) == 2:  # A is written first: an older A is not normal
-        by_copy["A"] = (f"{dev.name}: superblock A: generation {good[0][0].generation} is "
-                        f"older than copy B's {sb.generation}")
+    if len(good) == 2 and good[0][0].generation != good[1][0].generation:
+        other = "B" if which == "A" else "A"
+        old = good[1][0] if which == "A" else good[0][0]
+        by_copy[other] = (f"{dev.name}: superblock {other}: generation {old.generation} is "
+                          f"older than copy {which}'s {sb.generation} (a checkpoint was cut "
+                          f"off between its two copies)")
     return sb, which, by_copy
 
