@@ -66,6 +66,10 @@ class CtrlParser:
         if len(self._buf) > self._limit + CTRL_HEADER.size + 4096:
             raise ProtocolError("control stream overflow")
 
+    def pending(self) -> int:
+        """Bytes of a message not yet complete (0: between messages)."""
+        return len(self._buf)
+
     def next_message(self) -> tuple[Msg, dict[str, Any]] | None:
         if len(self._buf) < 4:
             return None

@@ -24,8 +24,10 @@ _BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.
 class _StoreCollector(Collector):
     def __init__(self, store: TieredStore, clients: Callable[[], int],
                  io_queued: Callable[[], dict[str, int]] | None,
-                 throttled: Callable[[], dict[str, float]] | None) -> None:
+                 throttled: Callable[[], dict[str, float]] | None,
+                 audit: Callable[[], dict[str, Any]] | None) -> None:
         self.store = store
+        self.audit = audit
         self.clients = clients
         self.io_queued = io_queued
         self.throttled = throttled
@@ -88,6 +90,14 @@ class _StoreCollector(Collector):
             c = CounterMetricFamily(name, doc, labels=labels)
             c.add_metric(lv, dev.get(key, 0))
             yield c
+        if self.audit is not None:
+            a = self.audit()
+            yield GaugeMetricFamily("kvtier_audit_degraded",
+                                    "1 while the audit log cannot be written",
+                                    value=1.0 if a["degraded"] else 0.0)
+            yield CounterMetricFamily("kvtier_audit_records_lost",
+                                      "Audit records that could not be written",
+                                      value=a["lost_total"])
 
 
 class Metrics:
@@ -103,6 +113,9 @@ class Metrics:
         self.drops = Counter("kvtier_client_drops", "Clients dropped for protocol abuse",
                              registry=r)
         self.auth_failures = Counter("kvtier_auth_failures", "Refused HELLOs", registry=r)
+        self.hello_refused = Counter("kvtier_hello_refused",
+                                     "Connections refused before HELLO: too many waiting for it",
+                                     registry=r)
         self._children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
         self.io_wait = Histogram("kvtier_io_wait_seconds",
                                  "Time a request queued for an I/O thread, by class and tenant",
@@ -117,8 +130,9 @@ class Metrics:
 
     def bind(self, store: TieredStore, clients: Callable[[], int],
              io_queued: Callable[[], dict[str, int]] | None = None,
-             throttled: Callable[[], dict[str, float]] | None = None) -> None:
-        self.registry.register(_StoreCollector(store, clients, io_queued, throttled))
+             throttled: Callable[[], dict[str, float]] | None = None,
+             audit: Callable[[], dict[str, Any]] | None = None) -> None:
+        self.registry.register(_StoreCollector(store, clients, io_queued, throttled, audit))
 
     def record(self, op: str, status: str, tier: str, nbytes: int, seconds: float) -> None:
         children = self._children.get((op, status, tier))

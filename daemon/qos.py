@@ -37,11 +37,11 @@ class QuotaExceeded(PoolFullError):
 
 
 class TokenBucket:
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, *, burst: float | None = None) -> None:
         if rate <= 0:
             raise ValueError(f"token bucket rate must be positive, got {rate}")
         self.rate = float(rate)
-        self.burst = self.rate * BURST_S
+        self.burst = self.rate * BURST_S if burst is None else float(burst)
         self.tokens = self.burst
         self.stamp = trio.current_time()
 
@@ -49,6 +49,11 @@ class TokenBucket:
         now = trio.current_time()
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
+
+    def ready(self) -> bool:
+        """Whether a request would be admitted now (the bucket is not in debt)."""
+        self._refill()
+        return self.tokens >= 0
 
     async def take(self, n: float) -> float:
         """Wait until admitted; returns the seconds waited."""
@@ -116,8 +121,32 @@ class QoS:
             return
         if tq.iops is not None:
             tq.throttled_s += await tq.iops.take(1)
-        if tq.bandwidth is not None and nbytes:
+        if tq.bandwidth is not None:  # waits out a debt even when `nbytes` is known later
             tq.throttled_s += await tq.bandwidth.take(nbytes)
+
+    def admit_now(self, tenant: str, nbytes: int = 0) -> bool:
+        """Admit one request of `nbytes` payload at once if no bucket of the tenant is in
+        debt (the same buckets and charges as `throttle`, without waiting); False: nothing
+        was charged, and the request must `throttle` (wait its turn) instead.  This is how
+        requests served on the event loop pass the same admission as the others."""
+        tq = self.tenants.get(tenant)
+        if tq is None:
+            return True
+        if (tq.iops is not None and not tq.iops.ready()) or \
+                (tq.bandwidth is not None and not tq.bandwidth.ready()):
+            return False
+        if tq.iops is not None:
+            tq.iops.tokens -= 1
+        if tq.bandwidth is not None:
+            tq.bandwidth.tokens -= nbytes
+        return True
+
+    def charge_bytes(self, tenant: str, nbytes: int) -> None:
+        """Charge bytes known only after the fact, without waiting: the bucket may go into
+        debt, and the tenant's next request waits for it (`admit_now` refuses it)."""
+        tq = self.tenants.get(tenant)
+        if tq is not None and tq.bandwidth is not None and nbytes:
+            tq.bandwidth.tokens -= nbytes
 
     def meters_bytes(self, tenant: str) -> bool:
         """Whether the tenant's bytes are charged to a bandwidth bucket (throttle_bytes)."""

@@ -11,11 +11,14 @@ write-behind, checkpoint the pools and remove the socket.
 from __future__ import annotations
 
 import array
+import collections
 import errno
 import functools
+import hashlib
 import logging
 import mmap
 import os
+import secrets
 import signal
 import socket
 import struct
@@ -38,70 +41,32 @@ from kvtier.client.protocol import (
     init_ring,
     ring_bytes,
 )
-from kvtier.daemon.audit import AuditLog
-from kvtier.daemon.blockdev import FileDevice
-from kvtier.daemon.config import Config, PoolConfig
-from kvtier.daemon.errors import FormatError, StoreError
+from kvtier.daemon import cpuprio
+from kvtier.daemon.audit import AttemptRecorder, AuditLog
+from kvtier.daemon.config import Config, check_runtime, verify_token
+from kvtier.daemon.connection import ClientConnection, ConnectionResources, DropClient
+from kvtier.daemon.errors import StoreError
 from kvtier.daemon.iosched import IoClass, IoScheduler
 from kvtier.daemon.metrics import Metrics, serve_metrics
 from kvtier.daemon.policy import PLAN_EVERY_S, make_policy
-from kvtier.daemon.pool import Pool, PoolOptions
+from kvtier.daemon.pool_open import open_media_pool
 from kvtier.daemon.prefetch import Hint, PrefetchScheduler
 from kvtier.daemon.qos import QoS
 from kvtier.daemon.reuse import ReuseStats
-from kvtier.daemon.session import ClientSession, DropClient, SessionResources
-from kvtier.daemon.superblock import superblock_present
 from kvtier.daemon.tiers import TieredStore
 
 log = logging.getLogger("kvtierd")
 
-HELLO_TIMEOUT_S = 10.0
 DRAIN_TIMEOUT_S = 5.0
+LOCKOUT_FIRST_S = 0.5  # a uid past limits.auth_failures_before_lockout waits this, doubling
+LOCKOUT_MAX_S = 60.0
+MAX_TRACKED_UIDS = 4096
+REFUSED_HOLD_S = 1.0  # a connection refused before HELLO is answered after this long ...
+REFUSED_HOLD_MAX = 128  # ... while no more than this many are held (then at once)
+LISTEN_BACKLOG = 1024  # connects waiting for accept (a flood must not fill it for others)
 AUDIT_SYNC_S = 1.0
 CHECKPOINT_EVERY_S = 60.0
 _SO_PEERCRED = struct.Struct("3i")
-
-
-def open_media_pool(cfg: Config) -> Pool:
-    p = cfg.pools[0]
-    if p.kind == "nvmf":
-        return open_nvmf_pool(p)
-    direct: bool | str = "auto" if p.direct == "auto" else p.direct == "on"
-    if os.path.exists(p.path):
-        try:
-            return Pool.open(FileDevice(p.path, direct=direct))
-        except FormatError:
-            if os.path.getsize(p.path) != 0:
-                raise
-    if not p.size:
-        raise StoreError(f"pool {p.name}: {p.path} does not exist and no size is configured "
-                         f"to create it")
-    os.makedirs(os.path.dirname(p.path) or ".", exist_ok=True)
-    return Pool.format(FileDevice(p.path, direct=direct, create_size=p.size),
-                       segment_size=p.segment_size, options=PoolOptions())
-
-
-def open_nvmf_pool(p: PoolConfig) -> Pool:
-    """Attach the namespace (provisioning it first when configured); open its pool, or
-    format it when the namespace holds no pool yet (no superblock magic anywhere)."""
-    from kvtier.daemon.nvmf.device import NvmfDevice
-
-    n = p.nvmf
-    assert n is not None
-    if n.provision is not None:
-        from kvtier.daemon.spdk import provision_pool
-
-        provision_pool(p)
-    dev = NvmfDevice(n, name=p.name, size_limit=p.size or None)
-    try:
-        if superblock_present(dev):
-            return Pool.open(dev)
-        log.info("pool %s: no kvtier pool on %s; formatting %d bytes", p.name, dev.name,
-                 dev.size)
-        return Pool.format(dev, segment_size=p.segment_size, options=PoolOptions())
-    except BaseException:
-        dev.close()
-        raise
 
 
 def sd_notify(state: str) -> None:
@@ -129,8 +94,23 @@ class Service:
         if cfg.limits.low_class_nice and self.io.low_class_nice_off:
             log.warning("write and background work run at the readers' CPU priority: %s",
                         self.io.low_class_nice_off)
-        self.sessions: dict[int, ClientSession] = {}
+        self.sessions: dict[int, ClientConnection] = {}
         self._next_client = 1
+        lim = cfg.limits
+        # The control socket's defences: connections that have not finished HELLO (in all,
+        # per uid), and the scrypt token checks -- at most `hello_threads` at once, and one
+        # at a time per uid, so one uid's flood queues behind itself.
+        self._unauthenticated = 0
+        self._unauthenticated_by_uid: dict[int, int] = {}
+        self._token_checks = trio.CapacityLimiter(lim.hello_threads)
+        self._uid_token_locks: dict[int, tuple[trio.Lock, int]] = {}
+        # failed HELLOs in a row by uid, and until when the uid is locked out
+        self._uid_failures: dict[int, tuple[int, float]] = {}
+        # connections refused before HELLO, answered when their time is up
+        self._held: collections.deque[tuple[float, trio.socket.SocketType]] = \
+            collections.deque()
+        self._held_wake = trio.Event()
+        self._dummy_hash = _dummy_token_hash(cfg)
         self.started = time.time()
         self.audit: AuditLog | None = None
         self.store: TieredStore | None = None
@@ -148,9 +128,13 @@ class Service:
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.cfg
+        # What `kvtierd check-config` checks of the filesystem, as the daemon's own user:
+        # a missing pool directory is an error, never created.
+        await trio.to_thread.run_sync(check_runtime, cfg)
         audit = await trio.to_thread.run_sync(AuditLog,
                                               os.path.join(cfg.state_dir, "audit.log"))
         self.audit = audit
+        self.attempts = AttemptRecorder(audit)
         audit.record("start", pid=os.getpid(), config=cfg.source,
                           tenants=[{"id": t.id, "allowed_uids": t.allowed_uids,
                                     "retention_s": t.retention_s, "encryption": t.encryption,
@@ -167,7 +151,8 @@ class Service:
             dram.evictor = self.policy.victim
         self.metrics.bind(self.store, lambda: len(self.sessions),
                           lambda: {c.name.lower(): self.io.queued(c) for c in IoClass},
-                          lambda: {t: q.throttled_s for t, q in self._qos_tenants().items()})
+                          lambda: {t: q.throttled_s for t, q in self._qos_tenants().items()},
+                          audit.describe)
         self.prefetch = PrefetchScheduler(self.store, self.io,
                                           workers=cfg.limits.prefetch_threads)
         self.qos = QoS.from_config(cfg.tenants, self.store.media.tenant_bytes,
@@ -194,8 +179,10 @@ class Service:
 
                     tree = AdminTree(cfg, self.store, self.stats, self.metrics.render,
                                      functools.partial(self.io.run, IoClass.INTERACTIVE,
-                                                       "admin"), audit.record)
+                                                       "admin"), audit.record,
+                                     audit_ok=audit.retry)
                     await nursery.start(serve_tree, tree, cfg.fuse_mountpoint)
+                nursery.start_soon(self._answer_held)
                 nursery.start_soon(self._accept_loop, listener)
                 log.info("kvtierd ready: socket %s, media %s, dram %d MiB over %d tenants, "
                          "ack=%s", self.socket_path, media.dev.name, cfg.dram_size >> 20,
@@ -225,7 +212,7 @@ class Service:
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         await sock.bind(path)
         os.chmod(path, 0o666)  # tenants authenticate with tokens and uids, not file modes
-        sock.listen(128)
+        sock.listen(LISTEN_BACKLOG)
         return sock
 
     async def _shutdown(self, listener: trio.socket.SocketType) -> None:
@@ -241,6 +228,7 @@ class Service:
             for pool in (store.media,):
                 await trio.to_thread.run_sync(pool.close)
         if self.audit is not None:
+            self.attempts.flush(final=True)
             self.audit.record("stop", pid=os.getpid())
             await trio.to_thread.run_sync(self.audit.close)
         log.info("kvtierd stopped")
@@ -294,11 +282,23 @@ class Service:
                         p.tenant, p.keys, due_in_s=p.due - now)
 
     async def _audit_sync(self) -> None:
-        """fsync the audit log in batches: at most AUDIT_SYNC_S of records at risk."""
+        """fsync the audit log in batches: at most AUDIT_SYNC_S of records at risk.  While
+        the log is degraded, try to write its gap record as often: the service comes back
+        by itself once there is room again."""
         assert self.audit is not None
+        audit = self.audit
         while True:
             await trio.sleep(AUDIT_SYNC_S)
-            await trio.to_thread.run_sync(self.audit.sync)
+            await trio.to_thread.run_sync(self.attempts.flush)
+            was = audit.degraded
+            if was:
+                await trio.to_thread.run_sync(audit.retry)
+            ok = await trio.to_thread.run_sync(audit.sync)
+            if was and not audit.degraded:
+                log.warning("audit log writable again: connects and admin changes accepted")
+            elif audit.degraded and (not was or not ok):
+                log.error("audit log degraded (%s): new connections and admin changes are "
+                          "refused until it can be written", audit.degraded)
 
     def _apply_retention(self) -> None:
         """Purge each session whose newest value is older than its tenant's retention
@@ -350,37 +350,125 @@ class Service:
                         await trio.sleep(0.1)
                         continue
                     raise
-                nursery.start_soon(self._connection, conn)
+                pid, uid, _gid = _SO_PEERCRED.unpack(
+                    conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _SO_PEERCRED.size))
+                lim = self.cfg.limits
+                if self._unauthenticated >= lim.max_unauthenticated or \
+                        self._unauthenticated_by_uid.get(uid, 0) >= \
+                        lim.max_unauthenticated_per_uid:
+                    # Refused here, without a task of its own, and answered only after
+                    # REFUSED_HOLD_S (while there is room to hold it): a flood of connects
+                    # then waits on its own sockets instead of spinning through accept,
+                    # which costs the connected clients' requests event-loop time.
+                    self.metrics.hello_refused.inc()
+                    if len(self._held) < REFUSED_HOLD_MAX:
+                        self._held.append((trio.current_time() + REFUSED_HOLD_S, conn))
+                        self._held_wake.set()
+                    else:
+                        _refuse_now(conn, "busy", "too many connections waiting for HELLO")
+                    continue
+                nursery.start_soon(self._connection, conn, pid, uid)
 
-    async def _connection(self, conn: trio.socket.SocketType) -> None:
+    async def _answer_held(self) -> None:
+        """Refuse the connections held by the accept loop once their time is up."""
+        while True:
+            if not self._held:
+                await self._held_wake.wait()
+                self._held_wake = trio.Event()
+                continue
+            due, _ = self._held[0]
+            await trio.sleep_until(due)
+            while self._held and self._held[0][0] <= trio.current_time():
+                _refuse_now(self._held.popleft()[1], "busy",
+                            "too many connections waiting for HELLO")
+
+    async def _connection(self, conn: trio.socket.SocketType, pid: int, uid: int) -> None:
         with conn:
-            pid, uid, _gid = _SO_PEERCRED.unpack(
-                conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _SO_PEERCRED.size))
+            lim = self.cfg.limits
             parser = CtrlParser()
+            authenticated = trio.Event()  # set once HELLO (or ADMIN) is answered
+            self._unauthenticated += 1
+            self._unauthenticated_by_uid[uid] = self._unauthenticated_by_uid.get(uid, 0) + 1
             try:
-                with trio.fail_after(HELLO_TIMEOUT_S):
+                with trio.fail_after(lim.control_timeout_s):
                     msg, body = await _read_msg(conn, parser)
                 if msg == Msg.ADMIN:
+                    self._authenticated(uid, authenticated)
                     await self._admin(conn, parser, uid, body)
                 elif msg == Msg.HELLO:
-                    await self._client(conn, parser, pid, uid, body)
+                    await self._client(conn, parser, pid, uid, body, authenticated)
                 else:
                     raise ProtocolError(f"expected HELLO or ADMIN, got {msg.name}")
             except (ProtocolError, DropClient) as e:
                 log.warning("connection from pid %d uid %d dropped: %s", pid, uid, e)
                 await _send_error(conn, "protocol", str(e))
             except trio.TooSlowError:
-                log.warning("connection from pid %d uid %d: no HELLO in time", pid, uid)
+                log.warning("connection from pid %d uid %d: no complete control message in "
+                            "%.0f s", pid, uid, lim.control_timeout_s)
             except (ConnectionError, EOFError):
                 pass
             except Exception:
                 # Whatever one connection does, it must not take the others down.
                 log.exception("connection from pid %d uid %d failed", pid, uid)
+            finally:
+                self._authenticated(uid, authenticated)
+
+    def _authenticated(self, uid: int, done: trio.Event) -> None:
+        """The connection no longer counts as unauthenticated (once)."""
+        if done.is_set():
+            return
+        done.set()
+        self._unauthenticated -= 1
+        left = self._unauthenticated_by_uid[uid] - 1
+        if left:
+            self._unauthenticated_by_uid[uid] = left
+        else:
+            del self._unauthenticated_by_uid[uid]
+
+    async def _check_token(self, uid: int, stored: str | None, token: Any) -> bool:
+        """One scrypt check, the same work whether the tenant exists or not (`stored`
+        None: a dummy hash of the same parameters), in the bounded pool, one at a time per
+        uid."""
+        lock, users = self._uid_token_locks.get(uid, (trio.Lock(), 0))
+        self._uid_token_locks[uid] = (lock, users + 1)
+        try:
+            async with lock:
+                ok = await trio.to_thread.run_sync(
+                    _verify_token_lowered, token if isinstance(token, str) else "",
+                    stored if stored is not None else self._dummy_hash,
+                    self.io.low_class_nice, limiter=self._token_checks)
+        finally:
+            lock, users = self._uid_token_locks[uid]
+            if users > 1:
+                self._uid_token_locks[uid] = (lock, users - 1)
+            else:
+                del self._uid_token_locks[uid]
+        ok = ok and stored is not None and isinstance(token, str)
+        if ok:
+            self._uid_failures.pop(uid, None)
+        else:
+            n, _ = self._uid_failures.pop(uid, (0, 0.0))
+            if len(self._uid_failures) >= MAX_TRACKED_UIDS:  # forget the oldest
+                del self._uid_failures[next(iter(self._uid_failures))]
+            n += 1
+            over = n - self.cfg.limits.auth_failures_before_lockout
+            until = trio.current_time() + min(LOCKOUT_MAX_S, LOCKOUT_FIRST_S * 2 ** (over - 1)) \
+                if over > 0 else 0.0
+            self._uid_failures[uid] = (n, until)
+        return ok
+
+    def _locked_out(self, uid: int) -> float:
+        """Seconds this uid must still wait before its next token check (0: none).  Scrypt
+        is memory-hard on purpose: on a small machine each check slows everyone's requests
+        (cache and memory bandwidth, not just a core), so a uid that keeps failing gets
+        none for a while -- and a uid that fails does not delay the others."""
+        f = self._uid_failures.get(uid)
+        return max(0.0, f[1] - trio.current_time()) if f is not None else 0.0
 
     async def _client(self, conn: trio.socket.SocketType, parser: CtrlParser, pid: int,
-                      uid: int, hello: dict[str, Any]) -> None:
+                      uid: int, hello: dict[str, Any], authenticated: trio.Event) -> None:
         cfg, lim = self.cfg, self.cfg.limits
-        assert self.store is not None
+        assert self.store is not None and self.audit is not None
         if self._stopping:
             await _send_error(conn, "shutting_down", "kvtierd is shutting down")
             return
@@ -389,15 +477,26 @@ class Service:
                                                f"not supported (this daemon speaks "
                                                f"{PROTOCOL_VERSION})")
             return
+        wait = self._locked_out(uid)
+        if wait:
+            # Answered when the lockout ends, not at once: the connection keeps one of the
+            # uid's few unauthenticated slots meanwhile, so a flood of HELLOs waits instead
+            # of spinning through the event loop.
+            self.metrics.hello_refused.inc()
+            await trio.sleep(min(wait, lim.control_timeout_s))
+            await _send_error(conn, "busy", f"too many failed HELLOs from uid {uid}: try "
+                                            f"again")
+            return
         tenant_id, token = hello.get("tenant"), hello.get("token")
         tenant = cfg.tenant(tenant_id) if isinstance(tenant_id, str) else None
-        ok = tenant is not None and isinstance(token, str) and await trio.to_thread.run_sync(
-            tenant.check_token, token)
+        ok = await self._check_token(uid, tenant.token_hash if tenant is not None else None,
+                                     token)
         if not ok or tenant is None:
             self.metrics.auth_failures.inc()
             self._audit("auth_failure", tenant=str(tenant_id)[:300], pid=pid, uid=uid,
                         reason="unknown tenant or wrong token")
-            log.warning("auth failure: tenant %r from pid %d uid %d", tenant_id, pid, uid)
+            log.warning("auth failure: tenant %r from pid %d uid %d", str(tenant_id)[:100],
+                        pid, uid)
             await _send_error(conn, "auth", "unknown tenant or wrong token")
             return
         if tenant.allowed_uids is not None and uid not in tenant.allowed_uids:
@@ -407,8 +506,14 @@ class Service:
             log.warning("uid %d not allowed for tenant %s (pid %d)", uid, tenant.id, pid)
             await _send_error(conn, "auth", f"uid {uid} is not allowed for tenant {tenant.id}")
             return
+        self._authenticated(uid, authenticated)
         if len(self.sessions) >= lim.max_clients:
             await _send_error(conn, "busy", f"too many clients ({lim.max_clients})")
+            return
+        cap = cfg.max_clients_of(tenant)
+        if sum(1 for c in self.sessions.values() if c.tenant == tenant.id) >= cap:
+            await _send_error(conn, "busy", f"tenant {tenant.id} has {cap} clients connected "
+                                            f"already (its max_clients)")
             return
         arena_size = hello.get("arena_size") or lim.arena_default
         entries = hello.get("ring_entries") or lim.ring_entries
@@ -422,53 +527,96 @@ class Service:
             await _send_error(conn, "limits", f"ring_entries must be a power of two in "
                                               f"[1, {lim.ring_entries}], got {entries!r}")
             return
-        res, fds = _make_resources(arena_size, entries, f"kvtier-{tenant.id}")
-        # The tenant's DRAM tier, read-only: a new open file description of the memfd with
-        # O_RDONLY, so the client can map it for reading (MAP) and never write it.
-        dram_fd = os.open(f"/proc/self/fd/{self.store.dram_fd(tenant.id)}",
-                          os.O_RDONLY | os.O_CLOEXEC)
         client_id = self._next_client
         self._next_client += 1
-        try:
-            await _send_fds(conn, encode_ctrl(Msg.HELLO_OK, {
-                "version": PROTOCOL_VERSION, "client_id": client_id, "arena_size": arena_size,
-                "ring_entries": entries, "sqe_size": SQE_SIZE, "cqe_size": CQE_SIZE,
-                "dram_size": self.store.dram(tenant.id).dev.size,
-                "encryption": tenant.encryption, "key_scope": tenant.key_scope,
-                "fds": list(FD_ORDER)}), [*fds, dram_fd])
-        finally:
-            for fd in fds[:3]:
-                os.close(fd)  # the maps keep the memory; the client has its own fds
-            os.close(dram_fd)
+        # Audited before the client gets anything: a connect the log cannot hold is refused
+        # (the audit log's promise: every client that touched data is on it).
+        if not self.audit.record("connect", client=client_id, tenant=tenant.id, pid=pid,
+                                 uid=uid):
+            log.error("client of tenant %s (pid %d) refused: the audit log cannot be "
+                      "written (%s)", tenant.id, pid, self.audit.degraded)
+            await _send_error(conn, "audit", f"the audit log cannot be written "
+                                             f"({self.audit.degraded}); new connections are "
+                                             f"refused until it can")
+            return
         assert self.prefetch is not None and self.qos is not None  # set up before accepting
-        session = ClientSession(client_id=client_id, tenant=tenant.id, uid=uid, pid=pid,
-                                store=self.store, res=res, ring_entries=entries,
-                                inflight=lim.inflight_per_client, io=self.io,
-                                record=self.metrics.record,
-                                stats=functools.partial(self.tenant_stats, tenant.id),
-                                stalled_timeout_s=lim.stalled_client_timeout_s,
-                                audit=self._audit, prefetch=self.prefetch, qos=self.qos,
-                                reuse=self.reuse)
-        self.sessions[client_id] = session
-        self.metrics.connects.inc()
-        self._audit("connect", client=client_id, tenant=tenant.id, pid=pid, uid=uid)
-        log.info("client %d connected: tenant %s pid %d uid %d arena %d MiB", client_id,
-                 tenant.id, pid, uid, arena_size >> 20)
+        res, fds = _make_resources(arena_size, entries, f"kvtier-{tenant.id}")
+        # Closed once HELLO_OK is sent (or not): the memfds, whose maps keep the memory, and
+        # the DRAM fd; the eventfds belong to `res`.
+        transient = fds[:3]
+        session: ClientConnection | None = None
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_watch_control, conn, parser, nursery.cancel_scope)
-                await session.serve()
-        except* DropClient as group:
-            reason = str(_leaf(group))
-            log.warning("client %d (%s, pid %d) dropped: %s", client_id, tenant.id, pid,
-                        reason)
-            self.metrics.drops.inc()
-            await _send_error(conn, "protocol", reason)
+            # The tenant's DRAM tier, read-only: a new open file description of the memfd
+            # with O_RDONLY, so the client can map it for reading (MAP) and never write it.
+            dram_fd = os.open(f"/proc/self/fd/{self.store.dram_fd(tenant.id)}",
+                              os.O_RDONLY | os.O_CLOEXEC)
+            transient.append(dram_fd)
+            session = ClientConnection(
+                client_id=client_id, tenant=tenant.id, uid=uid, pid=pid, store=self.store,
+                res=res, ring_entries=entries, inflight=lim.inflight_per_client, io=self.io,
+                record=self.metrics.record,
+                stats=functools.partial(self.tenant_stats, tenant.id),
+                stalled_timeout_s=lim.stalled_client_timeout_s, audit=self._audit,
+                audit_ok=self.audit.retry, attempt=self.attempts.attempt,
+                prefetch=self.prefetch, qos=self.qos, reuse=self.reuse)
+            self.sessions[client_id] = session  # before HELLO_OK: the slot is taken now
+            try:
+                await _send_fds(conn, encode_ctrl(Msg.HELLO_OK, {
+                    "version": PROTOCOL_VERSION, "client_id": client_id,
+                    "arena_size": arena_size, "ring_entries": entries, "sqe_size": SQE_SIZE,
+                    "cqe_size": CQE_SIZE, "dram_size": self.store.dram(tenant.id).dev.size,
+                    "encryption": tenant.encryption, "key_scope": tenant.key_scope,
+                    "fds": list(FD_ORDER)}), [*fds, dram_fd])
+            finally:
+                _close_all(transient)
+            self.metrics.connects.inc()
+            log.info("client %d connected: tenant %s pid %d uid %d arena %d MiB", client_id,
+                     tenant.id, pid, uid, arena_size >> 20)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._watch_control, conn, parser,
+                                       nursery.cancel_scope)
+                    await session.serve()
+            except* DropClient as group:
+                reason = str(_leaf(group))
+                log.warning("client %d (%s, pid %d) dropped: %s", client_id, tenant.id, pid,
+                            reason)
+                self.metrics.drops.inc()
+                await _send_error(conn, "protocol", reason)
         finally:
-            del self.sessions[client_id]
-            session.release_maps()
+            self.sessions.pop(client_id, None)
+            _close_all(transient)
+            if session is not None:
+                session.release_maps()
+                log.info("client %d disconnected after %d ops", client_id, session.ops)
             res.close()
-            log.info("client %d disconnected after %d ops", client_id, session.ops)
+
+    async def _watch_control(self, conn: trio.socket.SocketType, parser: CtrlParser,
+                             scope: trio.CancelScope) -> None:
+        """The control socket after HELLO: EOF or BYE ends the session, and so does a
+        message left half-sent for `control_timeout_s`."""
+        timeout = self.cfg.limits.control_timeout_s
+        try:
+            while True:
+                m = parser.next_message()
+                if m is not None:
+                    if m[0] == Msg.BYE:
+                        break
+                    continue
+                if parser.pending():
+                    with trio.fail_after(timeout):
+                        data = await conn.recv(65536)
+                else:
+                    data = await conn.recv(65536)
+                if not data:
+                    break
+                parser.feed(data)
+        except trio.TooSlowError:
+            log.warning("a client left a control message half-sent for %.0f s: closed",
+                        timeout)
+        except (ConnectionError, ProtocolError):
+            pass
+        scope.cancel()
 
     # -- admin -------------------------------------------------------------------------------------
 
@@ -482,6 +630,17 @@ class Service:
         body: dict[str, Any] | None = first
         while body is not None:
             try:
+                if body.get("cmd") in _ADMIN_CHANGES and not (
+                        body.get("cmd") == "limits" and not _limit_changes(body)):
+                    assert self.audit is not None
+                    if not await trio.to_thread.run_sync(self.audit.retry):
+                        await _sendall(conn, encode_ctrl(Msg.ERROR, {
+                            "code": "audit", "message": f"the audit log cannot be written "
+                            f"({self.audit.degraded}): changes are refused until it can"}))
+                        msg, body = await _read_msg(conn, parser)
+                        if msg != Msg.ADMIN:
+                            return
+                        continue
                 if body.get("cmd") == "limits":  # token buckets live on the trio clock
                     result = self._admin_limits(body, uid)
                 else:
@@ -509,7 +668,7 @@ class Service:
         if not isinstance(tenant, str) or self.cfg.tenant(tenant) is None:
             raise ValueError(f"no tenant {tenant!r} in the configuration")
         now = self.qos.tenants[tenant].describe()  # every configured tenant has an entry
-        changes = {k: body[k] for k in ("quota", "bandwidth", "iops") if k in body}
+        changes = _limit_changes(body)
         for k, v in changes.items():
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
                 raise ValueError(f"{k} must be a positive integer or null (unlimited), "
@@ -584,6 +743,8 @@ class Service:
                                     for t in self.cfg.tenants]}
         if self.qos is not None:
             st["qos"] = self.qos.describe()
+        if self.audit is not None:
+            st["audit"] = self.audit.describe()
         st["policy"] = self.policy.describe()
         st["io"] = self.io.describe()
         if self.prefetch is not None:
@@ -596,8 +757,34 @@ class Service:
 # -- helpers ---------------------------------------------------------------------------------------
 
 
+def _verify_token_lowered(token: str, stored: str, nice: int) -> bool:
+    """A token check at background CPU priority: a flood of them must not take the cores
+    from the requests of clients already connected."""
+    if not nice:
+        return verify_token(token, stored)
+    with cpuprio.lowered(nice):
+        return verify_token(token, stored)
+
+
+def _dummy_token_hash(cfg: Config) -> str:
+    """A hash nobody's token matches, with the scrypt parameters of the configured tenants
+    (the first one's): checking a token against it costs what checking a wrong token of
+    a real tenant costs, so HELLO's timing does not tell which tenant names exist."""
+    n, r, p = 2**14, 8, 1
+    for t in cfg.tenants:
+        try:
+            _kind, sn, sr, sp, _salt, _h = t.token_hash.split("$")
+            n, r, p = int(sn), int(sr), int(sp)
+            break
+        except ValueError:
+            continue
+    salt = secrets.token_bytes(16)
+    h = hashlib.sha256(secrets.token_bytes(32)).hexdigest()  # matches no scrypt output
+    return f"scrypt${n}${r}${p}${salt.hex()}${h}"
+
+
 def _make_resources(arena_size: int, entries: int,
-                    name: str) -> tuple[SessionResources, list[int]]:
+                    name: str) -> tuple[ConnectionResources, list[int]]:
     fds: list[int] = []
     try:
         sq_fd = os.memfd_create(f"{name}-sq", os.MFD_CLOEXEC)
@@ -622,7 +809,7 @@ def _make_resources(arena_size: int, entries: int,
         for fd in fds:
             os.close(fd)
         raise
-    return SessionResources(sq_map, cq_map, arena_map, sq_efd, cq_efd), fds
+    return ConnectionResources(sq_map, cq_map, arena_map, sq_efd, cq_efd), fds
 
 
 async def _read_msg(conn: trio.socket.SocketType, parser: CtrlParser) -> tuple[Msg, dict[str, Any]]:
@@ -636,17 +823,20 @@ async def _read_msg(conn: trio.socket.SocketType, parser: CtrlParser) -> tuple[M
         parser.feed(data)
 
 
-async def _watch_control(conn: trio.socket.SocketType, parser: CtrlParser,
-                         scope: trio.CancelScope) -> None:
-    """The control socket after HELLO: EOF or BYE ends the session."""
-    try:
-        while True:
-            msg, _ = await _read_msg(conn, parser)
-            if msg == Msg.BYE:
-                break
-    except (EOFError, ConnectionError, ProtocolError):
-        pass
-    scope.cancel()
+_ADMIN_CHANGES = frozenset({"purge", "limits"})  # admin commands refused unaudited
+
+
+def _limit_changes(body: dict[str, Any]) -> dict[str, Any]:
+    return {k: body[k] for k in ("quota", "bandwidth", "iops") if k in body}
+
+
+def _close_all(fds: list[int]) -> None:
+    """Close each fd once: the list is emptied."""
+    while fds:
+        try:
+            os.close(fds.pop())
+        except OSError:
+            pass
 
 
 def _leaf(e: BaseException) -> BaseException:
@@ -666,6 +856,16 @@ async def _sendall(conn: trio.socket.SocketType, data: bytes) -> None:
 async def _send_fds(conn: trio.socket.SocketType, data: bytes, fds: list[int]) -> None:
     await conn.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                  array.array("i", fds).tobytes())])
+
+
+def _refuse_now(conn: trio.socket.SocketType, code: str, message: str) -> None:
+    """Send an ERROR without waiting (what does not fit the socket buffer is dropped) and
+    close the connection."""
+    with conn:
+        try:
+            os.write(conn.fileno(), encode_ctrl(Msg.ERROR, {"code": code, "message": message}))
+        except OSError:
+            pass  # the peer's problem: it is closed either way
 
 
 async def _send_error(conn: trio.socket.SocketType, code: str, message: str) -> None:

@@ -260,11 +260,15 @@ class TieredStore:
             dram.unpin_offset(off)
 
     def get_into(self, tenant: str, key: bytes, dest: Buffer, *,
-                 frames: tuple[int, int] | None = None) -> tuple[GetResult, Tier]:
-        try:
-            return self.get_dram_into(tenant, key, dest, frames=frames), Tier.DRAM
-        except NotFound:
-            pass
+                 frames: tuple[int, int] | None = None,
+                 dram_checked: bool = False) -> tuple[GetResult, Tier]:
+        """`dram_checked`: the caller has just missed in DRAM (`get_dram_into`); the miss
+        is not looked up, nor counted, a second time."""
+        if not dram_checked:
+            try:
+                return self.get_dram_into(tenant, key, dest, frames=frames), Tier.DRAM
+            except NotFound:
+                pass
         k = (tenant, bytes(key))
         busy = self._start_media_read(k, wait_for_promotion=True)
         if busy is not None:

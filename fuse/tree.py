@@ -58,12 +58,16 @@ class AdminTree(pyfuse3.Operations):  # type: ignore[misc]
     def __init__(self, cfg: Config, store: TieredStore, stats: Callable[[], dict[str, Any]],
                  metrics: Callable[[], bytes],
                  run_blocking: Callable[[Callable[[], Any]], Awaitable[Any]],
-                 audit: Callable[..., None] | None = None) -> None:
+                 audit: Callable[..., Any] | None = None,
+                 audit_ok: Callable[[], bool] | None = None) -> None:
         """`run_blocking` runs store reads off the event loop: the daemon's I/O scheduler
         (interactive class, as admin commands), so they count against its threads."""
         super().__init__()
         self.cfg, self.store, self.stats, self.metrics = cfg, store, stats, metrics
         self.audit = audit or (lambda event, **fields: None)
+        # False while the audit log cannot be written: removals are refused (ENOSPC), as
+        # the admin socket refuses its changes, since they must be on the record.
+        self.audit_ok = audit_ok or (lambda: True)
         self.run_blocking = run_blocking
         self.paths: dict[int, Path] = {pyfuse3.ROOT_INODE: ()}
         self.inodes: dict[Path, int] = {(): pyfuse3.ROOT_INODE}
@@ -351,6 +355,10 @@ class AdminTree(pyfuse3.Operations):  # type: ignore[misc]
         where = "/".join(p)
         if self._purged(p) and len(p) > 4:
             return  # `rm -r` finishing a session purged a moment ago
+        if not self.audit_ok():
+            log.error("fuse: uid %d may not remove %s now: the audit log cannot be written",
+                      uid, where)
+            raise _err(errno.ENOSPC)
         if len(p) == 6 and p[0] == "tenants" and p[4] == "blocks":
             e = self._block(p)
             if e.session != p[3]:
