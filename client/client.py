@@ -1,4 +1,10 @@
-"""`kvtier.client.Client`: the library inference processes use to talk to kvtierd.
+"""`kvtier.client.client`: the connection inference processes talk to kvtierd through.
+
+`Client` (exported as `kvtier.client.Client`) holds one connection: the control socket,
+the submission and completion rings, the client's shared arena and the tenant's
+read-only DRAM mapping (`dram`, for `map`/`unmap`); `PendingMap` is a MAP submitted with
+`map_submit`, awaited later.  The wire format is `kvtier.client.protocol`
+(docs/PROTOCOL.md).
 
     with Client.connect("/run/kvtier/kvtier.sock", "tenant", token) as c:
         c.put("session-1", key, [layer0, layer1], ttl_s=3600)
