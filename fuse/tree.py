@@ -224,13 +224,15 @@ class AdminTree(pyfuse3.Operations):  # type: ignore[misc]
         a.st_blksize = 4096
         now_ns = int(time.time() * 1e9)
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = int(self.started * 1e9)
-        private = len(p) >= 2 and p[0] == "tenants"
+        # All of it root:admin_gid, 0750/0440: the top level (status, config, pools/, the
+        # tenants/ listing) names every tenant, its clients and its usage, which no
+        # tenant may learn of another.
         if self._is_dir(p):
             if len(p) >= 1:
                 parent = p[:-1]
                 if p[-1] not in self._children(parent):
                     raise _err(errno.ENOENT)
-            a.st_mode = stat.S_IFDIR | (0o750 if private else 0o755)
+            a.st_mode = stat.S_IFDIR | 0o750
             # Directories may be cached for a second: `ls -l` of a large session would
             # otherwise re-check the session's existence once per entry.
             a.entry_timeout = a.attr_timeout = 1.0
@@ -249,7 +251,7 @@ class AdminTree(pyfuse3.Operations):  # type: ignore[misc]
             a.st_atime_ns = int(max(e.atime, e.created) * 1e9)
         else:
             data = self._render(p)
-            a.st_mode = stat.S_IFREG | (0o440 if private else 0o444)
+            a.st_mode = stat.S_IFREG | 0o440
             a.st_nlink = 1
             a.st_size = len(data)
             a.st_mtime_ns = now_ns

@@ -134,3 +134,40 @@ def test_a_killed_daemon_leaves_no_hanging_mount(tmp_path: Path) -> None:
     finally:
         d.stop()
     assert not os.path.ismount(fs)
+
+
+def test_no_local_user_outside_admin_gid_reads_the_tree(tmp_path: Path) -> None:
+    """`status`, `config`, `pools/` and the `tenants/` listing name every tenant and its
+    clients: they were world-readable; now the whole tree is root:admin_gid, 0750/0440."""
+    import shutil
+    import sys
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(prefix="kvtier-fuse-", dir="/tmp"))
+    top.chmod(0o755)  # uid 65534 can reach the mountpoint itself
+    fs = top / "fs"
+    d = Daemon(tmp_path, extra=f'[fuse]\nmountpoint = "{fs}"\n')
+    d.start()
+    try:
+        with Client.connect(d.socket, "alice", TOKENS["alice"]) as a:
+            a.put("s1", _key("x"), [b"secret"])
+        assert "alice" in _sh("ls", str(fs / "tenants"))  # root reads it
+        probe = ("import os, sys\nos.setgid(65534); os.setuid(65534)\nbad = []\n"
+                 "for p in sys.argv[1:]:\n"
+                 "    try:\n"
+                 "        os.listdir(p) if not p.endswith('status') else open(p).read()\n"
+                 "        bad.append(p)\n"
+                 "    except PermissionError:\n"
+                 "        pass\n"
+                 "print(bad)\n")
+        out = subprocess.run([sys.executable, "-c", probe, str(fs), str(fs / "tenants"),
+                              str(fs / "pools"), str(fs / "status")], capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "[]", out.stdout
+        for p in (fs, fs / "tenants", fs / "status"):
+            st = p.stat()
+            assert st.st_mode & 0o007 == 0 and st.st_uid == 0, (p, oct(st.st_mode))
+    finally:
+        d.stop()
+        shutil.rmtree(top, ignore_errors=True)
