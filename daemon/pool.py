@@ -531,15 +531,17 @@ class Pool:
 
     def put(self, tenant: str, session: str, key: bytes, frames: Sequence[Buffer], *,
             ttl_s: float | None = None, expiry_s: float | None = None,
-            key_generation: int = 0) -> PutResult:
+            key_generation: int = 0, crcs: Sequence[int] | None = None) -> PutResult:
         """Store a value (a list of frames) under (tenant, key); replaces an older value.
 
-        Returns once the record is written (and flushed when `options.sync`).
+        Returns once the record is written (and flushed when `options.sync`).  `crcs`: the
+        frames' CRC32Cs when the caller has them already (`record.frame_crcs` of these
+        very frames: a put to two tiers computes them once).
         """
         views = [as_bytes_view(f) for f in frames]
         r = self.reserve(tenant, session, key, [v.nbytes for v in views], ttl_s=ttl_s,
                          expiry_s=expiry_s, key_generation=key_generation)
-        return self.complete(r, views)
+        return self.complete(r, views, crcs=crcs)
 
     def reserve(self, tenant: str, session: str, key: bytes, frame_lengths: Sequence[int], *,
                 ttl_s: float | None = None, expiry_s: float | None = None,
@@ -579,7 +581,8 @@ class Pool:
                               list(frame_lengths), seg, at, lsn, epoch, ikey, hblocks,
                               nblocks, exp, now)
 
-    def complete(self, r: PutReservation, frames: Sequence[Buffer]) -> PutResult:
+    def complete(self, r: PutReservation, frames: Sequence[Buffer], *,
+                 crcs: Sequence[int] | None = None) -> PutResult:
         """Write a reserved record's frames and commit it (unless a later put, a delete or
         a purge of its key came first: then it is written and stays dead)."""
         views = [as_bytes_view(f) for f in frames]
@@ -590,7 +593,8 @@ class Pool:
                 raise InvalidArgument("frames differ from the reserved frame lengths")
             h = RecordHeader(Kind.PUT, lsn, r.epoch, int(r.now * 1e6),
                              int(r.exp * 1e6) if r.exp else 0, r.key, r.tenant, r.session,
-                             r.key_generation, r.frame_lengths, record.frame_crcs(views))
+                             r.key_generation, r.frame_lengths,
+                             record.frame_crcs(views) if crcs is None else list(crcs))
             # If the write fails the space stays allocated (dead): nothing is acknowledged.
             bounced = self._write_record(seg, at, h, views, r.hblocks)
             ok = True

@@ -32,7 +32,8 @@ import numpy as np
 import numpy.typing as npt
 
 from kvtier.client.protocol import Tier
-from kvtier.daemon.blockdev import MemDevice, aligned_buffer
+from kvtier.daemon import record
+from kvtier.daemon.blockdev import MemDevice, aligned_buffer, as_bytes_view
 from kvtier.daemon.errors import NotFound, PoolFullError, ValueTooLargeError
 from kvtier.daemon.pool import Buffer, GetResult, Pool, PoolOptions
 
@@ -166,11 +167,15 @@ class TieredStore:
                     self._queue.append(item)
                 self.notify()
                 return Tier.DRAM
-        self.media.put(tenant, session, key, frames, ttl_s=ttl_s)
         if dram is None:
+            self.media.put(tenant, session, key, frames, ttl_s=ttl_s)
             return Tier.POOL
+        # One CRC pass for both tiers' records (item 13 of #22: it was one per tier).
+        views = [as_bytes_view(f) for f in frames]
+        crcs = record.frame_crcs(views)
+        self.media.put(tenant, session, key, views, ttl_s=ttl_s, crcs=crcs)
         try:
-            dram.put(tenant, session, key, frames, ttl_s=ttl_s)
+            dram.put(tenant, session, key, views, ttl_s=ttl_s, crcs=crcs)
         except (PoolFullError, ValueTooLargeError):
             pass  # the DRAM copy is a cache; the media copy is what was acknowledged
         return Tier.POOL

@@ -311,3 +311,27 @@ def test_sqe_offsets_are_what_struct_packs() -> None:
     assert struct.unpack_from("<B", raw, 0)[0] == Op.PUT
     assert struct.unpack_from("<Q", raw, 8)[0] == 7
     assert struct.unpack_from("<I", raw, 44)[0] == ALL_FRAMES
+
+
+def test_a_put_to_two_tiers_computes_its_crcs_once(tmp_path: Path,
+                                                   monkeypatch: Any) -> None:
+    """ack = media with a DRAM tier: one CRC pass over the frames serves both records
+    (it was one per tier), and both records verify on read."""
+    from kvtier.daemon import record
+
+    media = Pool.format(FileDevice(str(tmp_path / "p.img"), create_size=64 * MiB),
+                        segment_size=4 * MiB)
+    store = TieredStore(TieredStore.create_drams({"t": 32 * MiB}, 4 * MiB, False), media,
+                        ack="media")
+    calls = []
+    real = record.frame_crcs
+    monkeypatch.setattr(record, "frame_crcs", lambda v: calls.append(len(v)) or real(v))
+    frames = [np.full(100_000, i, np.uint8) for i in range(3)]
+    assert store.put("t", "s", k(1), frames) == Tier.POOL
+    assert calls == [3]
+    out = memoryview(bytearray(300_000))
+    assert store.get_dram_into("t", k(1), out).nbytes == 300_000  # DRAM record verifies
+    assert bytes(out) == b"".join(f.tobytes() for f in frames)
+    out2 = memoryview(bytearray(300_000))
+    assert media.get_into("t", k(1), out2).nbytes == 300_000  # so does the media one
+    assert bytes(out2) == bytes(out)
