@@ -16,6 +16,7 @@ import errno
 import functools
 import hashlib
 import logging
+import math
 import mmap
 import os
 import secrets
@@ -43,7 +44,7 @@ from kvtier.client.protocol import (
 )
 from kvtier.daemon import cpuprio
 from kvtier.daemon.audit import AttemptRecorder, AuditLog
-from kvtier.daemon.config import Config, check_runtime, verify_token
+from kvtier.daemon.config import Config, check_runtime, parse_token_hash, verify_token
 from kvtier.daemon.connection import ClientConnection, ConnectionResources, DropClient
 from kvtier.daemon.errors import StoreError
 from kvtier.daemon.iosched import IoClass, IoScheduler
@@ -63,6 +64,7 @@ LOCKOUT_MAX_S = 60.0
 MAX_TRACKED_UIDS = 4096
 REFUSED_HOLD_S = 1.0  # a connection refused before HELLO is answered after this long ...
 REFUSED_HOLD_MAX = 128  # ... while no more than this many are held (then at once)
+WAITING_FOR_HELLO = "too many connections waiting for HELLO"
 LISTEN_BACKLOG = 1024  # connects waiting for accept (a flood must not fill it for others)
 AUDIT_SYNC_S = 1.0
 CHECKPOINT_EVERY_S = 60.0
@@ -365,8 +367,12 @@ class Service:
                         self._held.append((trio.current_time() + REFUSED_HOLD_S, conn))
                         self._held_wake.set()
                     else:
-                        _refuse_now(conn, "busy", "too many connections waiting for HELLO")
+                        _refuse_now(conn, "busy", WAITING_FOR_HELLO)
                     continue
+                # counted here, before the next accept looks at the count
+                self._unauthenticated += 1
+                self._unauthenticated_by_uid[uid] = \
+                    self._unauthenticated_by_uid.get(uid, 0) + 1
                 nursery.start_soon(self._connection, conn, pid, uid)
 
     async def _answer_held(self) -> None:
@@ -379,16 +385,13 @@ class Service:
             due, _ = self._held[0]
             await trio.sleep_until(due)
             while self._held and self._held[0][0] <= trio.current_time():
-                _refuse_now(self._held.popleft()[1], "busy",
-                            "too many connections waiting for HELLO")
+                _refuse_now(self._held.popleft()[1], "busy", WAITING_FOR_HELLO)
 
     async def _connection(self, conn: trio.socket.SocketType, pid: int, uid: int) -> None:
         with conn:
             lim = self.cfg.limits
             parser = CtrlParser()
             authenticated = trio.Event()  # set once HELLO (or ADMIN) is answered
-            self._unauthenticated += 1
-            self._unauthenticated_by_uid[uid] = self._unauthenticated_by_uid.get(uid, 0) + 1
             try:
                 with trio.fail_after(lim.control_timeout_s):
                     msg, body = await _read_msg(conn, parser)
@@ -603,10 +606,9 @@ class Service:
                     if m[0] == Msg.BYE:
                         break
                     continue
-                if parser.pending():
-                    with trio.fail_after(timeout):
-                        data = await conn.recv(65536)
-                else:
+                # no deadline between messages; `timeout` once one has begun
+                with trio.fail_at(trio.current_time() + timeout if parser.pending()
+                                  else math.inf):
                     data = await conn.recv(65536)
                 if not data:
                     break
@@ -630,24 +632,19 @@ class Service:
         body: dict[str, Any] | None = first
         while body is not None:
             try:
-                if body.get("cmd") in _ADMIN_CHANGES and not (
-                        body.get("cmd") == "limits" and not _limit_changes(body)):
-                    assert self.audit is not None
-                    if not await trio.to_thread.run_sync(self.audit.retry):
-                        await _sendall(conn, encode_ctrl(Msg.ERROR, {
-                            "code": "audit", "message": f"the audit log cannot be written "
-                            f"({self.audit.degraded}): changes are refused until it can"}))
-                        msg, body = await _read_msg(conn, parser)
-                        if msg != Msg.ADMIN:
-                            return
-                        continue
-                if body.get("cmd") == "limits":  # token buckets live on the trio clock
-                    result = self._admin_limits(body, uid)
+                assert self.audit is not None
+                if _admin_change(body) and not await trio.to_thread.run_sync(self.audit.retry):
+                    reply = encode_ctrl(Msg.ERROR, {
+                        "code": "audit", "message": f"the audit log cannot be written "
+                        f"({self.audit.degraded}): changes are refused until it can"})
                 else:
-                    result = await self.io.run(IoClass.INTERACTIVE, "admin", self._admin_cmd,
-                                               body, uid)
-                await _sendall(conn, encode_ctrl(Msg.ADMIN_OK, {"result": result},
-                                                 MAX_ADMIN_REPLY))
+                    if body.get("cmd") == "limits":  # token buckets live on the trio clock
+                        result = self._admin_limits(body, uid)
+                    else:
+                        result = await self.io.run(IoClass.INTERACTIVE, "admin",
+                                                   self._admin_cmd, body, uid)
+                    reply = encode_ctrl(Msg.ADMIN_OK, {"result": result}, MAX_ADMIN_REPLY)
+                await _sendall(conn, reply)
             except (StoreError, ValueError, KeyError) as e:
                 await _sendall(conn, encode_ctrl(Msg.ERROR, {"code": "admin", "message": str(e)}))
             try:
@@ -771,16 +768,10 @@ def _dummy_token_hash(cfg: Config) -> str:
     (the first one's): checking a token against it costs what checking a wrong token of
     a real tenant costs, so HELLO's timing does not tell which tenant names exist."""
     n, r, p = 2**14, 8, 1
-    for t in cfg.tenants:
-        try:
-            _kind, sn, sr, sp, _salt, _h = t.token_hash.split("$")
-            n, r, p = int(sn), int(sr), int(sp)
-            break
-        except ValueError:
-            continue
-    salt = secrets.token_bytes(16)
+    if cfg.tenants:  # the config checked every hash (parse_token_hash) already
+        n, r, p, _salt, _h = parse_token_hash(cfg.tenants[0].token_hash)
     h = hashlib.sha256(secrets.token_bytes(32)).hexdigest()  # matches no scrypt output
-    return f"scrypt${n}${r}${p}${salt.hex()}${h}"
+    return f"scrypt${n}${r}${p}${secrets.token_bytes(16).hex()}${h}"
 
 
 def _make_resources(arena_size: int, entries: int,
@@ -823,7 +814,10 @@ async def _read_msg(conn: trio.socket.SocketType, parser: CtrlParser) -> tuple[M
         parser.feed(data)
 
 
-_ADMIN_CHANGES = frozenset({"purge", "limits"})  # admin commands refused unaudited
+def _admin_change(body: dict[str, Any]) -> bool:
+    """Whether an admin command changes something (refused while it cannot be audited)."""
+    cmd = body.get("cmd")
+    return cmd == "purge" or (cmd == "limits" and bool(_limit_changes(body)))
 
 
 def _limit_changes(body: dict[str, Any]) -> dict[str, Any]:
