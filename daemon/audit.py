@@ -79,13 +79,9 @@ class AuditLog:
     def record(self, event: str, **fields: Any) -> bool:
         """Append one record; False if it could not be written (the log is `degraded`)."""
         with self._lock:
-            if self.degraded and not self._append("audit_gap", {
-                    "lost": dict(self.lost), "since": round(self.degraded_since, 3),
-                    "error": self.degraded}):
+            if not self._close_gap():
                 self._lose(event)
                 return False
-            if self.degraded:
-                self.degraded, self.lost = "", {}
             if not self._append(event, fields):
                 self._lose(event)
                 return False
@@ -95,14 +91,19 @@ class AuditLog:
         """While degraded: write the `audit_gap` record if it fits now; True if the log is
         writable (again)."""
         with self._lock:
-            if not self.degraded:
-                return True
-            if self._append("audit_gap", {"lost": dict(self.lost),
+            return self._close_gap()
+
+    def _close_gap(self) -> bool:
+        """(locked) While degraded, write the `audit_gap` record and leave the degraded
+        state if it fits; True if the log is writable."""
+        if not self.degraded:
+            return True
+        if not self._append("audit_gap", {"lost": dict(self.lost),
                                           "since": round(self.degraded_since, 3),
                                           "error": self.degraded}):
-                self.degraded, self.lost = "", {}
-                return True
             return False
+        self.degraded, self.lost = "", {}
+        return True
 
     def _append(self, event: str, fields: dict[str, Any]) -> bool:
         obj: dict[str, Any] = {"seq": self.seq + 1, "time": round(time.time(), 3),

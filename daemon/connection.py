@@ -406,7 +406,7 @@ class RequestHandler:
         data = self._range(req.data_off, req.data_len, "data")
         views = self._frames(req, data)
         ttl = float(req.ttl) if req.ttl else None
-        if req.session == KEYS_SESSION and not await trio.to_thread.run_sync(self._audit_ok):
+        if req.session == KEYS_SESSION and not await self._thread(self._audit_ok):
             # a tenant-scope data key is stored only on the record (docs/SECURITY.md)
             return Completion(req.tag, Status.DENIED)
         await self._qos.admit_put(t, req.data_len)

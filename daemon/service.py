@@ -633,7 +633,8 @@ class Service:
         while body is not None:
             try:
                 assert self.audit is not None
-                if _admin_change(body) and not await trio.to_thread.run_sync(self.audit.retry):
+                if _admin_change(body) and not await self.io.run(
+                        IoClass.INTERACTIVE, "admin", self.audit.retry):
                     reply = encode_ctrl(Msg.ERROR, {
                         "code": "audit", "message": f"the audit log cannot be written "
                         f"({self.audit.degraded}): changes are refused until it can"})
