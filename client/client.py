@@ -68,6 +68,9 @@ from kvtier.client.protocol import (
 
 DEFAULT_TIMEOUT = 60.0
 SPIN_S = 200e-6  # spin this long on the completion ring before sleeping
+# How long the thread driving the completion ring sleeps on it before it looks again (at
+# its deadline and whether the connection failed).
+DRIVER_HANDOFF_S = 0.05
 
 
 def _as_bytes(buf: Any) -> memoryview:
@@ -133,6 +136,13 @@ class Client:
         self.allocator = ArenaAllocator(self.arena)
         self._lock = threading.Lock()
         self._drain_lock = threading.Lock()  # one thread reaps the completion ring at a time
+        # Threads in `_wait` (the reaper stands aside while there are any: one of them drives
+        # the ring), whether one of them drives it now, and the condition the others sleep on.
+        self._waiters = 0
+        self._no_waiters = threading.Event()
+        self._no_waiters.set()
+        self._driving = False
+        self._drive_cv = threading.Condition(threading.Lock())
         self._space = threading.Semaphore(self.ring_entries)
         self._futures: dict[int, Future[Completion]] = {}
         self._next_tag = 1
@@ -238,18 +248,16 @@ class Client:
         return fut
 
     def _reap(self) -> None:
+        """The completion ring's deliverer of last resort: it drains whatever no waiting
+        thread drains itself (futures only called back, or waited on with `result()`), and
+        fails everything when the daemon goes away."""
         poller = select.poll()
         poller.register(self._cq_efd, select.POLLIN)
         poller.register(self._sock.fileno(), select.POLLIN | select.POLLHUP)
         parser = CtrlParser()
         while not self._closed:
             for fd, ev in poller.poll(500):
-                if fd == self._cq_efd:
-                    try:
-                        os.eventfd_read(self._cq_efd)
-                    except BlockingIOError:
-                        pass
-                elif ev & (select.POLLIN | select.POLLHUP):
+                if fd != self._cq_efd and ev & (select.POLLIN | select.POLLHUP):
                     try:
                         data = self._sock.recv(65536)
                     except OSError:
@@ -264,18 +272,33 @@ class Client:
                         self._drain()
                     self._fail_all(DisconnectedError(reason))
                     return
+            # While a thread waits in `_wait`, it drives the ring and drains for everyone:
+            # this thread takes over when the last waiter leaves.
+            self._no_waiters.wait()
             with self._drain_lock:
+                self._consume_wakeups()
                 self._drain()
 
-    def _drain(self) -> None:
+    def _consume_wakeups(self) -> None:
+        """Reset the completion eventfd; only with `_drain_lock` held and followed by a
+        drain, so that no thread sleeps on a wakeup another thread swallowed."""
+        try:
+            os.eventfd_read(self._cq_efd)
+        except BlockingIOError:
+            pass
+
+    def _drain(self) -> int:
+        """Deliver every completion in the ring; returns how many."""
+        n = 0
         while True:
             try:
                 raw = self.cq.try_pop()
             except ProtocolError as e:
                 self._fail_all(DisconnectedError(f"completion ring corrupt: {e}"))
-                return
+                return n
             if raw is None:
-                return
+                return n
+            n += 1
             comp = decode_completion(raw)
             with self._lock:
                 fut = self._futures.pop(comp.tag, None)
@@ -292,19 +315,69 @@ class Client:
         for f in futs:
             if not f.done():
                 f.set_exception(err)
+        with self._drive_cv:
+            self._drive_cv.notify_all()
 
     def _wait(self, fut: Future[Completion]) -> Completion:
-        """Wait for a completion: first spin briefly on the completion ring (shared memory,
-        no syscall) and reap it in this thread; after that, sleep on the future, which the
-        reaper thread completes.  The spin saves two thread hand-offs on short requests."""
-        spin_until = time.perf_counter() + SPIN_S
-        while not fut.done() and time.perf_counter() < spin_until:
-            if self.cq.nonempty_hint() and self._drain_lock.acquire(blocking=False):
+        """Wait for a completion.  First spin briefly on the completion ring (shared memory,
+        no syscall) and reap it in this thread; then sleep on the ring's eventfd in this
+        thread, draining for every thread, unless another waiting thread does so already.
+        The waiting thread is the one the daemon's eventfd wakes: its completion does not
+        pass through the reaper thread (two wakeups, each a scheduling delay on a busy
+        machine)."""
+        deadline = time.monotonic() + self.timeout
+        with self._lock:
+            self._waiters += 1
+            self._no_waiters.clear()
+        try:
+            spin_until = time.perf_counter() + SPIN_S
+            while not fut.done() and time.perf_counter() < spin_until:
+                if self.cq.nonempty_hint() and self._drain_lock.acquire(blocking=False):
+                    try:
+                        self._drain()
+                    finally:
+                        self._drain_lock.release()
+            while not fut.done() and time.monotonic() < deadline:
+                with self._drive_cv:
+                    if self._driving:  # another thread drains for this one: wait to be told
+                        self._drive_cv.wait(max(0.0, deadline - time.monotonic()))
+                        continue
+                    self._driving = True
                 try:
-                    self._drain()
+                    hung_up = self._drive(fut, deadline)
                 finally:
-                    self._drain_lock.release()
-        return fut.result(timeout=self.timeout)
+                    with self._drive_cv:
+                        self._driving = False
+                        self._drive_cv.notify_all()
+                if hung_up:  # the reaper reads the socket and fails every request
+                    break
+        finally:
+            with self._lock:
+                self._waiters -= 1
+                if not self._waiters:
+                    self._no_waiters.set()
+        return fut.result(timeout=max(0.0, deadline - time.monotonic()))
+
+    def _drive(self, fut: Future[Completion], deadline: float) -> bool:
+        """Sleep on the completion eventfd and drain until `fut` is done or `deadline`
+        passes, telling the other waiting threads of what arrived.  True: the control
+        socket has something to say (the daemon went away)."""
+        poller = select.poll()
+        poller.register(self._cq_efd, select.POLLIN)
+        poller.register(self._sock.fileno(), select.POLLIN | select.POLLHUP)
+        while True:
+            with self._drain_lock:
+                self._consume_wakeups()
+                n = self._drain()
+            if n:
+                with self._drive_cv:
+                    self._drive_cv.notify_all()
+            left = deadline - time.monotonic()
+            if fut.done() or self._error is not None or left <= 0:
+                return False
+            for fd, _ev in poller.poll(min(left, DRIVER_HANDOFF_S) * 1000):
+                if fd != self._cq_efd:
+                    return True
 
     def _call(self, req: Request, what: str) -> Completion:
         return self.wait(self.submit(req), what)
