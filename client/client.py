@@ -276,6 +276,10 @@ class Client:
             # this thread takes over when the last waiter leaves.
             self._no_waiters.wait()
             with self._drain_lock:
+                if self._waiters:
+                    # One came meanwhile: it drives, and a wakeup reset here, between its
+                    # last look at the ring and its sleep, would be its wakeup lost.
+                    continue
                 self._consume_wakeups()
                 self._drain()
 
