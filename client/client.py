@@ -301,6 +301,9 @@ class Client:
                 self._fail_all(DisconnectedError(f"completion ring corrupt: {e}"))
                 return n
             if raw is None:
+                if n:  # waiters sleeping on the condition look at their futures again
+                    with self._drive_cv:
+                        self._drive_cv.notify_all()
                 return n
             n += 1
             comp = decode_completion(raw)
@@ -364,7 +367,7 @@ class Client:
 
     def _drive(self, fut: Future[Completion], deadline: float) -> bool:
         """Sleep on the completion eventfd and drain until `fut` is done or `deadline`
-        passes, telling the other waiting threads of what arrived.  True: the control
+        passes (`_drain` tells the other waiting threads of what arrived).  True: the control
         socket has something to say (the daemon went away)."""
         poller = select.poll()
         poller.register(self._cq_efd, select.POLLIN)
@@ -372,10 +375,7 @@ class Client:
         while True:
             with self._drain_lock:
                 self._consume_wakeups()
-                n = self._drain()
-            if n:
-                with self._drive_cv:
-                    self._drive_cv.notify_all()
+                self._drain()
             left = deadline - time.monotonic()
             if fut.done() or self._error is not None or left <= 0:
                 return False

@@ -63,3 +63,36 @@ def test_a_waiter_learns_of_a_dead_daemon(tmp_path: Path) -> None:
                     c.get(bytes(16))
     finally:
         d.stop()
+
+
+def test_threads_waiting_together_all_get_their_completions(tmp_path: Path) -> None:
+    """One thread drives, the others sleep on the condition: completions drained by the
+    driver, by a spinning thread or by the reaper all reach their waiters (a waiter left
+    asleep would raise TimeoutError after the client's 10 s)."""
+    d = Daemon(tmp_path, pool_size="512M", segment_size="32M").start()
+    try:
+        with Client.connect(d.socket, "alice", TOKENS["alice"], arena_size=64 << 20,
+                            timeout=10) as c:
+            errors: list[BaseException] = []
+
+            def worker(w: int) -> None:
+                try:
+                    for i in range(12):
+                        size = (4096, 1 << 20, 4 << 20)[(w + i) % 3]
+                        v = np.full(size, (w * 31 + i) % 251, np.uint8)
+                        k = (w * 1000 + i).to_bytes(16, "little")
+                        c.put("s", k, [v])
+                        assert c.get(k) == v.tobytes()
+                except BaseException as e:  # reported by the main thread
+                    errors.append(e)
+
+            threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            assert not errors, errors
+            assert not any(t.is_alive() for t in threads)
+            assert not c._waiters and c._no_waiters.is_set() and not c._driving
+    finally:
+        d.stop()
