@@ -11,6 +11,11 @@ vectored I/O (`readv_into`, `writev`).  Two backends live here:
   no alignment rule; reads are one memcpy into the caller's buffer.
 
 No method returns payload `bytes`: reads land in memory the caller owns.
+
+What a device can do beyond moving bytes is said, not probed: `caps` (a `DeviceCaps`) gives
+the pool block size a pool on it uses and whether `view` hands out the device's memory
+itself (memfd pools: reads without a copy, MAP); `health()` is the device's state and
+counters where it has any to report (an NVMe-oF namespace), None where it has none.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import os
 import stat
 import struct
 from collections.abc import Sequence
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -57,11 +63,22 @@ def as_bytes_view(buf: object) -> memoryview:
     return mv
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceCaps:
+    """What a device offers a pool beyond vectored I/O."""
+
+    pool_block_size: int = 4096  # the pool block size `Pool.format` uses on it
+    memory_view: bool = False  # `view()` returns the device's own memory (no copy)
+
+
 class BlockDevice(Protocol):
     """What a pool needs from its media."""
 
     @property
     def size(self) -> int: ...
+
+    @property
+    def caps(self) -> DeviceCaps: ...
 
     @property
     def block_size(self) -> int:
@@ -83,7 +100,21 @@ class BlockDevice(Protocol):
         """Make completed writes durable against power loss."""
         ...
 
+    def view(self, offset: int, length: int) -> memoryview:
+        """The device's memory at [offset, offset + length), where `caps.memory_view`;
+        other devices raise DeviceError."""
+        ...
+
+    def health(self) -> dict[str, Any] | None:
+        """State and counters of the device, or None if it has none to report."""
+        ...
+
     def close(self) -> None: ...
+
+
+def no_memory_view(dev: BlockDevice) -> DeviceError:
+    """The error `view()` raises on a device without `caps.memory_view`."""
+    return DeviceError(f"{dev.name}: not a memory-backed device (no view)")
 
 
 def _check_range(dev: BlockDevice, offset: int, length: int) -> None:
@@ -166,10 +197,15 @@ class FileDevice:
             raise
         self._block_size = block_size if self.direct else 1
         self.pool_block_size = block_size
+        self._caps = DeviceCaps(pool_block_size=block_size)
 
     @property
     def size(self) -> int:
         return self._size
+
+    @property
+    def caps(self) -> DeviceCaps:
+        return self._caps
 
     @property
     def block_size(self) -> int:
@@ -234,6 +270,12 @@ class FileDevice:
         except OSError as e:
             raise DeviceError(f"{self._path}: fdatasync: {e.strerror}") from e
 
+    def view(self, offset: int, length: int) -> memoryview:
+        raise no_memory_view(self)
+
+    def health(self) -> dict[str, Any] | None:
+        return None
+
     def drop_cache(self) -> None:
         """Ask the kernel to drop cached pages of this file (buffered mode)."""
         os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -277,10 +319,15 @@ class MemDevice:
         self._mv = memoryview(self._map)
         self._size = size
         self.pool_block_size = block_size
+        self._caps = DeviceCaps(pool_block_size=block_size, memory_view=True)
 
     @property
     def size(self) -> int:
         return self._size
+
+    @property
+    def caps(self) -> DeviceCaps:
+        return self._caps
 
     @property
     def block_size(self) -> int:
@@ -320,6 +367,9 @@ class MemDevice:
             offset += n
 
     def flush(self) -> None:
+        return None
+
+    def health(self) -> dict[str, Any] | None:
         return None
 
     def close(self) -> None:

@@ -209,9 +209,11 @@ class TieredStore:
                 with dram.borrow(item.tenant, item.key) as (h, frames):
                     if h.expiry_us and h.expiry_us / 1e6 <= self.media.clock():
                         return
+                    # The DRAM record's frame table holds the frames' CRCs: the media
+                    # record takes them over rather than computing them again.
                     self.media.put(item.tenant, h.session, item.key, frames,
                                    expiry_s=h.expiry_us / 1e6 if h.expiry_us else None,
-                                   key_generation=h.key_generation)
+                                   key_generation=h.key_generation, crcs=h.frame_crcs)
                     self.counters.writebehind_bytes += h.payload_len
             except NotFound:
                 return  # deleted, purged or expired meanwhile
@@ -349,7 +351,9 @@ class TieredStore:
                                    ttl_s=ttl, key_generation=info.key_generation)
             except (PoolFullError, ValueTooLargeError):
                 return
-        dram.complete(res, views)
+        # The media read checked these frames against its record's CRCs (GetResult.
+        # frame_crcs): the DRAM record takes them over rather than computing them again.
+        dram.complete(res, views, crcs=r.frame_crcs)
         with self._mu:
             self.counters.promotions += 1
 
@@ -483,10 +487,9 @@ class TieredStore:
 
     def media_health(self) -> dict[str, Any]:
         """The media pool's device: state, errors, reconnects (an nvmf pool says more)."""
-        health = getattr(self.media.dev, "health", None)
-        if health is None:
+        out = self.media.dev.health()
+        if out is None:
             return {"kind": "file", "state": "live", "name": self.media.dev.name}
-        out: dict[str, Any] = health()
         out["name"] = self.media.dev.name
         return out
 

@@ -47,7 +47,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from kvtier.daemon.blockdev import buffer_address
+from kvtier.daemon.blockdev import DeviceCaps, buffer_address, no_memory_view
 from kvtier.daemon.errors import DeviceError
 
 SECTOR = 512
@@ -99,6 +99,7 @@ class FaultDevice:
         self.pending: list[PendingWrite] = []
         self._block_size = block_size
         self.pool_block_size = pool_block_size
+        self._caps = DeviceCaps(pool_block_size=pool_block_size)
         self._name = name
         self.crash_at_io = crash_at_io
         self.crash_mode = crash_mode
@@ -125,6 +126,10 @@ class FaultDevice:
     @property
     def block_size(self) -> int:
         return self._block_size
+
+    @property
+    def caps(self) -> DeviceCaps:
+        return self._caps
 
     @property
     def name(self) -> str:
@@ -191,6 +196,12 @@ class FaultDevice:
             self._durable[w.offset:w.offset + len(w.data)] = w.data
         self.pending.clear()
         self.flushes += 1
+
+    def view(self, offset: int, length: int) -> memoryview:
+        raise no_memory_view(self)
+
+    def health(self) -> dict[str, object] | None:
+        return None
 
     def close(self) -> None:
         return None

@@ -76,7 +76,7 @@ def test_concurrent_threads_keep_values_whole_and_state_consistent(pool_path: st
     assert not errors, errors[0]
     assert pool.counters.puts > 100 and pool.counters.gets > 100
     assert (pool.live == pool.segment_live_blocks()).all()
-    assert not pool._inflight and pool._n_inflight == 0 and not pool.pins.any()
+    assert not pool._in_flight.by_key and pool._in_flight.count == 0 and not pool.pins.any()
     # What the pool says now is what it recovers to.
     before = {e.key: e.offset for e in pool.entries("t")}
     pool.dev.close()

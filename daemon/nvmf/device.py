@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 
-from kvtier.daemon.blockdev import aligned_buffer
+from kvtier.daemon.blockdev import DeviceCaps, aligned_buffer, no_memory_view
 from kvtier.daemon.errors import DeviceError
 from kvtier.daemon.nvmf.host import Controller, NvmfError, NvmfTargetConfig
 from kvtier.daemon.nvmf.queue import slice_views
@@ -68,6 +68,7 @@ class NvmfDevice:
                                   f"namespace's {size} bytes")
             size = size_limit
         self._size = size - size % self.pool_block_size
+        self._caps = DeviceCaps(pool_block_size=self.pool_block_size)
 
     def _thread_main(self) -> None:
         try:
@@ -95,6 +96,10 @@ class NvmfDevice:
     @property
     def block_size(self) -> int:
         return 1  # TCP needs no buffer alignment; offsets are handled here
+
+    @property
+    def caps(self) -> DeviceCaps:
+        return self._caps
 
     @property
     def lba_size(self) -> int:
@@ -165,6 +170,9 @@ class NvmfDevice:
 
     def flush(self) -> None:
         self._call(self._ctrl.flush)
+
+    def view(self, offset: int, length: int) -> memoryview:
+        raise no_memory_view(self)
 
     def health(self) -> dict[str, Any]:
         """State and counters (Health's fields and the namespace's), without waiting on the
