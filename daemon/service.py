@@ -43,6 +43,7 @@ from kvtier.client.protocol import (
     ring_bytes,
 )
 from kvtier.daemon import cpuprio
+from kvtier.daemon.admin_view import AdminView
 from kvtier.daemon.audit import AttemptRecorder, AuditLog
 from kvtier.daemon.config import Config, check_runtime, parse_token_hash, verify_token
 from kvtier.daemon.connection import ClientConnection, ConnectionResources, DropClient
@@ -116,6 +117,7 @@ class Service:
         self.started = time.time()
         self.audit: AuditLog | None = None
         self.store: TieredStore | None = None
+        self.admin_view: AdminView | None = None
         self.prefetch: PrefetchScheduler | None = None
         self.qos: QoS | None = None
         pc = cfg.policy
@@ -149,6 +151,8 @@ class Service:
         self.store = TieredStore(drams, media, ack=cfg.ack,
                                  notify=lambda: token.run_sync_soon(self._wake.set))
         self.store.on_purge = self.reuse.forget
+        # what the admin socket's commands and the FUSE tree show and change: one view
+        self.admin_view = AdminView(cfg, self.store, self.stats, audit.record)
         for dram in drams.values():
             dram.evictor = self.policy.victim
         self.metrics.bind(self.store, lambda: len(self.sessions),
@@ -179,7 +183,7 @@ class Service:
                 if cfg.fuse_mountpoint:
                     from kvtier.fuse.tree import AdminTree, serve_tree
 
-                    tree = AdminTree(cfg, self.store, self.stats, self.metrics.render,
+                    tree = AdminTree(cfg, self.admin_view, self.metrics.render,
                                      functools.partial(self.io.run, IoClass.INTERACTIVE,
                                                        "admin"), audit.record,
                                      audit_ok=audit.retry)
@@ -680,34 +684,32 @@ class Service:
         return self.qos.tenants[tenant].describe()
 
     def _admin_cmd(self, body: dict[str, Any], uid: int) -> Any:
-        assert self.store is not None
-        store = self.store
+        """One admin command, answered from the view the FUSE tree shows too."""
+        v = self.admin_view
+        assert v is not None
         cmd = body.get("cmd")
+        tenant, session = _opt_str(body, "tenant"), _opt_str(body, "session")
         if cmd == "status":
-            return self.stats()
+            return v.status()
         if cmd == "ls":
-            tenant, session = body.get("tenant"), body.get("session")
             if session is None:
-                return store.media.usage(tenant)
-            return [{"key": e.key.hex(), "bytes": e.record_bytes, "frames": e.nframes,
-                     "created": e.created, "expiry": e.expiry, "hits": e.hits}
-                    for e in store.media.entries(tenant, session)]
+                return v.usage(tenant)
+            return v.blocks(_str(body, "tenant"), session)
+        if cmd == "info":
+            if session is None:
+                return v.tenant_info(_str(body, "tenant"))
+            return v.session_info(_str(body, "tenant"), session)
         if cmd == "stat":
-            e = store.media.stat(body["tenant"], bytes.fromhex(body["key"]))
-            return {"tenant": e.tenant, "session": e.session, "key": e.key.hex(),
-                    "bytes": e.record_bytes, "frames": e.nframes, "created": e.created,
-                    "expiry": e.expiry, "atime": e.atime, "hits": e.hits,
-                    "in_dram": body["tenant"] in store.drams and store.drams[
-                        body["tenant"]].contains(body["tenant"], bytes.fromhex(body["key"]))}
+            return v.block_info(_str(body, "tenant"), _str(body, "key"))
+        if cmd == "pools":
+            return {name: v.pool_info(name) for name in v.pools()}
+        if cmd == "segments":
+            return v.segments(_str(body, "pool"))
+        if cmd == "delete":
+            v.delete(_str(body, "tenant"), _str(body, "key"), uid=uid, via="socket")
+            return {"deleted": 1}
         if cmd == "purge":
-            tenant = body["tenant"]
-            if body.get("session"):
-                n = store.purge_session(tenant, body["session"])
-            else:
-                n = store.purge_tenant(tenant)
-            self._audit("admin_purge", uid=uid, tenant=tenant, session=body.get("session"),
-                        values=n)
-            return {"purged": n}
+            return {"purged": v.purge(_str(body, "tenant"), session, uid=uid, via="socket")}
         raise ValueError(f"unknown admin command {cmd!r}")
 
     def _qos_tenants(self) -> dict[str, Any]:
@@ -815,10 +817,24 @@ async def _read_msg(conn: trio.socket.SocketType, parser: CtrlParser) -> tuple[M
         parser.feed(data)
 
 
+def _opt_str(body: dict[str, Any], name: str) -> str | None:
+    v = body.get(name)
+    if v is not None and not isinstance(v, str):
+        raise ValueError(f"{name} must be a string, got {v!r}")
+    return v
+
+
+def _str(body: dict[str, Any], name: str) -> str:
+    v = _opt_str(body, name)
+    if v is None:
+        raise ValueError(f"this admin command needs a {name}")
+    return v
+
+
 def _admin_change(body: dict[str, Any]) -> bool:
     """Whether an admin command changes something (refused while it cannot be audited)."""
     cmd = body.get("cmd")
-    return cmd == "purge" or (cmd == "limits" and bool(_limit_changes(body)))
+    return cmd in ("purge", "delete") or (cmd == "limits" and bool(_limit_changes(body)))
 
 
 def _limit_changes(body: dict[str, Any]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ creates, renames, attribute changes) or EPERM (removing outside a session).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -28,15 +29,15 @@ import os
 import stat
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import pyfuse3
 import trio
 
+from kvtier.daemon.admin_view import AdminView
 from kvtier.daemon.config import Config
-from kvtier.daemon.errors import NotFound
-from kvtier.daemon.tiers import TieredStore
+from kvtier.daemon.errors import StoreError
 
 log = logging.getLogger("kvtierd.fuse")
 
@@ -49,26 +50,37 @@ def _err(code: int) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(code)
 
 
+@contextlib.contextmanager
+def _enoent() -> Iterator[None]:
+    """What the view says is not there (NotFound, a malformed key): ENOENT here."""
+    try:
+        yield
+    except StoreError:
+        raise _err(errno.ENOENT) from None
+
+
 class AdminTree(pyfuse3.Operations):  # type: ignore[misc]
     """The tree's operations; `paths` maps inodes to paths (allocated on lookup)."""
 
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, cfg: Config, store: TieredStore, stats: Callable[[], dict[str, Any]],
+    def __init__(self, cfg: Config, view: AdminView,
                  metrics: Callable[[], bytes],
                  run_blocking: Callable[[Callable[[], Any]], Awaitable[Any]],
                  audit: Callable[..., Any] | None = None,
                  audit_ok: Callable[[], bool] | None = None) -> None:
-        """`run_blocking` runs store reads off the event loop: the daemon's I/O scheduler
+        """`view` is what the admin socket answers from too (daemon/admin_view.py);
+        `run_blocking` runs its reads off the event loop: the daemon's I/O scheduler
         (interactive class, as admin commands), so they count against its threads."""
         super().__init__()
-        self.cfg, self.store, self.stats, self.metrics = cfg, store, stats, metrics
+        self.cfg, self.view, self.metrics = cfg, view, metrics
         self.audit = audit or (lambda event, **fields: None)
         # False while the audit log cannot be written: removals are refused (ENOSPC), as
         # the admin socket refuses its changes, since they must be on the record.
         self.audit_ok = audit_ok or (lambda: True)
         self.run_blocking = run_blocking
+        view.listeners.append(self._forget)
         self.paths: dict[int, Path] = {pyfuse3.ROOT_INODE: ()}
         self.inodes: dict[Path, int] = {(): pyfuse3.ROOT_INODE}
         self.open_files: dict[int, tuple[Path, bytes | None]] = {}
@@ -78,6 +90,7 @@ class AdminTree(pyfuse3.Operations):  # type: ignore[misc]
         # Sessions purged through the tree whose directory is not removed yet: `rm -r`
         # still walks them, so they stay as empty directories until their own rmdir.
         self.purged: set[tuple[str, str]] = set()
+        self.mounted = False  # kernel notifications only while mounted (serve_tree)
 
     # -- paths ---------------------------------------------------------------------------------
 
@@ -97,17 +110,27 @@ class AdminTree(pyfuse3.Operations):  # type: ignore[misc]
         except KeyError:
             raise _err(errno.ENOENT) from None
 
+    def _forget(self, via: str, tenant: str, session: str | None, key: str | None) -> None:
+        """A value, session or tenant's values removed through the admin socket: drop the
+        directory entry the kernel may cache for a second (a removal here the kernel saw
+        itself; `rm -r` is still walking what it purged)."""
+        if via == "fuse" or not self.mounted:
+            return
+        if session is None:
+            parent, name = ("tenants", tenant), "sessions"
+        elif key is None:
+            parent, name = ("tenants", tenant, "sessions"), session
+        else:
+            parent, name = ("tenants", tenant, "sessions", session, "blocks"), key
+        ino = self.inodes.get(parent)
+        if ino is not None:
+            pyfuse3.invalidate_entry_async(ino, os.fsencode(name), ignore_enoent=True)
+
     async def _run(self, fn: Callable[[], Any]) -> Any:
         return await self.run_blocking(fn)
 
-    def _pools(self) -> dict[str, Any]:
-        out = {self.cfg.pools[0].name if self.cfg.pools else "media": self.store.media}
-        for t, p in self.store.drams.items():
-            out[f"dram-{t}"] = p
-        return out
-
     def _tenants(self) -> list[str]:
-        return [t.id for t in self.cfg.tenants]
+        return self.view.tenants()
 
     # -- what a path is ------------------------------------------------------------------------
 
@@ -132,85 +155,66 @@ class AdminTree(pyfuse3.Operations):  # type: ignore[misc]
         if n == 0:
             return list(TOP)
         if p == ("pools",):
-            return list(self._pools())
+            return list(self.view.pools())
         if p == ("tenants",):
             return self._tenants()
         if n == 2 and p[0] == "pools":
-            if p[1] not in self._pools():
+            if p[1] not in self.view.pools():
                 raise _err(errno.ENOENT)
             return ["info", "segments"]
         if n == 2 and p[0] == "tenants":
             if p[1] not in self._tenants():
                 raise _err(errno.ENOENT)
             return ["info", "sessions"]
-        if n == 3 and p[2] == "segments":
-            pool = self._pools().get(p[1])
-            if pool is None:
-                raise _err(errno.ENOENT)
-            return [str(s["id"]) for s in pool.segment_table()]
-        if n == 3 and p[2] == "sessions":
-            if p[1] not in self._tenants():
-                raise _err(errno.ENOENT)
-            return sorted(set(self.store.media.usage(p[1])) |
-                          {s for t, s in self.purged if t == p[1]})
-        if n == 4:
-            if p[3] not in self.store.media.usage(p[1]):
-                raise _err(errno.ENOENT)
-            return ["info", "blocks"]
-        if n == 5:
-            return [e.key.hex() for e in self.store.media.entries(p[1], p[3])]
+        with _enoent():
+            if n == 3 and p[2] == "segments":
+                return [str(s["id"]) for s in self.view.segments(p[1])]
+            if n == 3 and p[2] == "sessions":
+                return sorted(set(self.view.sessions(p[1])) |
+                              {s for t, s in self.purged if t == p[1]})
+            if n == 4:
+                if not self.view.has_session(p[1], p[3]):
+                    raise _err(errno.ENOENT)
+                return ["info", "blocks"]
+            if n == 5:
+                return self.view.block_keys(p[1], p[3])
         raise _err(errno.ENOTDIR)
 
     def _render(self, p: Path) -> bytes:
         """The content of a generated (JSON / text) file (blocking)."""
         if self._purged(p) and len(p) == 5 and p[4] == "info":
             return json.dumps({"tenant": p[1], "session": p[3], "purged": True}).encode()
-        if p == ("status",):
-            obj: Any = self.stats()
-        elif p == ("config",):
-            obj = self.cfg.redacted()
+        if p == ("config",):
+            obj: Any = self.cfg.redacted()
         elif p == ("metrics",):
             return self.metrics()
-        elif len(p) == 3 and p[0] == "pools" and p[2] == "info":
-            pool = self._pools().get(p[1])
-            if pool is None:
-                raise _err(errno.ENOENT)
-            obj = pool.stats()
-        elif len(p) == 4 and p[0] == "pools" and p[2] == "segments":
-            pool = self._pools().get(p[1])
-            segs = [s for s in pool.segment_table() if str(s["id"]) == p[3]] if pool else []
-            if not segs:
-                raise _err(errno.ENOENT)
-            obj = segs[0]
-        elif len(p) == 3 and p[0] == "tenants" and p[2] == "info":
-            t = self.cfg.tenant(p[1])
-            if t is None:
-                raise _err(errno.ENOENT)
-            use = self.store.media.usage(None).get(t.id, {"entries": 0, "bytes": 0})
-            dram = self.store.drams.get(t.id)
-            obj = {"tenant": t.id, "entries": use["entries"], "bytes": use["bytes"],
-                   "sessions": len(self.store.media.usage(t.id)),
-                   "allowed_uids": t.allowed_uids,
-                   "dram_bytes": dram.dev.size if dram is not None else 0,
-                   "dram_live_bytes": dram.stats()["live_bytes"] if dram is not None else 0}
-        elif len(p) == 5 and p[0] == "tenants" and p[4] == "info":
-            use = self.store.media.usage(p[1]).get(p[3])
-            if use is None:
-                raise _err(errno.ENOENT)
-            ents = self.store.media.entries(p[1], p[3])
-            obj = {"tenant": p[1], "session": p[3], **use,
-                   "created_first": min((e.created for e in ents), default=0),
-                   "created_last": max((e.created for e in ents), default=0),
-                   "last_access": max((e.atime for e in ents), default=0)}
         else:
-            raise _err(errno.ENOENT)
+            with _enoent():
+                obj = self._rendered(p)
         return (json.dumps(obj, indent=1, default=str) + "\n").encode()
 
+    def _rendered(self, p: Path) -> Any:
+        """What the view shows at `p` (any StoreError: the caller's ENOENT)."""
+        v, n = self.view, len(p)
+        if p == ("status",):
+            return v.status()
+        if n == 3 and p[0] == "pools" and p[2] == "info":
+            return v.pool_info(p[1])
+        if n == 4 and p[0] == "pools" and p[2] == "segments":
+            return v.segment(p[1], p[3])
+        if n == 3 and p[0] == "tenants" and p[2] == "info":
+            return v.tenant_info(p[1])
+        if n == 5 and p[0] == "tenants" and p[4] == "info":
+            return v.session_info(p[1], p[3])
+        raise _err(errno.ENOENT)
+
     def _block(self, p: Path) -> Any:
-        try:
-            return self.store.media.stat(p[1], bytes.fromhex(p[5]))
-        except (NotFound, ValueError):
-            raise _err(errno.ENOENT) from None
+        """The value a block path names, in that path's session; ENOENT if none."""
+        with _enoent():
+            e = self.view.block(p[1], p[5])
+        if e.session != p[3]:
+            raise _err(errno.ENOENT)
+        return e
 
     def _attr(self, p: Path) -> pyfuse3.EntryAttributes:
         """Attributes of `p` (blocking); ENOENT if it does not exist."""
@@ -241,8 +245,6 @@ class AdminTree(pyfuse3.Operations):  # type: ignore[misc]
             a.st_mtime_ns = now_ns
         elif len(p) == 6 and p[0] == "tenants" and p[4] == "blocks":
             e = self._block(p)
-            if e.session != p[3]:
-                raise _err(errno.ENOENT)
             a.st_mode = stat.S_IFREG | 0o440
             a.st_nlink = 1
             a.st_size = e.record_bytes
@@ -331,9 +333,8 @@ class AdminTree(pyfuse3.Operations):  # type: ignore[misc]
         if data is not None:
             return data[off:off + size]
         try:
-            return bytes(await self._run(lambda: self.store.media.read_raw(
-                p[1], bytes.fromhex(p[5]), off, size)))
-        except NotFound:
+            return bytes(await self._run(lambda: self.view.read_block(p[1], p[5], off, size)))
+        except StoreError:
             raise _err(errno.ENOENT) from None
 
     async def release(self, fh: int) -> None:
@@ -341,7 +342,7 @@ class AdminTree(pyfuse3.Operations):  # type: ignore[misc]
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         s = pyfuse3.StatvfsData()
-        st = await self._run(self.store.media.stats)
+        st = await self._run(lambda: self.view.pool_info(self.view.media_name()))
         s.f_bsize = s.f_frsize = 4096
         s.f_blocks = st["capacity_bytes"] // 4096
         s.f_bfree = s.f_bavail = max(0, st["capacity_bytes"] - st["live_bytes"]) // 4096
@@ -362,19 +363,16 @@ class AdminTree(pyfuse3.Operations):  # type: ignore[misc]
                       uid, where)
             raise _err(errno.ENOSPC)
         if len(p) == 6 and p[0] == "tenants" and p[4] == "blocks":
-            e = self._block(p)
-            if e.session != p[3]:
-                raise _err(errno.ENOENT)
-            self.store.delete(p[1], e.key)
+            with _enoent():
+                self.view.delete(p[1], p[5], uid=uid, via="fuse", session=p[3])
             log.warning("fuse: uid %d deleted %s", uid, where)
-            self.audit("fuse_delete", uid=uid, tenant=p[1], session=p[3], key=p[5])
             return
         if len(p) >= 4 and p[0] == "tenants" and p[2] == "sessions":
             if (p[1], p[3]) not in self.purged:
-                n = self.store.purge_session(p[1], p[3])
+                with _enoent():
+                    n = self.view.purge(p[1], p[3], uid=uid, via="fuse")
                 log.warning("fuse: uid %d purged session %s/%s (%d values) via %s", uid,
                             p[1], p[3], n, where)
-                self.audit("fuse_purge", uid=uid, tenant=p[1], session=p[3], values=n)
             if len(p) == 4:
                 self.purged.discard((p[1], p[3]))  # its directory is gone now
             else:
@@ -475,10 +473,12 @@ async def serve_tree(tree: AdminTree, mountpoint: str, options: Sequence[str] = 
     opts.discard("default_permissions")
     opts |= {"fsname=kvtier", "default_permissions", "allow_other", *options}
     pyfuse3.init(tree, mountpoint, opts)
+    tree.mounted = True
     log.info("fuse: admin tree mounted at %s", mountpoint)
     try:
         task_status.started()
         await pyfuse3.main()
     finally:
+        tree.mounted = False
         pyfuse3.close(unmount=True)
         log.info("fuse: admin tree unmounted from %s", mountpoint)

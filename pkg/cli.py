@@ -4,6 +4,10 @@ Talking to a running kvtierd (admin uid required):
     kvtier status [--json]
     kvtier ls [TENANT [SESSION]] [--json]
     kvtier stat TENANT KEY-HEX
+    kvtier info TENANT [SESSION]     what the FUSE tree's tenants/T/info (.../S/info) shows
+    kvtier pools                     every pool's info (the tree's pools/P/info)
+    kvtier segments POOL             a pool's segment table (the tree's pools/P/segments)
+    kvtier delete TENANT KEY-HEX     delete one value (the tree's rm of its block)
     kvtier purge TENANT [SESSION]
     kvtier demo                      a client round trip (tenant `default`)
     kvtier bench [--size 2M]         put/get throughput and 4 KiB latency
@@ -144,6 +148,27 @@ def _ls(args: argparse.Namespace) -> int:
 
 def _stat(args: argparse.Namespace) -> int:
     print(json.dumps(_admin(args, "stat", tenant=args.tenant, key=args.key), indent=2))
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    print(json.dumps(_admin(args, "info", tenant=args.tenant, session=args.session), indent=2))
+    return 0
+
+
+def _pools(args: argparse.Namespace) -> int:
+    print(json.dumps(_admin(args, "pools"), indent=2))
+    return 0
+
+
+def _segments(args: argparse.Namespace) -> int:
+    print(json.dumps(_admin(args, "segments", pool=args.pool), indent=2))
+    return 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    _admin(args, "delete", tenant=args.tenant, key=args.key)
+    print(f"deleted {args.key} of tenant {args.tenant}")
     return 0
 
 
@@ -297,6 +322,19 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("tenant")
     sa.add_argument("key", help="the key in hex")
     sa.set_defaults(fn=_stat)
+    inf = sub.add_parser("info", help="a tenant's or a session's summary")
+    inf.add_argument("tenant")
+    inf.add_argument("session", nargs="?")
+    inf.set_defaults(fn=_info)
+    po = sub.add_parser("pools", help="every pool's state")
+    po.set_defaults(fn=_pools)
+    sg = sub.add_parser("segments", help="a pool's segment table")
+    sg.add_argument("pool")
+    sg.set_defaults(fn=_segments)
+    de = sub.add_parser("delete", help="delete one stored value")
+    de.add_argument("tenant")
+    de.add_argument("key", help="the key in hex")
+    de.set_defaults(fn=_delete)
     pu = sub.add_parser("purge", help="delete a tenant's or a session's values")
     pu.add_argument("tenant")
     pu.add_argument("session", nargs="?")

@@ -7,7 +7,9 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from harness import TOKENS, Daemon
 
 from kvtier.client.admin import AdminClient
 from kvtier.client.client import Client
-from kvtier.client.errors import NotFoundError
+from kvtier.client.errors import KvtierError, NotFoundError
 
 pytest.importorskip("pyfuse3")
 pytestmark = pytest.mark.skipif(
@@ -30,6 +32,17 @@ def _daemon(tmp_path: Path) -> tuple[Daemon, Path]:
 
 def _sh(*cmd: str) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60).stdout
+
+
+def _soon(cond: Callable[[], bool], within: float) -> bool:
+    """Whether `cond` holds within `within` seconds (less than the tree's 1 s entry cache:
+    what holds only after the cache expired does not count)."""
+    end = time.monotonic() + within
+    while not cond():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def _key(s: str) -> bytes:
@@ -115,6 +128,91 @@ def test_the_tree_tells_the_daemons_truth(tmp_path: Path) -> None:
         assert os.listdir(fs / "tenants" / "alice" / "sessions") == ["s1"]
     finally:
         d.stop()
+
+
+def test_the_tree_and_the_admin_socket_show_one_view(tmp_path: Path) -> None:
+    """Every file the tree renders is what the admin socket answers for the same thing;
+    a removal in either leaves the same audit record and is seen by the other at once."""
+    d, fs = _daemon(tmp_path)
+    d.start()
+    try:
+        with Client.connect(d.socket, "alice", TOKENS["alice"]) as a, \
+                Client.connect(d.socket, "bob", TOKENS["bob"]) as b:
+            for i in range(3):
+                a.put("s1", _key(f"a1-{i}"), [b"alpha-%d-" % i * 3000])
+            a.put("s2", _key("a2-0"), [b"charlie" * 1000, b"delta" * 10])
+            b.put("t1", _key("b1"), [b"bravo" * 100])
+            a.get(_key("a1-0"))  # a read: hits and atime differ from the others'
+        tenants = os.listdir(fs / "tenants")
+        assert sorted(tenants) == sorted(d.admin("status")["daemon"]["tenants"][i]["id"]
+                                         for i in range(len(tenants)))
+        for t in tenants:
+            assert json.loads((fs / "tenants" / t / "info").read_text()) == \
+                d.admin("info", tenant=t)
+            sessions = sorted(os.listdir(fs / "tenants" / t / "sessions"))
+            assert sessions == sorted(d.admin("ls", tenant=t))
+            for s in sessions:
+                sd = fs / "tenants" / t / "sessions" / s
+                assert json.loads((sd / "info").read_text()) == \
+                    d.admin("info", tenant=t, session=s)
+                rows = d.admin("ls", tenant=t, session=s)
+                assert sorted(os.listdir(sd / "blocks")) == sorted(r["key"] for r in rows)
+                for r in rows:
+                    st = (sd / "blocks" / r["key"]).stat()
+                    info = d.admin("stat", tenant=t, key=r["key"])
+                    assert (st.st_size, int(st.st_mtime)) == (r["bytes"], r["created"]) == \
+                        (info["bytes"], info["created"])
+                    assert info["session"] == s
+        # the CLI prints the same
+        kv = str(Path(sys.executable).parent / "kvtier")
+        assert json.loads(_sh(kv, "--socket", d.socket, "info", "alice", "s1")) == \
+            json.loads((fs / "tenants" / "alice" / "sessions" / "s1" / "info").read_text())
+        pools = d.admin("pools")
+        assert sorted(os.listdir(fs / "pools")) == sorted(pools)
+        for name, info in pools.items():
+            assert json.loads((fs / "pools" / name / "info").read_text()) == info
+            segs = d.admin("segments", pool=name)
+            assert sorted(os.listdir(fs / "pools" / name / "segments"), key=int) == \
+                [str(x["id"]) for x in segs]
+            assert json.loads((fs / "pools" / name / "segments" / str(segs[0]["id"]))
+                              .read_text()) == segs[0]
+        # Absent things are absent in both, and say so.
+        with pytest.raises(FileNotFoundError):
+            (fs / "tenants" / "mallory" / "info").read_text()
+        with pytest.raises(KvtierError, match="no tenant 'mallory'"):
+            d.admin("info", tenant="mallory")
+        with pytest.raises(KvtierError, match="no session 'nope'"):
+            d.admin("ls", tenant="alice", session="nope")
+        with pytest.raises(KvtierError, match="16 or 32 bytes"):
+            d.admin("stat", tenant="alice", key="zz")
+        # A removal through either is seen by the other at once.
+        blk = fs / "tenants" / "alice" / "sessions" / "s1" / "blocks" / _key("a1-1").hex()
+        blk.unlink()
+        with pytest.raises(KvtierError, match="not found"):
+            d.admin("stat", tenant="alice", key=_key("a1-1").hex())
+        gone = blk.with_name(_key("a1-2").hex())
+        assert gone.exists()  # looked up: in the kernel's dentry cache (entry_timeout 1 s)
+        assert d.admin("delete", tenant="alice", key=_key("a1-2").hex()) == {"deleted": 1}
+        # the daemon asks the kernel to drop that entry (asynchronously: pyfuse3's queue)
+        assert _soon(lambda: not gone.exists(), 0.5)
+        assert sorted(os.listdir(blk.parent)) == [_key("a1-0").hex()]
+        _sh("rm", "-r", str(fs / "tenants" / "alice" / "sessions" / "s2"))
+        assert sorted(d.admin("ls", tenant="alice")) == ["s1"]
+        t1 = fs / "tenants" / "bob" / "sessions" / "t1"
+        assert (t1 / "info").exists()
+        assert d.admin("purge", tenant="bob", session="t1") == {"purged": 1}
+        assert _soon(lambda: not t1.exists(), 0.5)
+        assert os.listdir(fs / "tenants" / "bob" / "sessions") == []
+    finally:
+        d.stop()
+    recs = [json.loads(x) for x in (tmp_path / "audit.log").read_text().splitlines()]
+    changes = [{k: r[k] for k in ("event", "via", "tenant", "session")}
+               for r in recs if r["event"] in ("admin_delete", "admin_purge")]
+    assert changes == [
+        {"event": "admin_delete", "via": "fuse", "tenant": "alice", "session": "s1"},
+        {"event": "admin_delete", "via": "socket", "tenant": "alice", "session": "s1"},
+        {"event": "admin_purge", "via": "fuse", "tenant": "alice", "session": "s2"},
+        {"event": "admin_purge", "via": "socket", "tenant": "bob", "session": "t1"}]
 
 
 def test_a_killed_daemon_leaves_no_hanging_mount(tmp_path: Path) -> None:
