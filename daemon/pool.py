@@ -263,6 +263,24 @@ class Pool:
         for `put`."""
         return self._writer.complete(r, frames, crcs=crcs)
 
+    def payload_views(self, r: PutReservation) -> list[memoryview]:
+        """A reservation's frames in the pool's memory (memory-backed pools: the DRAM
+        tier), for the caller to fill before `complete_in_place`."""
+        return self._writer.payload_views(r)
+
+    def payload_offset(self, r: PutReservation) -> int:
+        """Byte offset of a reservation's first frame on the device."""
+        return self._writer.payload_offset(r)
+
+    def complete_in_place(self, r: PutReservation) -> tuple[PutResult, list[int]]:
+        """Commit a reservation whose frames were written in place (`payload_views`):
+        CRCs read from there, no copy.  Returns the result and the frames' CRCs."""
+        return self._writer.complete_in_place(r)
+
+    def abort(self, r: PutReservation) -> None:
+        """Give up a reservation without writing it (its space is dead)."""
+        self._writer.abort(r)
+
     def delete(self, tenant: str, key: bytes) -> bool:
         """Delete one key durably; False if it was not there."""
         return self._writer.delete(tenant, key)

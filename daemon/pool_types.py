@@ -40,6 +40,9 @@ class PutResult:
     record_bytes: int
     replaced: bool
     bounced: int
+    # the key's value now; False: a later put, delete or purge of it came first and this
+    # record stays dead (it was still written)
+    live: bool = True
 
 
 @dataclass(slots=True)

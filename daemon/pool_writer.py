@@ -39,16 +39,23 @@ log = logging.getLogger("kvtierd.pool")
 
 
 def write_record(ctx: PoolContext, table: SegmentTable, seg: int, at: int, h: RecordHeader,
-                 payload: Sequence[memoryview], hblocks: int) -> int:
-    """Write header + payload at block `at` of `seg`; returns bytes bounced."""
+                 payload: Sequence[memoryview] | None, hblocks: int) -> int:
+    """Write header + payload at block `at` of `seg`; returns bytes bounced.  `payload`
+    None: it is in place already (`Writer.complete_in_place`): the header and the last
+    block's padding are written."""
     B = table.B
     hbuf = aligned_buffer(hblocks * B)
     record.encode_into(h, hbuf)
     pad = -h.payload_len % B
     off = table.offset(seg) + at * B
-    pieces: list[memoryview | int] = [hbuf, *payload]
-    if pad:
-        pieces.append(pad)
+    if payload is None:
+        if pad:
+            ctx.dev.view(off + hblocks * B + h.payload_len, pad)[:] = bytes(pad)
+        pieces: list[memoryview | int] = [hbuf]
+    else:
+        pieces = [hbuf, *payload]
+        if pad:
+            pieces.append(pad)
     bounced = write_pieces(ctx.dev, off, pieces)
     if ctx.opt.sync:
         ctx.dev.flush()
@@ -107,9 +114,45 @@ class Writer:
                               list(frame_lengths), seg, at, lsn, epoch, ikey, hblocks,
                               nblocks, exp, now)
 
+    def payload_offset(self, r: PutReservation) -> int:
+        return self.table.offset(r.seg) + (r.at + r.hblocks) * self.table.B
+
+    def payload_views(self, r: PutReservation) -> list[memoryview]:
+        """Where a reserved record's frames go, in the device's memory (memory-backed
+        devices only): the caller fills them, then `complete_in_place`."""
+        ctx = self.ctx
+        if not ctx.dev.caps.memory_view:
+            raise InvalidArgument(f"{ctx.dev.name}: frames in place need a memory-backed pool")
+        pos = self.payload_offset(r)
+        out = []
+        for n in r.frame_lengths:
+            out.append(ctx.dev.view(pos, n))
+            pos += n
+        return out
+
+    def complete_in_place(self, r: PutReservation) -> tuple[PutResult, list[int]]:
+        """Commit a reserved record whose frames were written into `payload_views`: its
+        CRCs are taken from there (one read, no copy) and its header written.  Returns
+        the result and the frames' CRCs."""
+        views = self.payload_views(r)
+        crcs = record.frame_crcs(views)
+        return self.complete(r, views, crcs=crcs, in_place=True), crcs
+
+    def abort(self, r: PutReservation) -> None:
+        """Give up a reservation nothing was written for: its space stays dead (the
+        cleaner takes it back), the key's older value stays."""
+        ctx = self.ctx
+        with ctx.lock:
+            self.table.pins[r.seg] -= 1
+            self.in_flight.end(r.ikey, r.lsn, True)  # nothing written: nothing doubtful
+            self.table.account_write(r.seg, r.lsn)
+            if self.in_flight.count == 0:
+                ctx.idle.notify_all()
+
     def complete(self, r: PutReservation, frames: Sequence[Buffer], *,
-                 crcs: Sequence[int] | None = None) -> PutResult:
-        """Write a reserved record's frames and commit it (see `Pool.complete`)."""
+                 crcs: Sequence[int] | None = None, in_place: bool = False) -> PutResult:
+        """Write a reserved record's frames and commit it (see `Pool.complete`);
+        `in_place`: the frames are the record's own memory already (`payload_views`)."""
         ctx, table = self.ctx, self.table
         views = [as_bytes_view(f) for f in frames]
         seg, at, lsn, ikey, nblocks = r.seg, r.at, r.lsn, r.ikey, r.nblocks
@@ -122,7 +165,8 @@ class Writer:
                              r.key_generation, r.frame_lengths,
                              record.frame_crcs(views) if crcs is None else list(crcs))
             # If the write fails the space stays allocated (dead): nothing is acknowledged.
-            bounced = write_record(ctx, table, seg, at, h, views, r.hblocks)
+            bounced = write_record(ctx, table, seg, at, h, None if in_place else views,
+                                   r.hblocks)
             ok = True
         finally:
             with ctx.lock:
@@ -153,7 +197,8 @@ class Writer:
             with ctx.lock:
                 c.upkeep_errors += 1
             log.warning("%s: upkeep after a put failed (the put stands): %s", ctx.dev.name, e)
-        return PutResult(lsn, table.offset(seg) + at * B, nblocks * B, replaced, bounced)
+        return PutResult(lsn, table.offset(seg) + at * B, nblocks * B, replaced, bounced,
+                         current)
 
     # -- tombstones -----------------------------------------------------------------------
 
