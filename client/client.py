@@ -1,8 +1,9 @@
 """`kvtier.client.client`: the connection inference processes talk to kvtierd through.
 
 `Client` (exported as `kvtier.client.Client`) holds one connection: the control socket,
-the submission and completion rings, the client's shared arena and the tenant's
-read-only DRAM mapping (`dram`, for `map`/`unmap`); `PendingMap` is a MAP submitted with
+the submission and completion rings, the client's shared arena and the tenant's DRAM
+mapping (`dram`: `map`/`unmap` read values there, `reserve`/`commit` write them there with
+no copy by the daemon); `PendingMap` is a MAP submitted with
 `map_submit`, awaited later.  The wire format is `kvtier.client.protocol`
 (docs/PROTOCOL.md).
 
@@ -116,14 +117,21 @@ class Client:
             self._arena_map = mmap.mmap(fdmap["arena"], self.arena_size,
                                         flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE",
                                                                         0x8000))
-            # The tenant's DRAM tier, read-only (the daemon sent an O_RDONLY descriptor):
-            # MAP returns offsets into it, for copies straight from there (e.g. to a GPU).
+            # The tenant's own DRAM tier: MAP returns offsets into it, for copies straight
+            # from there (e.g. to a GPU), and RESERVE offsets to write a value's frames at.
             self.dram_size: int = hello["dram_size"]
             # The tenant's policy: "on" means frames must be sealed (kvtier.client.crypto).
             self.encryption: str = hello.get("encryption", "on")
             self.key_scope: str = hello.get("key_scope", "tenant")
-            self._dram_map = mmap.mmap(fdmap["dram"], self.dram_size, flags=mmap.MAP_SHARED,
-                                       prot=mmap.PROT_READ)
+            try:
+                self._dram_map = mmap.mmap(fdmap["dram"], self.dram_size,
+                                           flags=mmap.MAP_SHARED,
+                                           prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                self.dram_writable = True
+            except PermissionError:  # a daemon from before RESERVE sends it read-only
+                self._dram_map = mmap.mmap(fdmap["dram"], self.dram_size,
+                                           flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+                self.dram_writable = False
         finally:
             for name in ("sq", "cq", "arena", "dram"):
                 os.close(fdmap[name])
@@ -132,7 +140,7 @@ class Client:
         self.sq = Ring(memoryview(self._sq_map), SQE_SIZE)
         self.cq = Ring(memoryview(self._cq_map), CQE_SIZE)
         self.arena = memoryview(self._arena_map)
-        self.dram = memoryview(self._dram_map)  # read-only
+        self.dram = memoryview(self._dram_map)
         self.allocator = ArenaAllocator(self.arena)
         self._lock = threading.Lock()
         self._drain_lock = threading.Lock()  # one thread reaps the completion ring at a time
@@ -491,6 +499,64 @@ class Client:
             return comp.result, tiers
         finally:
             self.allocator.free(slot)
+
+    # -- values written in place, in the tenant's DRAM tier ----------------------------------
+
+    def reserve_request(self, session: str, key: bytes, frame_lengths: Sequence[int],
+                        table: Slot | None = None, ttl_s: int = 0) -> Request:
+        """A RESERVE of a value of `frame_lengths`; `table`, an arena slot of 8 bytes per
+        frame, carries the frame table when there is more than one frame."""
+        total = int(sum(frame_lengths))
+        req = Request(Op.RESERVE, 0, key=bytes(key), session=session, data_len=total,
+                      count=len(frame_lengths), ttl=ttl_s)
+        if len(frame_lengths) > 1:
+            need = 8 * len(frame_lengths)
+            if table is None or table.size < need:
+                raise ValueError(f"a RESERVE of {len(frame_lengths)} frames needs a {need}-byte "
+                                 f"arena slot for its frame table")
+            np.frombuffer(table.view[:need], dtype="<u8")[:] = frame_lengths
+            req.aux_off = table.offset
+        return req
+
+    def commit_request(self, key: bytes, offset: int, *, abort: bool = False) -> Request:
+        return Request(Op.COMMIT, 0, flags=Flag.ABORT if abort else 0, key=bytes(key),
+                       data_off=offset)
+
+    def reserve(self, session: str, key: bytes, frame_lengths: Sequence[int], *,
+                ttl_s: int = 0) -> int:
+        """Place a value in this tenant's DRAM tier: the offset in `dram` where its frames
+        go, back to back.  Write them there, then `commit(key, offset)` (or `abort`)."""
+        table = self.allocator.alloc(max(8 * len(frame_lengths), 8))
+        try:
+            return self._call(self.reserve_request(session, key, frame_lengths, table, ttl_s),
+                              "reserve").result
+        finally:
+            self.allocator.free(table)
+
+    def commit(self, key: bytes, offset: int) -> Tier:
+        """Store the value reserved at `offset`, as written there; the tier holding it
+        when acknowledged (as `put`)."""
+        return Tier(self._call(self.commit_request(key, offset), "commit").flags)
+
+    def abort(self, key: bytes, offset: int) -> None:
+        """Give up the reservation at `offset` (the key's older value, if any, stays)."""
+        self._call(self.commit_request(key, offset, abort=True), "abort")
+
+    def put_in_place(self, session: str, key: bytes, frames: Sequence[Any], *,
+                     ttl_s: int = 0) -> Tier:
+        """`put` through the DRAM tier: reserve, write the frames there, commit -- one copy
+        (this one) instead of the arena's and the daemon's."""
+        views = [_as_bytes(f) for f in frames]
+        off = self.reserve(session, key, [v.nbytes for v in views], ttl_s=ttl_s)
+        try:
+            pos = off
+            for v in views:
+                self.dram[pos:pos + v.nbytes] = v
+                pos += v.nbytes
+        except BaseException:
+            self.abort(key, off)
+            raise
+        return self.commit(key, off)
 
     def map(self, keys: Sequence[bytes], frames: tuple[int, int] | None = None,
             ) -> list[tuple[int, int] | None]:

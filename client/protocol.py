@@ -209,12 +209,15 @@ class Op(enum.IntEnum):
     STATS = 7  # JSON statistics written into the arena
     MAP = 8  # key list -> pin values held in the tenant's DRAM tier, (offset, length) each
     UNMAP = 9  # offsets from MAP (u64 list in the arena) -> unpin
+    RESERVE = 10  # place a value in the tenant's DRAM tier -> where to write its frames
+    COMMIT = 11  # a reserved value's frames are written: store it (ABORT: give it up)
 
 
 class Flag(enum.IntFlag):
     NONE = 0
     KEYLIST = 1  # the keys are a list in the arena at data_off (count keys of key_len)
     SESSION = 2  # PREFETCH: the whole session (session field) rather than keys
+    ABORT = 4  # COMMIT: give the reservation up instead
 
 
 class Status(enum.IntEnum):

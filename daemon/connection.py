@@ -65,7 +65,7 @@ from kvtier.daemon.errors import (
     ValueTooLargeError,
 )
 from kvtier.daemon.iosched import MIN_COST, DeadlineMissed, IoClass, IoScheduler
-from kvtier.daemon.pool import GetResult
+from kvtier.daemon.pool import GetResult, PutReservation
 from kvtier.daemon.prefetch import PrefetchScheduler
 from kvtier.daemon.qos import QoS, QuotaExceeded
 from kvtier.daemon.reuse import ReuseStats
@@ -75,6 +75,7 @@ log = logging.getLogger("kvtierd.connection")
 
 CQ_FULL_TIMEOUT_S = 30.0
 MAX_MAPS = 1 << 16  # DRAM pins one client may hold at once
+MAX_RESERVED = 256  # RESERVEs one client may hold uncommitted (each pins a DRAM segment)
 INLINE_MAX = 256 * 1024  # DRAM GETs up to this size complete on the event loop
 INLINE_MAP_KEYS = 64  # ... and MAPs of up to this many keys (pure Python: a thread
 # would only fight the event loop for the GIL)
@@ -133,7 +134,9 @@ def _status_of(e: BaseException) -> Status:
 MISS_CHECKS_QUEUED = 8  # requests' misses waiting for the cross-tenant check, per client
 # Requests charged to a tenant's IOPS bucket (and, by their payload, its bandwidth bucket);
 # the others (LOOKUP, DELETE, UNMAP, ...) pass the same admission at no charge.
-DATA_OPS = frozenset({Op.GET, Op.PUT, Op.MAP})
+DATA_OPS = frozenset({Op.GET, Op.PUT, Op.MAP, Op.RESERVE})
+# Ops whose payload bytes are charged at admission (GET and MAP: by what they read)
+WRITE_OPS = frozenset({Op.PUT, Op.RESERVE})
 # Metric label values, resolved once (an enum lookup and a lower() per request showed in
 # the profile of a 4 KiB GET).
 _OP_NAMES = {o.value: o.name.lower() for o in Op}
@@ -185,6 +188,8 @@ class RequestHandler:
         self.ops = 0
         self.errors = 0
         self.maps: collections.Counter[int] = collections.Counter()  # MAP pins held
+        # RESERVEs not yet committed, by the DRAM offset of their first frame
+        self.reserved: dict[int, PutReservation] = {}
         # Requests (by id, while they run) whose inline GET found no DRAM copy: the media
         # path does not look again (nor count a second miss).
         self._dram_missed: set[int] = set()
@@ -204,12 +209,12 @@ class RequestHandler:
         (and charged it), False if it must wait its turn (`_admit`, in its task)."""
         if req.op not in DATA_OPS:
             return True
-        return self._qos.admit_now(self.tenant, req.data_len if req.op == Op.PUT else 0)
+        return self._qos.admit_now(self.tenant, req.data_len if req.op in WRITE_OPS else 0)
 
     async def _admit(self, req: Request) -> None:
         """Admission that waits its turn: the same buckets and charges as `admit_now`."""
         if req.op in DATA_OPS:
-            await self._qos.throttle(self.tenant, req.data_len if req.op == Op.PUT else 0)
+            await self._qos.throttle(self.tenant, req.data_len if req.op in WRITE_OPS else 0)
 
     def inline(self, req: Request) -> Completion | None:
         """Complete an admitted request on the event loop if its op allows and it is cheap;
@@ -266,6 +271,12 @@ class RequestHandler:
                      time.perf_counter() - t0)
 
     # -- MAP pins ----------------------------------------------------------------------------------
+
+    def release_reservations(self) -> None:
+        """Give up the reservations this client left uncommitted (it went away)."""
+        while self.reserved:
+            _off, r = self.reserved.popitem()
+            self.store.abort_dram(r)
 
     def release_maps(self) -> None:
         """Unpin whatever this client still holds mapped (it went away)."""
@@ -422,6 +433,55 @@ class RequestHandler:
             self._audit("data_key_stored", client=self.id, tenant=t, uid=self.uid,
                         pid=self.pid, key=key.hex())
         return Completion(req.tag, Status.OK, int(tier), req.data_len)
+
+    async def _op_reserve(self, req: Request) -> Completion:
+        """Place a value in this tenant's DRAM tier; the client writes its frames there
+        through its mapping of the tier (no copy by the daemon), then COMMITs."""
+        t = self.tenant
+        key = self._key(req)
+        if not req.session:
+            raise InvalidArgument("RESERVE needs a session name")
+        if req.session == KEYS_SESSION:
+            raise InvalidArgument(f"session {KEYS_SESSION} is written with PUT only (its "
+                                  f"records are audited)")
+        if t not in self.store.drams:
+            raise InvalidArgument(f"tenant {t} has no DRAM tier to reserve in: use PUT")
+        if len(self.reserved) >= MAX_RESERVED:
+            raise InvalidArgument(f"{MAX_RESERVED} reservations open already; COMMIT or "
+                                  f"abort some first")
+        lengths = self._frame_lengths(req, req.data_len)
+        ttl = float(req.ttl) if req.ttl else None
+        await self._qos.admit_put(t, req.data_len)
+        r = await self._thread(lambda: self.store.reserve_dram(t, req.session, key, lengths,
+                                                               ttl_s=ttl), IoClass.WRITE)
+        off = self.store.dram(t).payload_offset(r)
+        self.reserved[off] = r
+        return Completion(req.tag, Status.OK, int(Tier.DRAM), off, len(lengths))
+
+    async def _op_commit(self, req: Request) -> Completion:
+        """Store (or with ABORT give up) the reservation at data_off, of this key."""
+        key = self._key(req)
+        r = self.reserved.get(req.data_off)
+        if r is None or r.key != key:
+            raise InvalidArgument(f"no reservation of key {key.hex()} at {req.data_off}")
+        abort = bool(req.flags & Flag.ABORT)
+
+        def finish() -> Tier:
+            # Taken out of `reserved` only here: a COMMIT cancelled before its thread ran
+            # leaves it for release_reservations.
+            if self.reserved.pop(req.data_off, None) is not r:
+                raise InvalidArgument(f"reservation at {req.data_off} committed already")
+            if abort:
+                self.store.abort_dram(r)
+                return Tier.NONE
+            return self.store.commit_dram(r)
+
+        nbytes = sum(r.frame_lengths)
+        tier = await self._thread(finish, IoClass.WRITE, nbytes)
+        if abort:
+            return Completion(req.tag, Status.OK)
+        self._reuse.put(self.tenant, r.session, key, nbytes)
+        return Completion(req.tag, Status.OK, int(tier), nbytes)
 
     async def _op_get(self, req: Request) -> Completion:
         t = self.tenant
@@ -596,17 +656,25 @@ class RequestHandler:
                         uid=self.uid, pid=self.pid, keys=self._misses_skipped)
             self._misses_skipped = 0
 
-    def _frames(self, req: Request, data: memoryview) -> list[memoryview]:
+    def _frame_lengths(self, req: Request, total: int) -> list[int]:
+        """The frame table of a PUT or RESERVE (count u64 lengths at aux_off, adding up
+        to `total`; one frame of `total` bytes when count <= 1)."""
         if req.count <= 1:
-            return [data]
+            return [total]
         if req.count > 65535:
             raise InvalidArgument(f"{req.count} frames; a value has at most 65535")
         # Python ints: a u64 (or i64) sum wraps, and [100 + 2^62, 2^62, 2^62, 2^62] would
         # "add up" to 100.
-        lengths = np.frombuffer(self._range(req.aux_off, req.count * 8, "frame table"),
-                                dtype="<u8").tolist()
-        if sum(lengths) != data.nbytes:
+        lengths: list[int] = np.frombuffer(self._range(req.aux_off, req.count * 8,
+                                                       "frame table"), dtype="<u8").tolist()
+        if sum(lengths) != total:
             raise InvalidArgument("frame lengths do not add up to the data length")
+        return lengths
+
+    def _frames(self, req: Request, data: memoryview) -> list[memoryview]:
+        if req.count <= 1:
+            return [data]
+        lengths = self._frame_lengths(req, data.nbytes)
         out, pos = [], 0
         for n in lengths:
             out.append(data[pos:pos + n])
@@ -621,6 +689,7 @@ HANDLERS: dict[int, Handler] = {
     Op.DELETE: RequestHandler._op_delete, Op.PURGE_SESSION: RequestHandler._op_purge_session,
     Op.PREFETCH: RequestHandler._op_prefetch, Op.STATS: RequestHandler._op_stats,
     Op.MAP: RequestHandler._op_map, Op.UNMAP: RequestHandler._op_unmap,
+    Op.RESERVE: RequestHandler._op_reserve, Op.COMMIT: RequestHandler._op_commit,
 }
 # The ops that may complete on the event loop when cheap (after the same admission).
 INLINE: dict[int, InlineHandler] = {

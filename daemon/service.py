@@ -124,6 +124,7 @@ class Service:
         self.reuse = ReuseStats(max_sessions=pc.tracked_sessions, max_keys=pc.tracked_keys)
         self.policy = make_policy(pc.name, self.reuse, horizon_s=pc.horizon_s, fill=pc.fill)
         self._wake = trio.Event()
+        self._wake_asked = False  # a wake-up of the background worker is on its way
         self._stopping = False
         self.socket_path = cfg.socket
         self.metrics_port = 0
@@ -148,8 +149,16 @@ class Service:
         drams = await trio.to_thread.run_sync(TieredStore.create_drams, shares,
                                               cfg.dram_segment_size, cfg.dram_populate)
         token = trio.lowlevel.current_trio_token()
-        self.store = TieredStore(drams, media, ack=cfg.ack,
-                                 notify=lambda: token.run_sync_soon(self._wake.set))
+
+        def wake_background() -> None:  # from any thread: a value to write behind
+            # One wake-up in flight at a time: every put asking the event loop through
+            # run_sync_soon (a lock and a socket write each) showed in the profile of
+            # saves with many PUTs in flight.  Cleared by the worker before it drains.
+            if not self._wake_asked:
+                self._wake_asked = True
+                token.run_sync_soon(lambda: self._wake.set())
+
+        self.store = TieredStore(drams, media, ack=cfg.ack, notify=wake_background)
         self.store.on_purge = self.reuse.forget
         # what the admin socket's commands and the FUSE tree show and change: one view
         self.admin_view = AdminView(cfg, self.store, self.stats, audit.record)
@@ -260,6 +269,7 @@ class Service:
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
+            self._wake_asked = False  # after this, a new value asks again (and is drained)
             while True:
                 n = await self.io.run(IoClass.BACKGROUND, "", store.flush_some, 16)
                 todo = store.take_promotions()
@@ -553,10 +563,12 @@ class Service:
         transient = fds[:3]
         session: ClientConnection | None = None
         try:
-            # The tenant's DRAM tier, read-only: a new open file description of the memfd
-            # with O_RDONLY, so the client can map it for reading (MAP) and never write it.
+            # The tenant's own DRAM tier, writable: MAP reads values from there and RESERVE
+            # has the client write a value's frames there itself (no copy by the daemon).
+            # A tenant can damage only its own values this way, which their CRCs and
+            # headers expose (docs/SECURITY.md); no other tenant's memory is ever mapped.
             dram_fd = os.open(f"/proc/self/fd/{self.store.dram_fd(tenant.id)}",
-                              os.O_RDONLY | os.O_CLOEXEC)
+                              os.O_RDWR | os.O_CLOEXEC)
             transient.append(dram_fd)
             session = ClientConnection(
                 client_id=client_id, tenant=tenant.id, uid=uid, pid=pid, store=self.store,
@@ -595,6 +607,7 @@ class Service:
             _close_all(transient)
             if session is not None:
                 session.release_maps()
+                session.release_reservations()
                 log.info("client %d disconnected after %d ops", client_id, session.ops)
             res.close()
 

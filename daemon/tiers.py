@@ -22,6 +22,7 @@ All methods are synchronous and thread-safe; the daemon calls them from worker t
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -34,8 +35,10 @@ import numpy.typing as npt
 from kvtier.client.protocol import Tier
 from kvtier.daemon import record
 from kvtier.daemon.blockdev import MemDevice, aligned_buffer, as_bytes_view
-from kvtier.daemon.errors import NotFound, PoolFullError, ValueTooLargeError
-from kvtier.daemon.pool import Buffer, GetResult, Pool, PoolOptions
+from kvtier.daemon.errors import CorruptionError, NotFound, PoolFullError, ValueTooLargeError
+from kvtier.daemon.pool import Buffer, GetResult, Pool, PoolOptions, PutReservation
+
+log = logging.getLogger("kvtierd.tiers")
 
 VERSION_SLOTS = 1 << 16
 # promote_bytes' answers besides a byte count
@@ -64,6 +67,7 @@ class TierCounters:
     writebehind_flushed: int = 0
     writebehind_bytes: int = 0
     writebehind_fallbacks: int = 0  # ack=memory puts written straight to media
+    writebehind_corrupt: int = 0  # DRAM records that failed their header check: not written
     by_op: dict[str, int] = field(default_factory=dict)
 
 
@@ -157,15 +161,7 @@ class TieredStore:
             except (PoolFullError, ValueTooLargeError):
                 self.counters.writebehind_fallbacks += 1
             else:
-                dram.pin_offset(r.offset)
-                item = _Pending(tenant, session, bytes(key), r.offset)
-                with self._mu:
-                    old = self._pending.get((tenant, item.key))
-                    if old is not None:
-                        old.superseded = True
-                    self._pending[(tenant, item.key)] = item
-                    self._queue.append(item)
-                self.notify()
+                self._write_behind(dram, tenant, session, key, r.offset)
                 return Tier.DRAM
         if dram is None:
             self.media.put(tenant, session, key, frames, ttl_s=ttl_s)
@@ -179,6 +175,67 @@ class TieredStore:
         except (PoolFullError, ValueTooLargeError):
             pass  # the DRAM copy is a cache; the media copy is what was acknowledged
         return Tier.POOL
+
+    def _write_behind(self, dram: Pool, tenant: str, session: str, key: bytes,
+                      offset: int) -> None:
+        """Queue the DRAM record at `offset` for the media pool (ack = memory); it stays
+        pinned in DRAM until written."""
+        dram.pin_offset(offset)
+        item = _Pending(tenant, session, bytes(key), offset)
+        with self._mu:
+            old = self._pending.get((tenant, item.key))
+            if old is not None:
+                old.superseded = True
+            self._pending[(tenant, item.key)] = item
+            self._queue.append(item)
+        self.notify()
+
+    # -- writes in place (RESERVE / COMMIT) --------------------------------------------------
+
+    def reserve_dram(self, tenant: str, session: str, key: bytes,
+                     frame_lengths: Sequence[int], *,
+                     ttl_s: float | None = None) -> PutReservation:
+        """Place a value's record in the tenant's DRAM tier for its writer to fill in
+        place (the client, through its mapping of that tier): `commit_dram` stores it,
+        `abort_dram` gives it up.  Where the frames go: `dram(tenant).payload_offset`."""
+        dram = self.dram(tenant)
+        with self._mu:
+            self._bump_locked(tenant, key)
+        return dram.reserve(tenant, session, key, frame_lengths, ttl_s=ttl_s)
+
+    def commit_dram(self, r: PutReservation) -> Tier:
+        """Store a reserved value whose frames were written in place: its CRCs are read
+        from DRAM (no copy), and it reaches the media pool as a put does -- written behind
+        (ack = memory) or before this returns (ack = media)."""
+        dram = self.dram(r.tenant)
+        with self._mu:
+            self._bump_locked(r.tenant, r.key)
+        if self.ack == "memory":
+            res, _crcs = dram.complete_in_place(r)
+            if res.live:
+                self._write_behind(dram, r.tenant, r.session, r.key, res.offset)
+            return Tier.DRAM
+        at = dram.payload_offset(r)
+        dram.pin_offset(at)  # the DRAM record stays put while the media copy is written
+        try:
+            res, crcs = dram.complete_in_place(r)
+            if not res.live:
+                # a later put, delete or purge of the key won (in DRAM, where the LSN was
+                # taken): it must win on media too, so nothing is written there
+                return Tier.DRAM
+            try:
+                self.media.put(r.tenant, r.session, r.key, dram.payload_views(r),
+                               expiry_s=r.exp or None, crcs=crcs)
+            except BaseException:
+                # not acknowledged: no copy of it may be served either
+                dram.delete(r.tenant, r.key)
+                raise
+        finally:
+            dram.unpin_offset(at)
+        return Tier.POOL
+
+    def abort_dram(self, r: PutReservation) -> None:
+        self.dram(r.tenant).abort(r)
 
     def writebehind_backlog(self) -> int:
         with self._mu:
@@ -217,6 +274,12 @@ class TieredStore:
                     self.counters.writebehind_bytes += h.payload_len
             except NotFound:
                 return  # deleted, purged or expired meanwhile
+            except CorruptionError as e:
+                # The tenant can write its own DRAM tier (RESERVE): a record it damaged is
+                # dropped, not written on, and the daemon goes on.
+                self.counters.writebehind_corrupt += 1
+                log.error("write-behind of %s/%s skipped: %s", item.tenant, item.key.hex(), e)
+                return
             with self._mu:
                 if item.deleted:
                     # A delete or purge ran while we wrote: make sure it wins on media too.
@@ -507,7 +570,8 @@ class TieredStore:
                       "writebehind_backlog": self.writebehind_backlog(),
                       "writebehind_flushed": c.writebehind_flushed,
                       "writebehind_bytes": c.writebehind_bytes,
-                      "writebehind_fallbacks": c.writebehind_fallbacks},
+                      "writebehind_fallbacks": c.writebehind_fallbacks,
+                      "writebehind_corrupt": c.writebehind_corrupt},
         }
 
 
