@@ -43,7 +43,12 @@ import torch
 from kvtier.client.arena import Slot
 from kvtier.client.client import Client
 from kvtier.client.crypto import OVERHEAD, FrameCipher
-from kvtier.client.errors import KvtierError
+from kvtier.client.errors import (
+    InvalidRequestError,
+    KvtierError,
+    NoSpaceError,
+    ValueTooLargeError,
+)
 from kvtier.client.h2d import Bytes, copy_rows
 from kvtier.client.keys import chunk_keys, model_fingerprint
 from kvtier.client.protocol import Completion, Tier
@@ -124,22 +129,24 @@ def unregister_arena(client: Client) -> None:
 
 
 def dram_tensor(client: Client) -> torch.Tensor:
-    """The tenant's DRAM tier as a uint8 CPU tensor over the client's read-only mapping.
-
-    Only ever a copy *source*: the pages are mapped PROT_READ, a write would fault."""
+    """The tenant's DRAM tier as a uint8 CPU tensor over the client's mapping: MAPped
+    values are copied from it, RESERVEd frames written into it."""
     t: torch.Tensor | None = getattr(client, "_dram_tensor", None)
     if t is None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "not writable": by design, never written
-            t = torch.from_numpy(np.frombuffer(client.dram, dtype=np.uint8))
+        if client.dram_writable:
+            t = torch.frombuffer(client.dram, dtype=torch.uint8)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a read-only mapping: a copy source only
+                t = torch.from_numpy(np.frombuffer(client.dram, dtype=np.uint8))
         client._dram_tensor = t  # type: ignore[attr-defined]
     return t
 
 
 def register_dram(client: Client) -> bool:
-    """cudaHostRegister the tenant's DRAM mapping read-only, so MAPped values go to the GPU
-    at pinned speed.  False where CUDA is absent or the platform cannot register read-only
-    memory (the loader then GETs DRAM hits through the arena instead)."""
+    """cudaHostRegister the tenant's DRAM mapping, so MAPped values go to the GPU and saved
+    chunks come from it at pinned speed.  False where CUDA is absent or registering fails
+    (the loader then GETs DRAM hits through the arena, the saver PUTs through it)."""
     state = getattr(client, "_dram_registered", None)
     if state is not None:
         return bool(state)
@@ -147,7 +154,9 @@ def register_dram(client: Client) -> bool:
     if torch.cuda.is_available():
         rt = torch.cuda.cudart()
         ptr = dram_tensor(client).data_ptr()
-        ok = int(rt.cudaHostRegister(ptr, client.dram_size, CUDA_HOST_REGISTER_READ_ONLY)) == 0
+        # a read-only mapping (an older daemon's descriptor) needs cudaHostRegisterReadOnly
+        flags = 0 if client.dram_writable else CUDA_HOST_REGISTER_READ_ONLY
+        ok = int(rt.cudaHostRegister(ptr, client.dram_size, flags)) == 0
         if ok:
             client.on_close(lambda: rt.cudaHostUnregister(ptr))
         else:
@@ -247,13 +256,27 @@ class SaveReport:
     skipped: int = 0  # already stored
     bytes: int = 0
     seconds: float = 0.0
+    # where the seconds went: waiting for a staging slot's D2H copy, and for a slot's
+    # previous PUT to be acknowledged before the slot could be reused
+    d2h_wait_s: float = 0.0
+    put_wait_s: float = 0.0
+    reserve_wait_s: float = 0.0  # in place: waiting for RESERVE answers
+    in_place: bool = False  # written into the DRAM tier's reservations (no daemon copy)
+    put_chunks: int = 0  # of those, chunks the DRAM tier had no room for: PUT instead
 
 
 class KVSaver:
     def __init__(self, client: Client, layout: KVLayout, fingerprint: bytes, *,
-                 slots: int = 2, cipher: FrameCipher | None = None) -> None:
+                 slots: int = 2, cipher: FrameCipher | None = None,
+                 in_place: bool | None = None, reserve_ahead: int = 8) -> None:
         """`cipher`: seal every frame (AES-256-GCM, kvtier.client.crypto) before its PUT;
-        required when the tenant's policy is `encryption = "on"`."""
+        required when the tenant's policy is `encryption = "on"`.
+
+        `in_place` (default: wherever the tenant has a DRAM tier, and on a GPU where its
+        mapping registers with CUDA): each chunk is RESERVEd in the DRAM tier
+        `reserve_ahead` chunks ahead, copied from the GPU straight into its reservation
+        (sealed there, for a cipher) and COMMITted -- the daemon copies nothing and only
+        reads the frames once for their CRCs.  False: PUT through arena slots."""
         if cipher is None and client.encryption == "on":
             raise KvtierError("this tenant's policy is encryption = \"on\": pass "
                               "cipher=FrameCipher(...) (or have the operator set \"off\")")
@@ -266,12 +289,26 @@ class KVSaver:
         sealed = n + layout.num_layers * (OVERHEAD + 8)
         self.sealed = [client.allocator.alloc(sealed) for _ in range(slots)] if cipher else []
         self._staging: list[torch.Tensor] = []
+        self.in_place = in_place
+        # RESERVE frame tables, one per reservation in flight
+        self.tables = [client.allocator.alloc(8 * layout.num_layers)
+                       for _ in range(max(1, reserve_ahead))] \
+            if in_place is not False and client.dram_size and client.dram_writable else []
         register_arena(client)
+        if self.tables and torch.cuda.is_available():
+            # Pinning the whole DRAM mapping takes seconds at long context: once per
+            # client, here at setup, not in the first save (cached on the client).
+            register_dram(client)
 
     def close(self) -> None:
-        for s in self.slots + self.sealed:
+        for s in self.slots + self.sealed + self.tables:
             self.client.allocator.free(s)
-        self.slots, self.sealed, self._staging = [], [], []
+        self.slots, self.sealed, self._staging, self.tables = [], [], [], []
+
+    def _can_write_in_place(self, dev: torch.device) -> bool:
+        if self.in_place is False or not self.tables:
+            return False
+        return dev.type != "cuda" or register_dram(self.client)
 
     def save(self, session: str, token_ids: Sequence[int] | torch.Tensor, cache: Any, *,
              ttl_s: int = 0) -> SaveReport:
@@ -305,6 +342,16 @@ class KVSaver:
         if not keys:
             return rep
         dev = source.device
+        if self._can_write_in_place(dev):
+            try:
+                self._save_in_place(session, keys, source, ttl_s, rep)
+            except _NoReservation as e:
+                if self.in_place:  # asked for explicitly: say why not
+                    raise KvtierError(f"no DRAM reservation for the save: {e}") from None
+                # a chunk larger than a DRAM segment, a full DRAM tier: through the arena
+            else:
+                rep.seconds = time.perf_counter() - t0
+                return rep
         staging = self._staging_on(dev)
         cuda = dev.type == "cuda"
         stream = torch.cuda.Stream(device=dev) if cuda else None
@@ -314,7 +361,9 @@ class KVSaver:
                 s = c % len(self.slots)
                 fut, pending[s] = pending[s], None
                 if fut is not None:
+                    tw = time.perf_counter()
                     self.client.wait(fut, "put")
+                    rep.put_wait_s += time.perf_counter() - tw
                 # The staging buffer's previous D2H was waited for before its PUT went out.
                 source.gather(c, staging[s])
                 slot = self.slots[s]
@@ -323,7 +372,9 @@ class KVSaver:
                 ev = _copy(_slot_tensor(slot, lay.chunk_bytes), staging[s].view(-1).view(
                     torch.uint8), stream)
                 if ev is not None:
+                    tw = time.perf_counter()
                     ev.synchronize()  # the PUT below reads the slot
+                    rep.d2h_wait_s += time.perf_counter() - tw
                 lengths = [lay.frame_bytes] * lay.num_layers
                 if self.cipher is not None:
                     plain = slot.view
@@ -348,6 +399,144 @@ class KVSaver:
         rep.seconds = time.perf_counter() - t0
         return rep
 
+    def _save_in_place(self, session: str, keys: Sequence[bytes], source: Source,
+                       ttl_s: int, rep: SaveReport) -> None:
+        """save_chunks through DRAM reservations (see __init__); raises _NoReservation,
+        having written nothing, if the first chunk cannot be reserved."""
+        lay, client = self.layout, self.client
+        dev = source.device
+        staging = self._staging_on(dev)
+        stream = torch.cuda.Stream(device=dev) if dev.type == "cuda" else None
+        dram = dram_tensor(client)
+        cipher = self.cipher
+        n, A, S = len(keys), len(self.tables), len(self.slots)
+        lengths = [lay.frame_bytes + (OVERHEAD if cipher else 0)] * lay.num_layers
+        total = sum(lengths)
+        reserves: collections.deque[tuple[int, Future[Completion]]] = collections.deque()
+        reserved: dict[int, bytes] = {}  # offset -> key: reserved, not committed
+        commits: collections.deque[Future[Completion]] = collections.deque()
+        copied: tuple[Any, int, int] | None = None  # (event, chunk, offset): D2H queued
+
+        def reserve(c: int) -> None:
+            req = client.reserve_request(session, keys[c], lengths, self.tables[c % A], ttl_s)
+            reserves.append((c, client.submit(req)))
+
+        def commit(ev: Any, c: int, off: int) -> None:
+            if ev is not None:
+                tw = time.perf_counter()
+                ev.synchronize()  # the chunk is in DRAM
+                rep.d2h_wait_s += time.perf_counter() - tw
+            del reserved[off]
+            commits.append(client.submit(client.commit_request(keys[c], off)))
+            rep.chunks += 1
+            rep.bytes += lay.chunk_bytes
+            while len(commits) > S:
+                tw = time.perf_counter()
+                client.wait(commits.popleft(), "commit")
+                rep.put_wait_s += time.perf_counter() - tw
+
+        errors: list[KvtierError] = []
+        try:
+            for c in range(min(A, n)):
+                reserve(c)
+            for c in range(n):
+                _, fut = reserves.popleft()
+                tw = time.perf_counter()
+                try:
+                    off = client.wait(fut, "reserve").result
+                except (ValueTooLargeError, NoSpaceError, InvalidRequestError) as e:
+                    if c == 0:
+                        raise _NoReservation(str(e)) from None
+                    if isinstance(e, InvalidRequestError):
+                        raise
+                    # The DRAM tier is full of values still to be written behind: this
+                    # chunk goes through the arena (the daemon writes it to media).
+                    if c + A < n:
+                        reserve(c + A)
+                    if copied is not None:
+                        commit(*copied)
+                        copied = None
+                    self._put_one(session, keys[c], c, source, staging[c % S], stream,
+                                  ttl_s, rep)
+                    rep.put_chunks += 1
+                    continue
+                rep.reserve_wait_s += time.perf_counter() - tw
+                reserved[off] = keys[c]
+                if c + A < n:
+                    reserve(c + A)
+                s = c % S
+                # staging[s] was last read by chunk c - S's copy, waited for since
+                source.gather(c, staging[s])
+                if stream is not None:
+                    stream.wait_stream(torch.cuda.current_stream(dev))
+                src = staging[s].view(-1).view(torch.uint8)
+                if cipher is not None:
+                    plain = self.slots[s]
+                    ev = _copy(_slot_tensor(plain, lay.chunk_bytes), src, stream)
+                    if ev is not None:
+                        ev.synchronize()
+                    fb = lay.frame_bytes
+                    cipher.seal_into(session, keys[c],
+                                     [plain.view[i * fb:(i + 1) * fb]
+                                      for i in range(lay.num_layers)],
+                                     client.dram[off:off + total])
+                    commit(None, c, off)
+                    continue
+                ev = _copy(dram[off:off + lay.chunk_bytes], src, stream)
+                if copied is not None:  # the previous chunk's copy ran meanwhile
+                    commit(*copied)
+                copied = (ev, c, off)
+            if copied is not None:
+                commit(*copied)
+                copied = None
+        finally:
+            if copied is not None and copied[0] is not None:
+                copied[0].synchronize()  # no DMA into a reservation given up below
+            for _c, fut in reserves:
+                try:
+                    reserved[client.wait(fut, "reserve").result] = keys[_c]
+                except KvtierError:
+                    pass
+            for off, key in reserved.items():
+                try:
+                    client.abort(key, off)
+                except KvtierError as e:
+                    errors.append(e)
+            for f in commits:
+                try:
+                    client.wait(f, "commit")
+                except KvtierError as e:
+                    errors.append(e)
+        if errors:
+            raise errors[0]
+        rep.in_place = True
+
+    def _put_one(self, session: str, key: bytes, c: int, source: Source,
+                 staging: torch.Tensor, stream: Any, ttl_s: int, rep: SaveReport) -> None:
+        """Chunk c through an arena slot and a PUT, waited for (a save in place whose
+        reservation was refused)."""
+        lay = self.layout
+        dev = source.device
+        source.gather(c, staging)
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(dev))
+        slot = self.slots[0]
+        ev = _copy(_slot_tensor(slot, lay.chunk_bytes), staging.view(-1).view(torch.uint8),
+                   stream)
+        if ev is not None:
+            ev.synchronize()
+        lengths = [lay.frame_bytes] * lay.num_layers
+        if self.cipher is not None:
+            plain = slot.view
+            slot = self.sealed[0]
+            lengths = self.cipher.seal_into(
+                session, key, [plain[i * lay.frame_bytes:(i + 1) * lay.frame_bytes]
+                               for i in range(lay.num_layers)], slot.view)
+        self.client.wait(self.client.submit(
+            self.client.put_request(session, key, slot, lengths, ttl_s=ttl_s)), "put")
+        rep.chunks += 1
+        rep.bytes += lay.chunk_bytes
+
     def _staging_on(self, dev: torch.device) -> list[torch.Tensor]:
         """One device buffer [layers, 2, heads, T, head_dim] per slot, kept across saves."""
         lay = self.layout
@@ -356,6 +545,10 @@ class KVSaver:
                                           lay.chunk_tokens, lay.head_dim), dtype=lay.dtype,
                                          device=dev) for _ in self.slots]
         return self._staging
+
+
+class _NoReservation(Exception):
+    """The DRAM tier refused a save's first reservation (too large, full, none)."""
 
 
 # -- loading -----------------------------------------------------------------------------------

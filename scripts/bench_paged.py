@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_daemon import TOKEN, BenchDaemon
 
 from kvtier.client.client import Client
-from kvtier.client.gpu import KVLayout, KVLoader, KVSaver, register_arena
+from kvtier.client.gpu import KVLayout, KVLoader, KVSaver, register_arena, register_dram
 from kvtier.client.paged import PagedDestination, PagedKV, PagedSource
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -86,6 +86,15 @@ def copy_rates(c: Client, dev: torch.device, n: int) -> dict[str, float]:
     return out
 
 
+def daemon_faults(d: BenchDaemon) -> int:
+    """kvtierd's page faults so far (minor + major, /proc/PID/stat): a save that makes the
+    daemon fault on memory it copies runs near first-touch speed."""
+    assert d.proc is not None
+    with open(f"/proc/{d.proc.pid}/stat") as stat:
+        f = stat.read().rsplit(")", 1)[1].split()
+    return int(f[7]) + int(f[9])
+
+
 def gpu_mem(dev: torch.device) -> int:
     return int(torch.cuda.memory_allocated(dev)) if dev.type == "cuda" else 0
 
@@ -120,19 +129,46 @@ def run_one(d: BenchDaemon, layout: KVLayout, order: str, tokens: int, block: in
                          "block_size": block, "chunks": chunks, "paged_stacked":
                          paged.stacked is not None}
     with Client.connect(d.sock, "bench", TOKEN, arena_size=arena) as c:
-        saver = KVSaver(c, layout, fp, slots=save_slots)
         sync(dev)
         base = gpu_mem(dev)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        t0 = time.perf_counter()
-        rep = saver.save_chunks("bench", keys, src)
-        sync(dev)
-        r["save_s"] = time.perf_counter() - t0
-        r["save_bytes_per_s"] = rep.bytes / r["save_s"]
+        # Both save paths, in one run: PUTs through arena slots (the daemon copies each
+        # chunk into DRAM), then chunks copied from the GPU straight into DRAM reservations
+        # (RESERVE/COMMIT: the daemon only reads them once, for CRCs).  The loads below read
+        # what the second one stored.
+        if dev.type == "cuda":  # a one-time setup cost per client (KVSaver/KVLoader do it)
+            t0 = time.perf_counter()
+            assert register_dram(c)
+            r["dram_register_s"] = round(time.perf_counter() - t0, 3)
+        for mode in ("arena", "in_place"):
+            saver = KVSaver(c, layout, fp, slots=save_slots, in_place=mode == "in_place")
+            faults0 = daemon_faults(d)
+            t0 = time.perf_counter()
+            rep = saver.save_chunks("bench", keys, src)
+            sync(dev)
+            secs = time.perf_counter() - t0
+            faults = daemon_faults(d) - faults0
+            saver.close()
+            assert rep.in_place == (mode == "in_place") and rep.chunks == chunks, rep
+            pre = "save" if mode == "in_place" else "save_arena"
+            r[f"{pre}_s"] = secs
+            r[f"{pre}_bytes_per_s"] = rep.bytes / secs
+            r[f"{pre}_d2h_wait_s"] = round(rep.d2h_wait_s, 4)
+            r[f"{pre}_put_wait_s"] = round(rep.put_wait_s, 4)
+            r[f"{pre}_reserve_wait_s"] = round(rep.reserve_wait_s, 4)
+            r[f"{pre}_daemon_page_faults_per_mib"] = round(faults / (rep.bytes / MiB), 2)
+            if mode == "arena":
+                while d.backlog():  # the first save's write-behind is done ...
+                    time.sleep(0.05)
+                c.purge_session("bench")  # ... and its chunks gone: the second stores anew
+        r["save_in_place_over_arena"] = round(r["save_arena_s"] / r["save_s"], 3)
+        st = d.status()
+        r["save_daemon"] = {"writebehind_fallbacks": st["tiers"]["writebehind_fallbacks"],
+                            "write_class": st["io"]["classes"]["write"]["tenants"].get("bench"),
+                            "io_slots": st["io"]["slots"]}
         if dev.type == "cuda":
             r["save_gpu_peak_over_base_bytes"] = int(torch.cuda.max_memory_allocated(dev)) - base
-        saver.close()
         for t in layers:  # the blocks are reused by other requests meanwhile
             t.zero_()
         loader = KVLoader(c, layout, fp, layer_groups=1, inflight=inflight)
@@ -255,13 +291,16 @@ def main() -> int:
                             args.inflight, args.save_slots, args.batch, keyring)
                 r["load_vs_h2d"] = round(r["load_bytes_per_s"] / rates["h2d_bytes_per_s"], 3)
                 r["save_vs_d2h"] = round(r["save_bytes_per_s"] / rates["d2h_bytes_per_s"], 3)
+                r["save_arena_vs_d2h"] = round(r["save_arena_bytes_per_s"]
+                                               / rates["d2h_bytes_per_s"], 3)
                 results.append(r)
                 if not args.json:
                     print(f"{order} {r['tokens']:>8} tokens {r['kv_bytes'] / 1e9:6.2f} GB: "
                           f"load {r['load_s']:.3f} s {r['load_bytes_per_s'] / 1e9:5.1f} GB/s "
                           f"({r['load_vs_h2d']:.2f} of H2D), save {r['save_s']:.2f} s "
                           f"{r['save_bytes_per_s'] / 1e9:5.2f} GB/s ({r['save_vs_d2h']:.2f} "
-                          f"of D2H)", flush=True)
+                          f"of D2H; {r['save_in_place_over_arena']:.2f}x the arena PUTs' "
+                          f"{r['save_arena_bytes_per_s'] / 1e9:.2f} GB/s)", flush=True)
     finally:
         d.stop()
     out = {"model": args.model, "device": str(dev), "save_slots": args.save_slots,

@@ -48,7 +48,11 @@ def _prefill(model, ids):  # type: ignore[no-untyped-def]
     return out.past_key_values, out.logits
 
 
-def test_save_then_resume_gives_the_same_logits(daemon: Daemon, model) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("in_place", [True, False], ids=["reserved-in-dram", "put-via-arena"])
+def test_save_then_resume_gives_the_same_logits(daemon: Daemon, model,  # type: ignore[no-untyped-def]
+                                                in_place: bool) -> None:
+    """Saved either way -- written into DRAM reservations, or PUT through the arena --
+    the chunks load back to the same cache and the same logits."""
     daemon.start()
     layout = KVLayout.from_config(model.config, torch.float32, chunk_tokens=T)
     fp = layout.fingerprint("tiny-qwen2")
@@ -56,9 +60,10 @@ def test_save_then_resume_gives_the_same_logits(daemon: Daemon, model) -> None: 
     turn1 = torch.randint(0, 500, (1, 5 * T + 3), generator=g)  # 5 full chunks + 3 tokens
     with Client.connect(daemon.socket, "alice", TOKENS["alice"], arena_size=16 << 20) as c:
         cache, _ = _prefill(model, turn1)
-        saver = KVSaver(c, layout, fp)
+        saver = KVSaver(c, layout, fp, in_place=in_place)
         rep = saver.save("conv-1", turn1[0], cache)
         assert rep.chunks == 5 and rep.bytes == 5 * layout.chunk_bytes
+        assert rep.in_place == in_place
         assert saver.save("conv-1", turn1[0], cache).skipped == 5  # idempotent
         saver.close()
 
