@@ -337,7 +337,6 @@ class KVSaver:
         is gathered and copied; at most `slots` PUTs are in flight.  Nothing else of the
         prefix is copied on the device."""
         t0 = time.perf_counter()
-        lay = self.layout
         rep = SaveReport()
         if not keys:
             return rep
@@ -365,27 +364,8 @@ class KVSaver:
                     self.client.wait(fut, "put")
                     rep.put_wait_s += time.perf_counter() - tw
                 # The staging buffer's previous D2H was waited for before its PUT went out.
-                source.gather(c, staging[s])
-                slot = self.slots[s]
-                if stream is not None:
-                    stream.wait_stream(torch.cuda.current_stream(dev))
-                ev = _copy(_slot_tensor(slot, lay.chunk_bytes), staging[s].view(-1).view(
-                    torch.uint8), stream)
-                if ev is not None:
-                    tw = time.perf_counter()
-                    ev.synchronize()  # the PUT below reads the slot
-                    rep.d2h_wait_s += time.perf_counter() - tw
-                lengths = [lay.frame_bytes] * lay.num_layers
-                if self.cipher is not None:
-                    plain = slot.view
-                    slot = self.sealed[s]
-                    lengths = self.cipher.seal_into(
-                        session, key, [plain[i * lay.frame_bytes:(i + 1) * lay.frame_bytes]
-                                       for i in range(lay.num_layers)], slot.view)
-                req = self.client.put_request(session, key, slot, lengths, ttl_s=ttl_s)
-                pending[s] = self.client.submit(req)
-                rep.chunks += 1
-                rep.bytes += lay.chunk_bytes
+                pending[s] = self._submit_put(session, key, c, source, staging[s], s, stream,
+                                              ttl_s, rep)
         finally:
             errors = []
             for f in pending:
@@ -456,8 +436,8 @@ class KVSaver:
                     if copied is not None:
                         commit(*copied)
                         copied = None
-                    self._put_one(session, keys[c], c, source, staging[c % S], stream,
-                                  ttl_s, rep)
+                    client.wait(self._submit_put(session, keys[c], c, source, staging[c % S],
+                                                 c % S, stream, ttl_s, rep), "put")
                     rep.put_chunks += 1
                     continue
                 rep.reserve_wait_s += time.perf_counter() - tw
@@ -466,23 +446,16 @@ class KVSaver:
                     reserve(c + A)
                 s = c % S
                 # staging[s] was last read by chunk c - S's copy, waited for since
-                source.gather(c, staging[s])
-                if stream is not None:
-                    stream.wait_stream(torch.cuda.current_stream(dev))
-                src = staging[s].view(-1).view(torch.uint8)
                 if cipher is not None:
                     plain = self.slots[s]
-                    ev = _copy(_slot_tensor(plain, lay.chunk_bytes), src, stream)
-                    if ev is not None:
-                        ev.synchronize()
-                    fb = lay.frame_bytes
-                    cipher.seal_into(session, keys[c],
-                                     [plain.view[i * fb:(i + 1) * fb]
-                                      for i in range(lay.num_layers)],
+                    self._to_host(c, source, staging[s], _slot_tensor(plain, lay.chunk_bytes),
+                                  stream, rep, wait=True)
+                    cipher.seal_into(session, keys[c], self._frames_of(plain),
                                      client.dram[off:off + total])
                     commit(None, c, off)
                     continue
-                ev = _copy(dram[off:off + lay.chunk_bytes], src, stream)
+                ev = self._to_host(c, source, staging[s], dram[off:off + lay.chunk_bytes],
+                                   stream, rep)
                 if copied is not None:  # the previous chunk's copy ran meanwhile
                     commit(*copied)
                 copied = (ev, c, off)
@@ -511,31 +484,45 @@ class KVSaver:
             raise errors[0]
         rep.in_place = True
 
-    def _put_one(self, session: str, key: bytes, c: int, source: Source,
-                 staging: torch.Tensor, stream: Any, ttl_s: int, rep: SaveReport) -> None:
-        """Chunk c through an arena slot and a PUT, waited for (a save in place whose
-        reservation was refused)."""
-        lay = self.layout
-        dev = source.device
+    def _to_host(self, c: int, source: Source, staging: torch.Tensor, dst: torch.Tensor,
+                 stream: Any, rep: SaveReport, *, wait: bool = False) -> Any:
+        """Gather chunk c into `staging` and queue its copy into host memory `dst` (on
+        `stream`, after the gather); the copy's event (None on the CPU), or, with `wait`,
+        None once the copy is done."""
         source.gather(c, staging)
         if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream(dev))
-        slot = self.slots[0]
-        ev = _copy(_slot_tensor(slot, lay.chunk_bytes), staging.view(-1).view(torch.uint8),
-                   stream)
-        if ev is not None:
+            stream.wait_stream(torch.cuda.current_stream(source.device))
+        ev = _copy(dst, staging.view(-1).view(torch.uint8), stream)
+        if wait and ev is not None:
+            tw = time.perf_counter()
             ev.synchronize()
+            rep.d2h_wait_s += time.perf_counter() - tw
+            return None
+        return ev
+
+    def _frames_of(self, slot: Slot) -> list[memoryview]:
+        """A chunk's frames (one per layer) in an arena slot holding it."""
+        fb = self.layout.frame_bytes
+        return [slot.view[i * fb:(i + 1) * fb] for i in range(self.layout.num_layers)]
+
+    def _submit_put(self, session: str, key: bytes, c: int, source: Source,
+                    staging: torch.Tensor, s: int, stream: Any, ttl_s: int,
+                    rep: SaveReport) -> Future[Completion]:
+        """Chunk c through arena slot s: gathered, copied there (waited for: the PUT reads
+        the slot), sealed into sealed slot s for a cipher, and PUT; the PUT's future."""
+        lay = self.layout
+        slot = self.slots[s]
+        self._to_host(c, source, staging, _slot_tensor(slot, lay.chunk_bytes), stream, rep,
+                      wait=True)
         lengths = [lay.frame_bytes] * lay.num_layers
         if self.cipher is not None:
-            plain = slot.view
-            slot = self.sealed[0]
-            lengths = self.cipher.seal_into(
-                session, key, [plain[i * lay.frame_bytes:(i + 1) * lay.frame_bytes]
-                               for i in range(lay.num_layers)], slot.view)
-        self.client.wait(self.client.submit(
-            self.client.put_request(session, key, slot, lengths, ttl_s=ttl_s)), "put")
+            plain, slot = slot, self.sealed[s]
+            lengths = self.cipher.seal_into(session, key, self._frames_of(plain), slot.view)
+        fut = self.client.submit(self.client.put_request(session, key, slot, lengths,
+                                                         ttl_s=ttl_s))
         rep.chunks += 1
         rep.bytes += lay.chunk_bytes
+        return fut
 
     def _staging_on(self, dev: torch.device) -> list[torch.Tensor]:
         """One device buffer [layers, 2, heads, T, head_dim] per slot, kept across saves."""
