@@ -166,10 +166,10 @@ def main() -> int:
     console = Console(stderr=args.json)
     work = tempfile.mkdtemp(prefix="kvtier-bench-client-", dir=args.dir or os.getcwd())
     secs = 1.5 if args.quick else 5.0
-    pool_vals = 24 if args.quick else 64  # values per size for the file-pool pass
+    pool_vals = 12 if args.quick else 64  # values per size for the file-pool pass
     fig: dict[str, Any] = {"quick": args.quick}
     d = BenchDaemon(work, dram=(768 if args.quick else 1536) * MiB,
-                    pool=(1536 if args.quick else 4096) * MiB)
+                    pool=(768 if args.quick else 4096) * MiB)
     redis_srv: Redis | None = None
     try:
         with Progress(console=console, transient=True) as prog:

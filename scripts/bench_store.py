@@ -320,7 +320,7 @@ def main() -> int:
                                 256 * MiB if args.quick else 2 * GiB, 256 * 1024,
                                 3.0 if args.quick else 4.0))
             fig.update(recovery(os.path.join(work, "rec.pool"),
-                                1 * GiB if args.quick else 10 * GiB, prog))
+                                512 * MiB if args.quick else 10 * GiB, prog))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

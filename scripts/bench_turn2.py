@@ -422,7 +422,9 @@ def main() -> int:
     fp = layout.fingerprint(args.model_path or args.model)
     kv_max = max(contexts) // layout.chunk_tokens * layout.chunk_bytes
     total = sum(c // layout.chunk_tokens * layout.chunk_bytes for c in contexts)
-    seg = 256 * MiB if kv_max > 4 * GiB else 64 * MiB
+    # Small contexts (--quick's tiny model) get small segments: the pool keeps 16 spare
+    # ones and is fallocated.
+    seg = 256 * MiB if kv_max > 4 * GiB else 64 * MiB if kv_max > 256 * MiB else 16 * MiB
     work = tempfile.mkdtemp(prefix="kvtier-turn2-", dir=args.dir or os.getcwd())
     def segments(nbytes: float) -> int:
         return int(-(-nbytes // seg)) * seg

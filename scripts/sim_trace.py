@@ -447,6 +447,8 @@ def main() -> int:
                             dram = int(a.call("status")["dram"]["capacity_bytes"])
                     finally:
                         d.stop()
+                    # Each mode's pool is fallocated: drop it before the next mode's.
+                    shutil.rmtree(sub, ignore_errors=True)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
     fig = figures(w, results, args.chunk_bytes, dram, args)

@@ -21,7 +21,8 @@ WRITERS = 3
 
 
 def test_sigkill_daemon_during_put_storm(tmp_path: Path) -> None:
-    d = Daemon(tmp_path, ack="media", pool_size="1G")
+    # 3 writers x 3 rounds x MAX_PUTS records of 12-252 KiB on media: about 400 MB.
+    d = Daemon(tmp_path, ack="media", pool_size="640M")
     rnd = random.Random(7)
     acked: dict[str, tuple[int, int]] = {}
     env = dict(os.environ, PYTHONPATH=str(HERE))
