@@ -30,6 +30,7 @@ machine the same code runs with plain copies (streams and events become no-ops).
 from __future__ import annotations
 
 import collections
+import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -707,6 +708,64 @@ class KVLoader:
         self.buffers, self.events = [], []
         self._staging, self._staged, self._opener = [], [], None
 
+    def prepare(self, device: torch.device | str) -> float:
+        """Get ready to load onto `device`, so that no turn pays for setting up: where
+        sealed chunks are opened on the GPU, the opener's kernels are compiled (or loaded
+        from Triton's on-disk cache) and its staging buffers allocated, by opening one
+        frame of this layout sealed with a throwaway key, and checking its plaintext.
+
+        Call it once the device is known (the vLLM connector does, when its I/O thread
+        starts).  Returns the seconds it took; 0.0 where nothing is prepared (plain
+        tenants, decryption on the CPU).  Without it the first encrypted load of a process
+        compiles the kernels itself (seconds on a CUDA device)."""
+        if not self.gpu_decrypt:
+            return 0.0
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        from kvtier.client.crypto import FORMAT_VERSION, NONCE, frame_aad
+        from kvtier.client.gcm_gpu import FrameBatch, GcmOpener
+
+        assert self.cipher is not None
+        t0 = time.perf_counter()
+        dev = torch.device(device)
+        opener, _ = self._device_opener(dev)
+        lay = self.layout
+        # The shapes the kernels are specialized on are the layout's: a frame of
+        # frame_bytes, rows of chunk_tokens * head_dim, a 16-byte key id and value key.
+        plain = np.random.default_rng().integers(0, 256, lay.frame_bytes, dtype=np.uint8)
+        kid, dk, key = os.urandom(16), AESGCM.generate_key(bit_length=256), os.urandom(16)
+        nonce = os.urandom(NONCE)
+        sealed = nonce + AESGCM(dk).encrypt(
+            nonce, plain.tobytes(), frame_aad(opener.tenant, kid, key, 0, FORMAT_VERSION))
+        src = torch.frombuffer(bytearray(sealed), dtype=torch.uint8).to(dev)
+        dst = torch.empty(lay.frame_bytes, dtype=torch.uint8, device=dev)
+        row = lay.chunk_tokens * lay.head_dim * lay.itemsize
+        frames = FrameBatch.of([0], [0], [key], [0])
+        probe = GcmOpener(opener.tenant, dev)  # its throwaway key stays out of the loader's
+        probe.open(kid, dk, FORMAT_VERSION, src, frames, lay.frame_bytes, dst, row, row)
+        probe.check()
+        if not torch.equal(dst.cpu(), torch.from_numpy(plain)):
+            raise KvtierError(f"the GPU opener on {dev} returned wrong plaintext for a frame "
+                              "it authenticated")
+        return time.perf_counter() - t0
+
+    def _device_opener(self, dev: torch.device) -> tuple[Any, int]:
+        """The GCM opener for `dev` and its staging buffers (made once; remade for another
+        device or a larger batch): (opener, bytes a staging buffer holds)."""
+        from kvtier.client.gcm_gpu import GcmOpener
+
+        assert self.cipher is not None
+        if self._opener is None or self._opener.device != dev:
+            self._opener = GcmOpener(self.cipher.tenant, dev)
+            self._staging, self._staged = [], []
+        most = max(b - a for a, b in self.groups)
+        capacity = self.gpu_batch * most * (self.layout.frame_bytes + OVERHEAD)
+        if not self._staging or self._staging[0].numel() < capacity:
+            self._staging = [torch.empty(capacity + 16, dtype=torch.uint8, device=dev)
+                             for _ in range(2 if dev.type == "cuda" else 1)]
+            self._staged = [None] * len(self._staging)
+        return self._opener, capacity
+
     def _release_maps(self) -> None:
         if self._mapped:
             if self._copied is not None:
@@ -960,7 +1019,7 @@ class KVLoader:
         is decrypted into the window's columns in batch order and scattered from there on
         the kernel stream, so the next batch's kernels overwrite the window only after."""
         from kvtier.client.crypto import FORMAT_VERSION
-        from kvtier.client.gcm_gpu import FrameBatch, GcmOpener
+        from kvtier.client.gcm_gpu import FrameBatch
 
         cipher = self.cipher
         assert cipher is not None
@@ -976,18 +1035,9 @@ class KVLoader:
         row_bytes, pitch = T * D * isz, cap * D * isz
         layer_bytes = 2 * H * pitch
         per_frame = lay.frame_bytes + OVERHEAD
-        if self._opener is None or self._opener.device != dev:
-            self._opener = GcmOpener(cipher.tenant, dev)
-            self._staging, self._staged = [], []
-        opener = self._opener
+        opener, capacity = self._device_opener(dev)
         opener.discard()  # an earlier load that failed before its check
         kid, dk = cipher.raw_data_key(self.session)
-        most = max(b - a for a, b in self.groups)
-        capacity = self.gpu_batch * most * per_frame
-        if not self._staging or self._staging[0].numel() < capacity:
-            self._staging = [torch.empty(capacity + 16, dtype=torch.uint8, device=dev)
-                             for _ in range(2 if dev.type == "cuda" else 1)]
-            self._staged = [None] * len(self._staging)
         kstream = torch.cuda.Stream(device=dev) if stream is not None else None
         if kstream is not None:
             kstream.wait_stream(torch.cuda.current_stream(dev))

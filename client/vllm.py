@@ -664,6 +664,7 @@ class Worker:
         if self.paged is not None and self.paged.device.type == "cuda":
             torch.cuda.set_device(self.paged.device)
             stream = torch.cuda.Stream(device=self.paged.device)
+        self._prepare()
         while True:
             job = self._next()
             if job is None:
@@ -700,7 +701,26 @@ class Worker:
                           cipher=cipher, decrypt=self.cfg.decrypt)
         saver = KVSaver(c, self.layout, self.fp, slots=self.cfg.save_slots, cipher=cipher)
         self._tools = (self.link.generation, loader, saver)
+        if self.paged is not None:  # kernels compiled now, not by a request's load
+            took = loader.prepare(self.paged.device)
+            if took:
+                log.info("kvtier worker: the GPU opener is ready on %s (%.2f s)",
+                         self.paged.device, took)
         return loader, saver
+
+    def _prepare(self) -> None:
+        """Make the loader and saver before the first request, where the daemon answers
+        (otherwise the first job does, as after every reconnection)."""
+        c = self.link.get()
+        if c is None:
+            return
+        try:
+            self._tools_for(c)
+        except Exception as e:
+            self.link.failed(c, e)
+            self._drop_tools()
+            log.warning("kvtier worker: setting up the loader failed (%s: %s); the first "
+                        "request retries", type(e).__name__, e)
 
     def _drop_tools(self) -> None:
         if self._tools is not None:

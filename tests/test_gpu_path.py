@@ -158,6 +158,10 @@ def test_encrypted_save_and_resume_give_the_same_logits(daemon: Daemon, model,  
                               session="conv-e", map_dram=map_dram, decrypt=decrypt,
                               gpu_batch=batch)
             assert loader.gpu_decrypt == (decrypt == "gpu")
+            # Set up before the turn: the GPU path opens one throwaway frame (its kernels
+            # compiled, here interpreted); the CPU path has nothing to prepare.
+            took = loader.prepare("cpu")
+            assert (took > 0) if decrypt == "gpu" else took == 0.0
             res = resume(model, loader, turn2[0])
             assert res.prefix_tokens == 4 * T and res.load.mapped == mapped
             for li in range(layout.num_layers):  # bit for bit, every layer and position
