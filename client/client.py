@@ -518,9 +518,19 @@ class Client:
             req.aux_off = table.offset
         return req
 
-    def commit_request(self, key: bytes, offset: int, *, abort: bool = False) -> Request:
-        return Request(Op.COMMIT, 0, flags=Flag.ABORT if abort else 0, key=bytes(key),
-                       data_off=offset)
+    def commit_request(self, key: bytes, offset: int, *, abort: bool = False,
+                       crcs: Slot | None = None, frames: int = 0) -> Request:
+        """A COMMIT (or with `abort`, giving up) of the reservation at `offset`.  With
+        `crcs`, an arena slot holding the `frames` frames' CRC32Cs (u32, little-endian)
+        as computed where the bytes were written: the daemon then stores those and does
+        not read the frames (a wrong one makes the value CORRUPT where it is checked)."""
+        if crcs is None or abort:
+            return Request(Op.COMMIT, 0, flags=Flag.ABORT if abort else 0, key=bytes(key),
+                           data_off=offset)
+        if frames <= 0 or crcs.size < 4 * frames:
+            raise ValueError(f"CRCs of {frames} frames need a slot of {4 * frames} bytes")
+        return Request(Op.COMMIT, 0, flags=Flag.CRCS, key=bytes(key), data_off=offset,
+                       count=frames, aux_off=crcs.offset)
 
     def reserve(self, session: str, key: bytes, frame_lengths: Sequence[int], *,
                 ttl_s: int = 0) -> int:

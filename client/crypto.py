@@ -138,6 +138,9 @@ class Keyring:
                                f"(tampered, or not this tenant's)") from None
 
 
+WRAPPED_KEY_MAX = 4096  # bytes: a data key as any keyring wraps it (AES-GCM, PKCS#11, KMS)
+
+
 class FrameCipher:
     """Seals and opens one tenant's frames; data keys come from kvtierd (wrapped)."""
 
@@ -173,7 +176,9 @@ class FrameCipher:
             return cached
         aad = b"kvtier-dk-v1\0" + self.tenant.encode() + b"\0" + kid
         try:
-            blob = self.client.get(kid)
+            # a wrapped 32-byte key: a small read, not the arena quarter a GET of an
+            # unknown size asks for (a loader holding most of the arena left no room)
+            blob = self.client.get(kid, size=WRAPPED_KEY_MAX)
             dk = self.keyring.unwrap(self.tenant, blob, aad)
         except NotFoundError:
             if not create:

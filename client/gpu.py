@@ -263,21 +263,29 @@ class SaveReport:
     put_wait_s: float = 0.0
     reserve_wait_s: float = 0.0  # in place: waiting for RESERVE answers
     in_place: bool = False  # written into the DRAM tier's reservations (no daemon copy)
+    frame_crcs: bool = False  # in place: CRCs computed on the device, carried by COMMIT
     put_chunks: int = 0  # of those, chunks the DRAM tier had no room for: PUT instead
 
 
 class KVSaver:
     def __init__(self, client: Client, layout: KVLayout, fingerprint: bytes, *,
                  slots: int = 2, cipher: FrameCipher | None = None,
-                 in_place: bool | None = None, reserve_ahead: int = 8) -> None:
+                 in_place: bool | None = None, reserve_ahead: int = 8,
+                 frame_crcs: bool | None = None) -> None:
         """`cipher`: seal every frame (AES-256-GCM, kvtier.client.crypto) before its PUT;
         required when the tenant's policy is `encryption = "on"`.
 
         `in_place` (default: wherever the tenant has a DRAM tier, and on a GPU where its
         mapping registers with CUDA): each chunk is RESERVEd in the DRAM tier
         `reserve_ahead` chunks ahead, copied from the GPU straight into its reservation
-        (sealed there, for a cipher) and COMMITted -- the daemon copies nothing and only
-        reads the frames once for their CRCs.  False: PUT through arena slots."""
+        (sealed there, for a cipher) and COMMITted -- the daemon copies nothing.  False:
+        PUT through arena slots.
+
+        `frame_crcs` (default: for unsealed chunks on a GPU): the frames' CRC32Cs are
+        computed on the device from the staging buffer (kvtier.client.crc_gpu) and carried
+        by the COMMIT, so the daemon does not read the frames at all; otherwise it reads
+        them once for their CRCs.  True also on CPU tensors (Triton's interpreter, for
+        tests); False: never."""
         if cipher is None and client.encryption == "on":
             raise KvtierError("this tenant's policy is encryption = \"on\": pass "
                               "cipher=FrameCipher(...) (or have the operator set \"off\")")
@@ -290,11 +298,25 @@ class KVSaver:
         sealed = n + layout.num_layers * (OVERHEAD + 8)
         self.sealed = [client.allocator.alloc(sealed) for _ in range(slots)] if cipher else []
         self._staging: list[torch.Tensor] = []
+        self._staging_flat = torch.empty(0)
         self.in_place = in_place
         # RESERVE frame tables, one per reservation in flight
         self.tables = [client.allocator.alloc(8 * layout.num_layers)
                        for _ in range(max(1, reserve_ahead))] \
             if in_place is not False and client.dram_size and client.dram_writable else []
+        self.frame_crcs = frame_crcs
+        # In place, chunks are gathered (and their CRCs computed) `group` at a time, into
+        # one half of the staging buffers while the other half's D2H copies run: one
+        # launch per group instead of one per chunk (each costs ~0.1 ms of this thread).
+        self.group = max(1, slots // 2)
+        self._crcs: Any = None  # kvtier.client.crc_gpu.FrameCrcs, made at the first save
+        self._crc_dev: torch.Tensor | None = None  # [CRC slots, group * layers] int32
+        # CRC tables carried by COMMITs, a group's per slot: enough that a slot is
+        # rewritten only once the COMMITs that read it (at most `slots` in flight, the
+        # one whose D2H is queued, the next) were answered
+        self.crc_slots = [client.allocator.alloc(4 * layout.num_layers * self.group)
+                          for _ in range(-(-(slots + 2) // self.group) + 1)] \
+            if self.tables else []
         register_arena(client)
         if self.tables and torch.cuda.is_available():
             # Pinning the whole DRAM mapping takes seconds at long context: once per
@@ -302,9 +324,37 @@ class KVSaver:
             register_dram(client)
 
     def close(self) -> None:
-        for s in self.slots + self.sealed + self.tables:
+        for s in self.slots + self.sealed + self.tables + self.crc_slots:
             self.client.allocator.free(s)
         self.slots, self.sealed, self._staging, self.tables = [], [], [], []
+        self.crc_slots, self._crcs, self._crc_dev = [], None, None
+        self._staging_flat = torch.empty(0)
+
+    def _device_crcs(self, dev: torch.device) -> Any:
+        """The device CRC computer for this save's frames, or None (the daemon reads the
+        frames for their CRCs): sealed chunks, frames not whole 64-byte lanes, no Triton,
+        CPU tensors unless asked for."""
+        lay = self.layout
+        if self.frame_crcs is False or self.cipher is not None or not self.crc_slots:
+            return None
+        if dev.type != "cuda" and not self.frame_crcs:
+            return None
+        try:
+            from kvtier.client import crc_gpu
+        except ImportError:  # no Triton: the daemon computes them
+            if self.frame_crcs:
+                raise
+            return None
+        if not crc_gpu.supported(lay.frame_bytes):
+            if self.frame_crcs:
+                raise KvtierError(f"frames of {lay.frame_bytes} bytes: device CRCs need a "
+                                  f"multiple of {crc_gpu.LANE_BYTES}")
+            return None
+        if self._crcs is None or self._crcs.device != dev:
+            self._crcs = crc_gpu.FrameCrcs(dev, lay.frame_bytes)
+            self._crc_dev = torch.zeros((len(self.crc_slots), self.group * lay.num_layers),
+                                        dtype=torch.int32, device=dev)
+        return self._crcs
 
     def _can_write_in_place(self, dev: torch.device) -> bool:
         if self.in_place is False or not self.tables:
@@ -390,7 +440,9 @@ class KVSaver:
         stream = torch.cuda.Stream(device=dev) if dev.type == "cuda" else None
         dram = dram_tensor(client)
         cipher = self.cipher
+        crcs = self._device_crcs(dev)
         n, A, S = len(keys), len(self.tables), len(self.slots)
+        G = self.group if cipher is None else 1
         lengths = [lay.frame_bytes + (OVERHEAD if cipher else 0)] * lay.num_layers
         total = sum(lengths)
         reserves: collections.deque[tuple[int, Future[Completion]]] = collections.deque()
@@ -408,7 +460,9 @@ class KVSaver:
                 ev.synchronize()  # the chunk is in DRAM
                 rep.d2h_wait_s += time.perf_counter() - tw
             del reserved[off]
-            commits.append(client.submit(client.commit_request(keys[c], off)))
+            commits.append(client.submit(client.commit_request(
+                keys[c], off, crcs=self._crc_slot(c) if crcs is not None else None,
+                frames=lay.num_layers)))
             rep.chunks += 1
             rep.bytes += lay.chunk_bytes
             while len(commits) > S:
@@ -421,6 +475,8 @@ class KVSaver:
             for c in range(min(A, n)):
                 reserve(c)
             for c in range(n):
+                if cipher is None and c % G == 0:  # the next group, gathered at once
+                    self._stage_group(c, min(G, n - c), source, stream, crcs is not None)
                 _, fut = reserves.popleft()
                 tw = time.perf_counter()
                 try:
@@ -437,7 +493,8 @@ class KVSaver:
                     if copied is not None:
                         commit(*copied)
                         copied = None
-                    client.wait(self._submit_put(session, keys[c], c, source, staging[c % S],
+                    buf = staging[c % S] if cipher is not None else self._staged(c)
+                    client.wait(self._submit_put(session, keys[c], c, source, buf,
                                                  c % S, stream, ttl_s, rep), "put")
                     rep.put_chunks += 1
                     continue
@@ -455,8 +512,9 @@ class KVSaver:
                                      client.dram[off:off + total])
                     commit(None, c, off)
                     continue
-                ev = self._to_host(c, source, staging[s], dram[off:off + lay.chunk_bytes],
-                                   stream, rep)
+                # gathered with its group; its slice of the staging buffer to DRAM
+                ev = _copy(dram[off:off + lay.chunk_bytes],
+                           self._staged(c).view(-1).view(torch.uint8), stream)
                 if copied is not None:  # the previous chunk's copy ran meanwhile
                     commit(*copied)
                 copied = (ev, c, off)
@@ -484,6 +542,7 @@ class KVSaver:
         if errors:
             raise errors[0]
         rep.in_place = True
+        rep.frame_crcs = crcs is not None
 
     def _to_host(self, c: int, source: Source, staging: torch.Tensor, dst: torch.Tensor,
                  stream: Any, rep: SaveReport, *, wait: bool = False) -> Any:
@@ -500,6 +559,42 @@ class KVSaver:
             rep.d2h_wait_s += time.perf_counter() - tw
             return None
         return ev
+
+    def _staged(self, c: int) -> torch.Tensor:
+        """Chunk c's place in the staging buffers: slice c % group of its group's half."""
+        G = self.group
+        return self._staging_flat[((c // G) % 2) * G + c % G]
+
+    def _crc_slot(self, c: int) -> Slot:
+        """Where chunk c's CRCs are in the arena (its group's CRC slot)."""
+        G, L = self.group, self.layout.num_layers
+        slot = self.crc_slots[(c // G) % len(self.crc_slots)]
+        at = (c % G) * 4 * L
+        return Slot(slot.offset + at, 4 * L, slot.view[at:at + 4 * L])
+
+    def _stage_group(self, c0: int, m: int, source: Source, stream: Any,
+                     crcs: bool) -> None:
+        """Gather chunks [c0, c0 + m) into their half of the staging buffers (one launch
+        where the source can), and with `crcs` compute their frames' CRCs there and copy
+        them to the group's CRC slot (on `stream`, or at once on the CPU).  The half was
+        last read by D2H copies of two groups ago, all waited for by their COMMITs."""
+        buf = self._staging_flat[((c0 // self.group) % 2) * self.group:][:m]
+        gather_many(source, c0, m, buf)
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(source.device))
+        if not crcs:
+            return
+        assert self._crc_dev is not None
+        k = (c0 // self.group) % len(self.crc_slots)
+        frames = m * self.layout.num_layers
+        host = torch.frombuffer(self.crc_slots[k].view[:4 * frames], dtype=torch.int32)
+        if stream is None:
+            self._crcs.compute_into(buf, frames, self._crc_dev[k])
+            host.copy_(self._crc_dev[k][:frames])
+            return
+        with torch.cuda.stream(stream):
+            self._crcs.compute_into(buf, frames, self._crc_dev[k])
+            host.copy_(self._crc_dev[k][:frames], non_blocking=True)
 
     def _frames_of(self, slot: Slot) -> list[memoryview]:
         """A chunk's frames (one per layer) in an arena slot holding it."""
@@ -526,12 +621,15 @@ class KVSaver:
         return fut
 
     def _staging_on(self, dev: torch.device) -> list[torch.Tensor]:
-        """One device buffer [layers, 2, heads, T, head_dim] per slot, kept across saves."""
+        """One device buffer [layers, 2, heads, T, head_dim] per slot (views of one
+        allocation, `_staging_flat`: two halves of `group` chunks), kept across saves."""
         lay = self.layout
         if not self._staging or self._staging[0].device != dev:
-            self._staging = [torch.empty((lay.num_layers, 2, lay.num_kv_heads,
-                                          lay.chunk_tokens, lay.head_dim), dtype=lay.dtype,
-                                         device=dev) for _ in self.slots]
+            n = max(len(self.slots), 2 * self.group)
+            self._staging_flat = torch.empty((n, lay.num_layers, 2, lay.num_kv_heads,
+                                              lay.chunk_tokens, lay.head_dim),
+                                             dtype=lay.dtype, device=dev)
+            self._staging = list(self._staging_flat[:len(self.slots)])
         return self._staging
 
 
@@ -612,6 +710,18 @@ class Source(Protocol):
     def gather(self, c: int, out: torch.Tensor) -> None: ...
 
 
+def gather_many(source: Source, c0: int, n: int, out: torch.Tensor) -> None:
+    """Chunks [c0, c0 + n) of `source` into out [n, layers, 2, heads, T, head_dim]: in one
+    step where the source has `gather_many` (a paged cache: one index_select), else
+    chunk by chunk."""
+    many = getattr(source, "gather_many", None)
+    if many is not None:
+        many(c0, n, out)
+        return
+    for i in range(n):
+        source.gather(c0 + i, out[i])
+
+
 class CacheSource:
     """A transformers cache: chunk c of the save is tokens [(first+c)T, (first+c+1)T)."""
 
@@ -626,6 +736,15 @@ class CacheSource:
             k, v = cache_layer(self.cache, li)
             out[li, 0].copy_(k[0, :, lo:lo + T])
             out[li, 1].copy_(v[0, :, lo:lo + T])
+
+    def gather_many(self, c0: int, n: int, out: torch.Tensor) -> None:
+        """Chunks [c0, c0 + n) into out [n, L, 2, H, T, D]: two copies per layer."""
+        T = self.layout.chunk_tokens
+        lo = (self.first + c0) * T
+        for li in range(self.layout.num_layers):
+            for j, x in enumerate(cache_layer(self.cache, li)):
+                src = x[0, :, lo:lo + n * T]  # [H, nT, D]
+                out[:, li, j].copy_(src.reshape(src.shape[0], n, T, -1).transpose(0, 1))
 
 
 class KVLoader:

@@ -218,6 +218,7 @@ class Flag(enum.IntFlag):
     KEYLIST = 1  # the keys are a list in the arena at data_off (count keys of key_len)
     SESSION = 2  # PREFETCH: the whole session (session field) rather than keys
     ABORT = 4  # COMMIT: give the reservation up instead
+    CRCS = 8  # COMMIT: the frames' CRC32Cs are in the arena at aux_off (count u32)
 
 
 class Status(enum.IntEnum):

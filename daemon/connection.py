@@ -7,8 +7,9 @@ Every submission goes the same way, whatever its op, size or tier:
    and bandwidth buckets and, for PUT, its quota -- the requests served on the event loop
    pass exactly the same admission as those run in worker threads;
 3. executed by its op's handler (`HANDLERS`); a handler in `INLINE` may complete a cheap
-   request (NOP, a DRAM-hit GET, a DRAM MAP) on the event loop, or decline (None) and
-   leave it to the task;
+   request (NOP, a DRAM-hit GET, a DRAM MAP, a RESERVE in the open DRAM segment, a COMMIT
+   carrying its CRCs with ack = memory -- metadata only, never waiting for a lock) on
+   the event loop, or decline (None) and leave it to the task;
 4. completed (`_finish`): counted, recorded in the metrics and posted once.
 
 `RequestHandler` is steps 1-4 without rings (a test drives it with an arena of its own);
@@ -434,9 +435,47 @@ class RequestHandler:
                         pid=self.pid, key=key.hex())
         return Completion(req.tag, Status.OK, int(tier), req.data_len)
 
-    async def _op_reserve(self, req: Request) -> Completion:
-        """Place a value in this tenant's DRAM tier; the client writes its frames there
-        through its mapping of the tier (no copy by the daemon), then COMMITs."""
+    def _inline_reserve(self, req: Request) -> Completion | None:
+        """A RESERVE whose record fits the tenant's open DRAM segment, with the lock free
+        and the quota's usage fresh, completes on the event loop (metadata only); else it
+        runs as a task (`_op_reserve`: opening a segment may clean or evict)."""
+        t = self.tenant
+        try:
+            key, lengths, ttl = self._reserve_args(req)
+            charged = self._qos.try_admit_put(t, req.data_len)
+            if charged is None:
+                return None
+            r = self.store.try_reserve_dram(t, req.session, key, lengths, ttl_s=ttl)
+            if r is None:
+                self._qos.refund_put(t, charged)
+                return None
+        except (StoreError, ValueError) as e:
+            return Completion(req.tag, _status_of(e))
+        return self._reserved(req, r)
+
+    def _inline_commit(self, req: Request) -> Completion | None:
+        """A COMMIT carrying its CRCs needs no pass over the frames: with ack = memory it
+        completes on the event loop when the tenant's DRAM tier needs no waiting
+        (`TieredStore.try_commit_dram`); else it runs as a task."""
+        if not req.flags & Flag.CRCS or req.flags & Flag.ABORT:
+            return None
+        try:
+            r, crcs = self._commit_args(req)
+            assert crcs is not None
+            # out of `reserved` first: if the commit raises, the pool ended it already
+            del self.reserved[req.data_off]
+            tier = self.store.try_commit_dram(r, crcs)
+            if tier is None:  # nothing done: the task commits it
+                self.reserved[req.data_off] = r
+                return None
+        except (StoreError, ValueError) as e:
+            return Completion(req.tag, _status_of(e))
+        nbytes = sum(r.frame_lengths)
+        self._reuse.put(self.tenant, r.session, r.key, nbytes)
+        return Completion(req.tag, Status.OK, int(tier), nbytes)
+
+    def _reserve_args(self, req: Request) -> tuple[bytes, list[int], float | None]:
+        """A RESERVE's key, frame lengths and TTL, checked (raises InvalidArgument)."""
         t = self.tenant
         key = self._key(req)
         if not req.session:
@@ -450,20 +489,42 @@ class RequestHandler:
             raise InvalidArgument(f"{MAX_RESERVED} reservations open already; COMMIT or "
                                   f"abort some first")
         lengths = self._frame_lengths(req, req.data_len)
-        ttl = float(req.ttl) if req.ttl else None
-        await self._qos.admit_put(t, req.data_len)
-        r = await self._thread(lambda: self.store.reserve_dram(t, req.session, key, lengths,
-                                                               ttl_s=ttl), IoClass.WRITE)
-        off = self.store.dram(t).payload_offset(r)
-        self.reserved[off] = r
-        return Completion(req.tag, Status.OK, int(Tier.DRAM), off, len(lengths))
+        return key, lengths, float(req.ttl) if req.ttl else None
 
-    async def _op_commit(self, req: Request) -> Completion:
-        """Store (or with ABORT give up) the reservation at data_off, of this key."""
+    def _reserved(self, req: Request, r: PutReservation) -> Completion:
+        off = self.store.dram(self.tenant).payload_offset(r)
+        self.reserved[off] = r
+        return Completion(req.tag, Status.OK, int(Tier.DRAM), off, len(r.frame_lengths))
+
+    def _commit_args(self, req: Request) -> tuple[PutReservation, list[int] | None]:
+        """The reservation a COMMIT names and the CRCs it carries (CRCS), checked."""
         key = self._key(req)
         r = self.reserved.get(req.data_off)
         if r is None or r.key != key:
             raise InvalidArgument(f"no reservation of key {key.hex()} at {req.data_off}")
+        if not req.flags & Flag.CRCS or req.flags & Flag.ABORT:
+            return r, None
+        n = len(r.frame_lengths)
+        if req.count != n:
+            raise InvalidArgument(f"COMMIT carries {req.count} CRCs for a value of {n} frames")
+        # copied out of the arena now: the client may reuse the slot once answered
+        return r, np.frombuffer(self._range(req.aux_off, 4 * n, "CRC table"),
+                                dtype="<u4").tolist()
+
+    async def _op_reserve(self, req: Request) -> Completion:
+        """Place a value in this tenant's DRAM tier; the client writes its frames there
+        through its mapping of the tier (no copy by the daemon), then COMMITs."""
+        t = self.tenant
+        key, lengths, ttl = self._reserve_args(req)
+        await self._qos.admit_put(t, req.data_len)
+        r = await self._thread(lambda: self.store.reserve_dram(t, req.session, key, lengths,
+                                                               ttl_s=ttl), IoClass.WRITE)
+        return self._reserved(req, r)
+
+    async def _op_commit(self, req: Request) -> Completion:
+        """Store (or with ABORT give up) the reservation at data_off, of this key."""
+        key = self._key(req)
+        r, crcs = self._commit_args(req)
         abort = bool(req.flags & Flag.ABORT)
 
         def finish() -> Tier:
@@ -474,7 +535,7 @@ class RequestHandler:
             if abort:
                 self.store.abort_dram(r)
                 return Tier.NONE
-            return self.store.commit_dram(r)
+            return self.store.commit_dram(r, crcs=crcs)
 
         nbytes = sum(r.frame_lengths)
         tier = await self._thread(finish, IoClass.WRITE, nbytes)
@@ -694,7 +755,8 @@ HANDLERS: dict[int, Handler] = {
 # The ops that may complete on the event loop when cheap (after the same admission).
 INLINE: dict[int, InlineHandler] = {
     Op.NOP: RequestHandler._inline_nop, Op.GET: RequestHandler._inline_get,
-    Op.MAP: RequestHandler._inline_map,
+    Op.MAP: RequestHandler._inline_map, Op.RESERVE: RequestHandler._inline_reserve,
+    Op.COMMIT: RequestHandler._inline_commit,
 }
 
 

@@ -240,9 +240,8 @@ class Pool:
         passes the ones its record holds).
         """
         views = [as_bytes_view(f) for f in frames]
-        r = self._writer.reserve(tenant, session, key, [v.nbytes for v in views],
-                                 ttl_s=ttl_s, expiry_s=expiry_s,
-                                 key_generation=key_generation)
+        r = self.reserve(tenant, session, key, [v.nbytes for v in views], ttl_s=ttl_s,
+                         expiry_s=expiry_s, key_generation=key_generation)
         return self._writer.complete(r, views, crcs=crcs)
 
     def reserve(self, tenant: str, session: str, key: bytes, frame_lengths: Sequence[int], *,
@@ -253,8 +252,19 @@ class Pool:
         (it writes and commits; the reservation is released however it ends).  A caller
         that orders its puts under a lock of its own reserves under that lock and copies
         the payload outside it."""
+        r = self._writer.reserve(tenant, session, key, frame_lengths, ttl_s=ttl_s,
+                                 expiry_s=expiry_s, key_generation=key_generation)
+        assert r is not None  # it waits
+        return r
+
+    def try_reserve(self, tenant: str, session: str, key: bytes,
+                    frame_lengths: Sequence[int], *, ttl_s: float | None = None
+                    ) -> PutReservation | None:
+        """`reserve` if it needs no waiting: the lock is free and the segment open for
+        the record has room (opening another may clean, evict or checkpoint); None
+        otherwise.  For the event loop (a DRAM tier's RESERVE)."""
         return self._writer.reserve(tenant, session, key, frame_lengths, ttl_s=ttl_s,
-                                    expiry_s=expiry_s, key_generation=key_generation)
+                                    wait=False)
 
     def complete(self, r: PutReservation, frames: Sequence[Buffer], *,
                  crcs: Sequence[int] | None = None) -> PutResult:
@@ -272,10 +282,20 @@ class Pool:
         """Byte offset of a reservation's first frame on the device."""
         return self._writer.payload_offset(r)
 
-    def complete_in_place(self, r: PutReservation) -> tuple[PutResult, list[int]]:
+    def complete_in_place(self, r: PutReservation, crcs: Sequence[int] | None = None
+                          ) -> tuple[PutResult, list[int]]:
         """Commit a reservation whose frames were written in place (`payload_views`):
-        CRCs read from there, no copy.  Returns the result and the frames' CRCs."""
-        return self._writer.complete_in_place(r)
+        with the writer's `crcs`, or CRCs read from there (no copy).  Returns the result
+        and the frames' CRCs."""
+        return self._writer.complete_in_place(r, crcs)
+
+    def try_complete_in_place(self, r: PutReservation, crcs: Sequence[int], *,
+                              pin: bool = False) -> tuple[PutResult, bool] | None:
+        """`complete_in_place` with the writer's `crcs` if it needs no waiting (a memory
+        device, the lock free, no checkpoint due); None, having done nothing, otherwise.
+        With the result: whether `clean_ahead` is due (the caller runs it in a worker).
+        `pin`: a live record's segment is pinned as by `pin_offset`, in the same step."""
+        return self._writer.try_complete_in_place(r, crcs, pin=pin)
 
     def abort(self, r: PutReservation) -> None:
         """Give up a reservation without writing it (its space is dead)."""

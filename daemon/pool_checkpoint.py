@@ -64,6 +64,10 @@ class Checkpointer:
         self.bytes_since += nbytes
         return self.bytes_since >= self.ctx.opt.checkpoint_every_bytes
 
+    def due_after(self, nbytes: int) -> bool:
+        """Under the lock: whether `nbytes` more of records would make a checkpoint due."""
+        return self.bytes_since + nbytes >= self.ctx.opt.checkpoint_every_bytes
+
     def segments_needed(self) -> int:
         """Segments the next checkpoint needs (an upper bound)."""
         cat, table = self.catalog, self.table

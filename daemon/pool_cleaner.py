@@ -131,13 +131,20 @@ class Cleaner:
         finally:
             self.maintenance.active = before
 
+    def ahead_due(self) -> bool:
+        """Under the lock: whether free segments run low enough for `clean_ahead` to
+        clean one (and none is being cleaned ahead already)."""
+        return not self.cleaning_ahead and self.table.free_count() <= self._ahead_floor()
+
+    def _ahead_floor(self) -> int:
+        return self.checkpointer.segments_needed() + PUT_RESERVE + self.ctx.opt.clean_ahead
+
     def clean_ahead(self) -> int:
         """Clean one segment, with its reads and writes outside the metadata lock, when
         free segments run low (see `Pool.clean_ahead`); returns 0 or 1."""
         ctx, table, cat = self.ctx, self.table, self.catalog
         with ctx.lock:
-            floor = self.checkpointer.segments_needed() + PUT_RESERVE + ctx.opt.clean_ahead
-            if ctx.closed or self.cleaning_ahead or table.free_count() > floor:
+            if ctx.closed or not self.ahead_due():
                 return 0
             cand, score = table.clean_candidates()
             if len(cand) == 0:
@@ -164,7 +171,7 @@ class Cleaner:
                     ctx.counters.cleaned_ahead += 1
                 # Cleaned segments are reusable after the next checkpoint: take it here,
                 # without the lock, rather than in the put that finds none free.
-                due = table.free_count() <= floor and table.any_pending_free()
+                due = table.free_count() <= self._ahead_floor() and table.any_pending_free()
         if due:
             self.checkpointer.checkpoint_concurrently()
         return 1 if moved else 0

@@ -79,8 +79,10 @@ class Writer:
 
     def reserve(self, tenant: str, session: str, key: bytes, frame_lengths: Sequence[int], *,
                 ttl_s: float | None = None, expiry_s: float | None = None,
-                key_generation: int = 0) -> PutReservation:
-        """The first half of a put (see `Pool.reserve`)."""
+                key_generation: int = 0, wait: bool = True) -> PutReservation | None:
+        """The first half of a put (see `Pool.reserve`).  `wait=False`: None instead of
+        waiting for the lock or placing the record anywhere but the segment open for it
+        (opening one may clean, evict or checkpoint) -- for callers that must not block."""
         ctx = self.ctx
         ctx.check_open()
         record.validate_names(tenant, session)
@@ -99,10 +101,18 @@ class Writer:
         B = table.B
         hblocks = record.header_blocks(len(frame_lengths), tenant, session, B)
         nblocks = hblocks + -(-payload_len // B)
-        with ctx.lock:
+        if not ctx.lock.acquire(blocking=wait):
+            return None
+        try:
             ctx.check_open()
-            seg, at = table.place(nblocks, table.bucket_end(exp), cleaner=False,
-                                  take_free=self.cleaner.take_free_segment)
+            if wait:
+                seg, at = table.place(nblocks, table.bucket_end(exp), cleaner=False,
+                                      take_free=self.cleaner.take_free_segment)
+            else:
+                placed = table.place_open(nblocks, table.bucket_end(exp))
+                if placed is None:
+                    return None
+                seg, at = placed
             lsn = table.take_lsn()
             t = cat.tenant_id(tenant, True)
             sid = cat.session_id(session, True)
@@ -110,6 +120,8 @@ class Writer:
             self.in_flight.begin(ikey, lsn, sid)
             table.pins[seg] += 1
             epoch = int(table.segs["epoch"][seg])
+        finally:
+            ctx.lock.release()
         return PutReservation(tenant, session, bytes(key), key_generation,
                               list(frame_lengths), seg, at, lsn, epoch, ikey, hblocks,
                               nblocks, exp, now)
@@ -130,12 +142,42 @@ class Writer:
             pos += n
         return out
 
-    def complete_in_place(self, r: PutReservation) -> tuple[PutResult, list[int]]:
+    def try_complete_in_place(self, r: PutReservation, crcs: Sequence[int], *,
+                              pin: bool = False) -> tuple[PutResult, bool] | None:
+        """`complete_in_place` with the writer's CRCs, without blocking: on a memory
+        device (the header write is a copy), when the lock is free and no checkpoint
+        falls due; None, having done nothing, otherwise.  The upkeep a put does after
+        it (cleaning ahead copies segments) is left out: the second value says whether
+        it is due (`Pool.clean_ahead`, in a worker).  `pin`: a live result's segment is
+        pinned too (as `pin_offset`), under the same lock."""
+        ctx, table = self.ctx, self.table
+        if not ctx.dev.caps.memory_view or len(crcs) != len(r.frame_lengths):
+            return None
+        if not ctx.lock.acquire(blocking=False):
+            return None
+        try:
+            if self.checkpointer.due_after(r.nblocks * table.B):
+                return None
+            # under the lock, which is ours anyway: a copy of one header into memory
+            res = self.complete(r, self.payload_views(r), crcs=list(crcs), in_place=True,
+                                upkeep=False)
+            if pin and res.live:
+                table.pins[r.seg] += 1
+            return res, self.cleaner.ahead_due()
+        finally:
+            ctx.lock.release()
+
+    def complete_in_place(self, r: PutReservation, crcs: Sequence[int] | None = None
+                          ) -> tuple[PutResult, list[int]]:
         """Commit a reserved record whose frames were written into `payload_views`: its
-        CRCs are taken from there (one read, no copy) and its header written.  Returns
-        the result and the frames' CRCs."""
+        CRCs are the writer's (`crcs`, one per frame) or taken from there (one read, no
+        copy), and its header written.  Returns the result and the frames' CRCs."""
         views = self.payload_views(r)
-        crcs = record.frame_crcs(views)
+        if crcs is None:
+            crcs = record.frame_crcs(views)
+        elif len(crcs) != len(views):
+            raise InvalidArgument(f"{len(crcs)} CRCs for {len(views)} frames")
+        crcs = list(crcs)
         return self.complete(r, views, crcs=crcs, in_place=True), crcs
 
     def abort(self, r: PutReservation) -> None:
@@ -150,9 +192,11 @@ class Writer:
                 ctx.idle.notify_all()
 
     def complete(self, r: PutReservation, frames: Sequence[Buffer], *,
-                 crcs: Sequence[int] | None = None, in_place: bool = False) -> PutResult:
+                 crcs: Sequence[int] | None = None, in_place: bool = False,
+                 upkeep: bool = True) -> PutResult:
         """Write a reserved record's frames and commit it (see `Pool.complete`);
-        `in_place`: the frames are the record's own memory already (`payload_views`)."""
+        `in_place`: the frames are the record's own memory already (`payload_views`);
+        `upkeep=False`: no checkpoint or cleaning ahead after it (the caller's)."""
         ctx, table = self.ctx, self.table
         views = [as_bytes_view(f) for f in frames]
         seg, at, lsn, ikey, nblocks = r.seg, r.at, r.lsn, r.ikey, r.nblocks
@@ -190,9 +234,10 @@ class Writer:
         # Upkeep after the put, without the metadata lock held across I/O.  The put is
         # committed whatever happens here; a failure is counted and the next put retries.
         try:
-            if due:
-                self.checkpointer.checkpoint_concurrently()
-            self.cleaner.clean_ahead()
+            if upkeep:
+                if due:
+                    self.checkpointer.checkpoint_concurrently()
+                self.cleaner.clean_ahead()
         except StoreError as e:
             with ctx.lock:
                 c.upkeep_errors += 1

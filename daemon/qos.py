@@ -172,6 +172,26 @@ class QoS:
             self._usage_at = trio.current_time()
             for t in self.tenants.values():
                 t.admitted_since_refresh = 0
+        self._charge_put(tenant, tq, nbytes)
+
+    def try_admit_put(self, tenant: str, nbytes: int) -> int | None:
+        """`admit_put` without waiting: the bytes charged against the quota (0 without
+        one; give them back with `refund_put` if the put does not happen), or None if
+        the usage must be read again first (then `admit_put`)."""
+        tq = self.tenants.get(tenant)
+        if tq is None or tq.quota is None:
+            return 0
+        if trio.current_time() - self._usage_at > USAGE_REFRESH_S:
+            return None
+        return self._charge_put(tenant, tq, nbytes)
+
+    def refund_put(self, tenant: str, charged: int) -> None:
+        tq = self.tenants.get(tenant)
+        if tq is not None and charged:
+            tq.admitted_since_refresh = max(0, tq.admitted_since_refresh - charged)
+
+    def _charge_put(self, tenant: str, tq: TenantQoS, nbytes: int) -> int:
+        assert tq.quota is not None
         used = self._usage.get(tenant, 0) + tq.admitted_since_refresh
         nbytes = -(-nbytes // RECORD_BLOCK) * RECORD_BLOCK + RECORD_BLOCK  # + header, padding
         if used + nbytes > tq.quota:
@@ -179,6 +199,7 @@ class QoS:
             raise QuotaExceeded(f"tenant {tenant!r}: a PUT of {nbytes} bytes would pass its "
                                 f"quota of {tq.quota} bytes ({used} in use)")
         tq.admitted_since_refresh += nbytes
+        return nbytes
 
     def describe(self) -> dict[str, Any]:
         return {t: q.describe() for t, q in self.tenants.items()}

@@ -203,6 +203,18 @@ class SegmentTable:
         self.segs["used"][seg] = at + nblocks
         return seg, at
 
+    def place_open(self, nblocks: int, bucket_end: int) -> tuple[int, int] | None:
+        """`place` for a put, if the data segment open for `bucket_end` has room: no
+        segment is sealed, opened or cleaned (None otherwise)."""
+        seg = self.open_data.get(bucket_end, -1)
+        if seg < 0 or nblocks > self.seg_blocks - 1:
+            return None
+        at = int(self.segs["used"][seg])
+        if at + nblocks > self.seg_blocks:
+            return None
+        self.segs["used"][seg] = at + nblocks
+        return seg, at
+
     def place_meta(self, nblocks: int, take_free: TakeFree) -> tuple[int, int]:
         """(segment, block offset) for a tombstone of `nblocks` blocks, in the META segment."""
         seg = self.meta_seg

@@ -35,7 +35,13 @@ import numpy.typing as npt
 from kvtier.client.protocol import Tier
 from kvtier.daemon import record
 from kvtier.daemon.blockdev import MemDevice, aligned_buffer, as_bytes_view
-from kvtier.daemon.errors import CorruptionError, NotFound, PoolFullError, ValueTooLargeError
+from kvtier.daemon.errors import (
+    CorruptionError,
+    NotFound,
+    PoolFullError,
+    StoreError,
+    ValueTooLargeError,
+)
 from kvtier.daemon.pool import Buffer, GetResult, Pool, PoolOptions, PutReservation
 
 log = logging.getLogger("kvtierd.tiers")
@@ -93,6 +99,8 @@ class TieredStore:
         self.single_flight_waits = 0
         self._pending: dict[tuple[str, bytes], _Pending] = {}
         self._queue: collections.deque[_Pending] = collections.deque()
+        # DRAM tiers whose cleaning ahead a commit on the event loop left to flush_some
+        self._upkeep: set[str] = set()
         self._promote: collections.deque[tuple[str, bytes]] = collections.deque()
         self.counters = TierCounters()
         # Write versions, by key hash: a PUT or DELETE bumps its key's slot, a purge bumps
@@ -177,10 +185,11 @@ class TieredStore:
         return Tier.POOL
 
     def _write_behind(self, dram: Pool, tenant: str, session: str, key: bytes,
-                      offset: int) -> None:
+                      offset: int, *, pinned: bool = False) -> None:
         """Queue the DRAM record at `offset` for the media pool (ack = memory); it stays
-        pinned in DRAM until written."""
-        dram.pin_offset(offset)
+        pinned in DRAM until written (`pinned`: the caller pinned it)."""
+        if not pinned:
+            dram.pin_offset(offset)
         item = _Pending(tenant, session, bytes(key), offset)
         with self._mu:
             old = self._pending.get((tenant, item.key))
@@ -203,22 +212,53 @@ class TieredStore:
             self._bump_locked(tenant, key)
         return dram.reserve(tenant, session, key, frame_lengths, ttl_s=ttl_s)
 
-    def commit_dram(self, r: PutReservation) -> Tier:
-        """Store a reserved value whose frames were written in place: its CRCs are read
-        from DRAM (no copy), and it reaches the media pool as a put does -- written behind
-        (ack = memory) or before this returns (ack = media)."""
+    def try_reserve_dram(self, tenant: str, session: str, key: bytes,
+                         frame_lengths: Sequence[int], *,
+                         ttl_s: float | None = None) -> PutReservation | None:
+        """`reserve_dram` if it needs no waiting (`Pool.try_reserve`), else None."""
+        dram = self.dram(tenant)
+        with self._mu:
+            self._bump_locked(tenant, key)
+        return dram.try_reserve(tenant, session, key, frame_lengths, ttl_s=ttl_s)
+
+    def try_commit_dram(self, r: PutReservation, crcs: Sequence[int]) -> Tier | None:
+        """`commit_dram` with the writer's CRCs if it needs no waiting: ack = memory (the
+        media copy is written behind) and `Pool.try_complete_in_place`; else None, with
+        nothing done."""
+        if self.ack != "memory":
+            return None
+        dram = self.dram(r.tenant)
+        with self._mu:  # before the commit, as commit_dram (a second bump is harmless)
+            self._bump_locked(r.tenant, r.key)
+        done = dram.try_complete_in_place(r, crcs, pin=True)
+        if done is None:
+            return None
+        res, upkeep = done
+        if upkeep:
+            with self._mu:
+                self._upkeep.add(r.tenant)
+        if res.live:
+            self._write_behind(dram, r.tenant, r.session, r.key, res.offset, pinned=True)
+        elif upkeep:
+            self.notify()
+        return Tier.DRAM
+
+    def commit_dram(self, r: PutReservation, *, crcs: Sequence[int] | None = None) -> Tier:
+        """Store a reserved value whose frames were written in place: its CRCs are the
+        writer's `crcs` or read from DRAM (no copy), and it reaches the media pool as a
+        put does -- written behind (ack = memory) or before this returns (ack = media)."""
         dram = self.dram(r.tenant)
         with self._mu:
             self._bump_locked(r.tenant, r.key)
         if self.ack == "memory":
-            res, _crcs = dram.complete_in_place(r)
+            res, _crcs = dram.complete_in_place(r, crcs)
             if res.live:
                 self._write_behind(dram, r.tenant, r.session, r.key, res.offset)
             return Tier.DRAM
         at = dram.payload_offset(r)
         dram.pin_offset(at)  # the DRAM record stays put while the media copy is written
         try:
-            res, crcs = dram.complete_in_place(r)
+            res, crcs = dram.complete_in_place(r, crcs)
             if not res.live:
                 # a later put, delete or purge of the key won (in DRAM, where the LSN was
                 # taken): it must win on media too, so nothing is written there
@@ -242,7 +282,15 @@ class TieredStore:
             return len(self._queue)
 
     def flush_some(self, max_items: int = 16) -> int:
-        """Write up to `max_items` pending DRAM values to the media pool; returns how many."""
+        """Write up to `max_items` pending DRAM values to the media pool; returns how many
+        (the DRAM tiers' upkeep that commits on the event loop left undone runs first)."""
+        with self._mu:
+            upkeep, self._upkeep = self._upkeep, set()
+        for tenant in upkeep:
+            try:
+                self.drams[tenant].clean_ahead()
+            except StoreError as e:  # counted by the pool; the next commit asks again
+                log.warning("DRAM tier of %s: cleaning ahead failed: %s", tenant, e)
         done = 0
         while done < max_items:
             with self._mu:

@@ -86,6 +86,36 @@ def copy_rates(c: Client, dev: torch.device, n: int) -> dict[str, float]:
     return out
 
 
+def crc_rates(layout: KVLayout, dev: torch.device) -> dict[str, float]:
+    """Frame CRC32Cs of one chunk on the device (kvtier.client.crc_gpu, checked against
+    the host's crc32c) and on one host thread, bytes per second of each."""
+    import crc32c
+
+    from kvtier.client.crc_gpu import FrameCrcs
+
+    L, fb = layout.num_layers, layout.frame_bytes
+    chunk = torch.randint(0, 256, (L * fb,), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(5))
+    raw = chunk.numpy()
+    t0 = time.perf_counter()
+    want = [crc32c.crc32c(raw[i * fb:(i + 1) * fb]) for i in range(L)]
+    host = L * fb / (time.perf_counter() - t0)
+    on_dev = chunk.to(dev)
+    crcs = FrameCrcs(dev, fb)
+    out = torch.zeros(L, dtype=torch.int32, device=dev)
+    crcs.compute_into(on_dev, L, out)  # compiles
+    if [int(x) & 0xFFFFFFFF for x in out.cpu()] != want:
+        raise SystemExit("device CRC32Cs differ from the host's")
+    n = 50
+    sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        crcs.compute_into(on_dev, L, out)
+    sync(dev)
+    return {"crc_device_bytes_per_s": n * L * fb / (time.perf_counter() - t0),
+            "crc_host_1thread_bytes_per_s": host}
+
+
 def daemon_faults(d: BenchDaemon) -> int:
     """kvtierd's page faults so far (minor + major, /proc/PID/stat): a save that makes the
     daemon fault on memory it copies runs near first-touch speed."""
@@ -141,8 +171,13 @@ def run_one(d: BenchDaemon, layout: KVLayout, order: str, tokens: int, block: in
             t0 = time.perf_counter()
             assert register_dram(c)
             r["dram_register_s"] = round(time.perf_counter() - t0, 3)
-        for mode in ("arena", "in_place"):
-            saver = KVSaver(c, layout, fp, slots=save_slots, in_place=mode == "in_place")
+        # In place twice: the daemon reading the frames for their CRCs, then (on a GPU)
+        # the CRCs computed on the device and carried by the COMMITs.
+        modes = ("arena", "in_place_daemon_crcs", "in_place") if dev.type == "cuda" \
+            else ("arena", "in_place")
+        for mode in modes:
+            saver = KVSaver(c, layout, fp, slots=save_slots, in_place=mode != "arena",
+                            frame_crcs=False if mode == "in_place_daemon_crcs" else None)
             faults0 = daemon_faults(d)
             t0 = time.perf_counter()
             rep = saver.save_chunks("bench", keys, src)
@@ -150,15 +185,17 @@ def run_one(d: BenchDaemon, layout: KVLayout, order: str, tokens: int, block: in
             secs = time.perf_counter() - t0
             faults = daemon_faults(d) - faults0
             saver.close()
-            assert rep.in_place == (mode == "in_place") and rep.chunks == chunks, rep
-            pre = "save" if mode == "in_place" else "save_arena"
+            assert rep.in_place == (mode != "arena") and rep.chunks == chunks, rep
+            pre = {"in_place": "save", "arena": "save_arena",
+                   "in_place_daemon_crcs": "save_daemon_crcs"}[mode]
+            r[f"{pre}_frame_crcs_on_device"] = rep.frame_crcs
             r[f"{pre}_s"] = secs
             r[f"{pre}_bytes_per_s"] = rep.bytes / secs
             r[f"{pre}_d2h_wait_s"] = round(rep.d2h_wait_s, 4)
             r[f"{pre}_put_wait_s"] = round(rep.put_wait_s, 4)
             r[f"{pre}_reserve_wait_s"] = round(rep.reserve_wait_s, 4)
             r[f"{pre}_daemon_page_faults_per_mib"] = round(faults / (rep.bytes / MiB), 2)
-            if mode == "arena":
+            if mode != "in_place":
                 while d.backlog():  # the first save's write-behind is done ...
                     time.sleep(0.05)
                 c.purge_session("bench")  # ... and its chunks gone: the second stores anew
@@ -285,6 +322,8 @@ def main() -> int:
     try:
         with Client.connect(d.sock, "bench", TOKEN, arena_size=arena) as c:
             rates = copy_rates(c, dev, min(arena // 2, GiB))
+        if dev.type == "cuda":
+            rates.update(crc_rates(layout, dev))
         for tokens in contexts:
             for order in orders:
                 r = run_one(d, layout, order, tokens, args.block_size, dev, arena, rng,
@@ -293,6 +332,9 @@ def main() -> int:
                 r["save_vs_d2h"] = round(r["save_bytes_per_s"] / rates["d2h_bytes_per_s"], 3)
                 r["save_arena_vs_d2h"] = round(r["save_arena_bytes_per_s"]
                                                / rates["d2h_bytes_per_s"], 3)
+                if "save_daemon_crcs_bytes_per_s" in r:
+                    r["save_daemon_crcs_vs_d2h"] = round(r["save_daemon_crcs_bytes_per_s"]
+                                                         / rates["d2h_bytes_per_s"], 3)
                 results.append(r)
                 if not args.json:
                     print(f"{order} {r['tokens']:>8} tokens {r['kv_bytes'] / 1e9:6.2f} GB: "

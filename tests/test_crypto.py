@@ -161,3 +161,17 @@ def test_storing_a_tenant_data_key_is_audited(daemon: Daemon, tmp_path: Path) ->
     recs = [json.loads(x) for x in (daemon.dir / "audit.log").read_text().splitlines()]
     stored = [r for r in recs if r["event"] == "data_key_stored"]
     assert [(r["tenant"], r["key"]) for r in stored] == [("alice", kid.hex())]
+
+
+def test_the_data_key_is_read_with_a_nearly_full_arena(daemon: Daemon, tmp_path: Path) -> None:
+    """A loader holds most of the arena while its first frame's data key is fetched: that
+    read is small (it asked for a quarter of the arena, and failed at long context)."""
+    daemon.start()
+    kr = Keyring(str(tmp_path / "keyring.json"))
+    with Client.connect(daemon.socket, "alice", TOKENS["alice"], arena_size=8 << 20) as c:
+        sealed = FrameCipher(c, kr, "alice").seal("s", _k("v"), [b"x" * 1000])
+        held = c.allocator.alloc(7 << 20)
+        fresh = FrameCipher(c, kr, "alice")  # nothing cached: the key comes from kvtierd
+        assert fresh.open_many("s", _k("v"), sealed) == [b"x" * 1000]
+        c.allocator.free(held)
+        fresh.close()

@@ -60,7 +60,7 @@ def test_save_then_resume_gives_the_same_logits(daemon: Daemon, model,  # type: 
     turn1 = torch.randint(0, 500, (1, 5 * T + 3), generator=g)  # 5 full chunks + 3 tokens
     with Client.connect(daemon.socket, "alice", TOKENS["alice"], arena_size=16 << 20) as c:
         cache, _ = _prefill(model, turn1)
-        saver = KVSaver(c, layout, fp, in_place=in_place)
+        saver = KVSaver(c, layout, fp, in_place=in_place, slots=4)  # groups of 2 chunks
         rep = saver.save("conv-1", turn1[0], cache)
         assert rep.chunks == 5 and rep.bytes == 5 * layout.chunk_bytes
         assert rep.in_place == in_place

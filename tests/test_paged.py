@@ -76,6 +76,9 @@ def test_scatter_then_gather_is_the_identity(order: str) -> None:
     for c in range(3):
         src.gather(c, out)
         assert torch.equal(out, frames[c])
+    many = torch.empty(2, L, 2, H, T, D)  # a save's group: chunks 1 and 2 at once
+    src.gather_many(1, 2, many)
+    assert torch.equal(many, frames[1:])
 
 
 def test_blocks_marked_minus_one_are_left_alone() -> None:
@@ -156,7 +159,7 @@ def test_paged_and_contiguous_caches_share_one_format(daemon: Daemon, tmp_path: 
     with Client.connect(daemon.socket, "alice", TOKENS["alice"], arena_size=8 << 20) as c:
         cipher = FrameCipher(c, Keyring(str(tmp_path / "kr.json")), "alice") \
             if encrypted else None
-        saver = KVSaver(c, LAYOUT, fp, cipher=cipher)
+        saver = KVSaver(c, LAYOUT, fp, cipher=cipher, slots=6)  # in groups of 3 chunks
         rep = saver.save_chunks("s", keys, PagedSource(paged, rows))
         assert rep.chunks == 4 and rep.bytes == 4 * LAYOUT.chunk_bytes
         saver.close()

@@ -8,9 +8,11 @@ import hashlib
 import json
 import re
 import struct
+import threading
 from pathlib import Path
 from typing import Any
 
+import crc32c
 import numpy as np
 import trio
 
@@ -267,6 +269,71 @@ def test_inline_and_task_paths_pass_the_same_iops_admission(tmp_path: Path) -> N
     # 1 PUT + 100 charged at 50/s, less the bucket's burst
     assert took["charged"] >= 0.95 * (101 - 50 * BURST_S) / 50, took
     assert took["free"] < took["charged"] / 5, took
+
+
+def test_reserve_and_a_commit_with_crcs_complete_on_the_event_loop(tmp_path: Path) -> None:
+    """ack = memory: a RESERVE that fits the open DRAM segment and a COMMIT carrying its
+    CRCs are metadata only and complete inline; a COMMIT without CRCs (the daemon reads
+    the frames), a reservation while another thread holds the tier's lock, and one that
+    needs a new segment run as tasks -- all stored alike."""
+    h = Harness(tmp_path)
+    dram = h.store.dram("t")
+
+    def reserve(rh: RequestHandler, tag: int, size: int) -> Request:
+        np.frombuffer(h.arena[1024:1040], dtype="<u8")[:] = [size // 2, size - size // 2]
+        return Request(Op.RESERVE, tag, key=k(tag), session="s", count=2, data_len=size,
+                       aux_off=1024)
+
+    async def body() -> None:
+        rh = h.handler()
+        offs = []
+        for tag in (1, 2):  # the first opens the tier's first segment: a task
+            c = await rh.execute(reserve(rh, tag, 8192))
+            assert c.status == Status.OK
+            offs.append(c.result)
+        assert rh.inline(reserve(rh, 3, 8192)) is not None  # fits: inline
+        held, done = threading.Event(), threading.Event()
+
+        def hold() -> None:  # another thread holds the tier's lock
+            with dram._ctx.lock:
+                held.set()
+                done.wait()
+
+        th = threading.Thread(target=hold)
+        th.start()
+        held.wait()
+        try:
+            assert rh.inline(reserve(rh, 4, 8192)) is None
+        finally:
+            done.set()
+            th.join()
+        assert rh.inline(reserve(rh, 5, 4 * MiB - 16384)) is None  # needs another segment
+        for tag, off in zip((1, 2), offs, strict=True):
+            frames = [bytes([tag]) * 4096, bytes([tag + 100]) * 4096]
+            dram.dev.view(off, 8192)[:] = b"".join(frames)
+            if tag == 1:  # CRCs carried: inline
+                np.frombuffer(h.arena[2048:2056], dtype="<u4")[:] = [crc32c.crc32c(f)
+                                                                    for f in frames]
+                req = Request(Op.COMMIT, 10, flags=Flag.CRCS, key=k(1), data_off=off,
+                              count=2, aux_off=2048)
+                c = rh.inline(req)
+                assert c is not None and (c.status, c.flags, c.result) == \
+                    (Status.OK, Tier.DRAM, 8192)
+            else:  # the daemon reads the frames: a task
+                req = Request(Op.COMMIT, 11, key=k(2), data_off=off)
+                assert rh.inline(req) is None
+                assert (await rh.execute(req)).status == Status.OK
+            c = await rh.execute(Request(Op.GET, 20 + tag, key=k(tag), data_off=4096,
+                                         data_len=8192))
+            assert c.status == Status.OK and bytes(h.arena[4096:8192]) == bytes([tag]) * 4096
+        # both are written behind to the media pool, where their CRCs are checked
+        await trio.to_thread.run_sync(h.store.flush_all)
+        out = bytearray(8192)
+        for tag in (1, 2):
+            h.store.media.get_into("t", k(tag), out)
+            assert bytes(out[4096:]) == bytes([tag + 100]) * 4096
+
+    _run(h, body)
 
 
 def test_a_dram_miss_is_counted_once(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import crc32c
 import numpy as np
 import pytest
 from harness import TOKENS, Daemon
@@ -19,7 +20,7 @@ from kvtier.client.errors import (
     NoSpaceError,
     NotFoundError,
 )
-from kvtier.client.protocol import KEYS_SESSION, Op, Request, Tier
+from kvtier.client.protocol import KEYS_SESSION, Flag, Op, Request, Tier
 from kvtier.daemon.blockdev import FileDevice
 from kvtier.daemon.errors import NotFound
 from kvtier.daemon.pool import Pool
@@ -79,6 +80,50 @@ def test_with_ack_memory_it_is_written_behind(tmp_path: Path) -> None:
         with Client.connect(d.socket, "alice", TOKENS["alice"]) as c:
             for i in range(8):
                 assert c.get(_k(f"m{i}")) == _v(i, 300_000)
+    finally:
+        d.stop()
+
+
+def _commit_with_crcs(c: Client, key: bytes, off: int, crcs: list[int]) -> Tier:
+    slot = c.allocator.alloc(4 * len(crcs))
+    try:
+        np.frombuffer(slot.view[:4 * len(crcs)], dtype="<u4")[:] = crcs
+        return Tier(c._call(c.commit_request(key, off, crcs=slot, frames=len(crcs)),
+                            "commit").flags)
+    finally:
+        c.allocator.free(slot)
+
+
+def test_a_commit_may_carry_the_frames_crcs(tmp_path: Path) -> None:
+    """COMMIT with CRCS stores the writer's CRCs and does not read the frames for them:
+    right ones read back from the media pool; wrong ones (a client's own mistake) make
+    that value CORRUPT where its CRCs are checked, and nothing else."""
+    d = Daemon(tmp_path).start()  # ack = media
+    good, bad = [_v(4, 8192), _v(5, 4096)], [_v(6, 4096), _v(7, 4096)]
+    try:
+        with Client.connect(d.socket, "alice", TOKENS["alice"]) as c:
+            for name, frames, crcs in (
+                    ("good", good, [crc32c.crc32c(f) for f in good]),
+                    ("bad", bad, [crc32c.crc32c(bad[0]), crc32c.crc32c(bad[0])])):
+                off = c.reserve("s", _k(name), [len(f) for f in frames])
+                _write(c, off, frames)
+                assert _commit_with_crcs(c, _k(name), off, crcs) == Tier.POOL
+            off = c.reserve("s", _k("n"), [4096, 4096])
+            _write(c, off, [b"n" * 8192])
+            with pytest.raises(InvalidRequestError, match="INVALID"):  # 1 CRC for 2 frames
+                _commit_with_crcs(c, _k("n"), off, [0])
+            req = c.commit_request(_k("n"), off)
+            req.flags, req.count, req.aux_off = Flag.CRCS, 2, c.arena.nbytes - 4
+            with pytest.raises(InvalidRequestError, match="INVALID"):  # table past the arena
+                c._call(req, "commit")
+            c.commit(_k("n"), off)  # the reservation is still there, and commits plainly
+        d.stop()
+        d.start()  # DRAM is gone: the values come from the media pool, CRCs checked
+        with Client.connect(d.socket, "alice", TOKENS["alice"]) as c:
+            assert c.get(_k("good")) == b"".join(good)
+            with pytest.raises(CorruptDataError):
+                c.get(_k("bad"))
+            assert c.get(_k("n")) == b"n" * 8192
     finally:
         d.stop()
 
@@ -283,3 +328,70 @@ def test_a_save_in_place_puts_the_chunks_a_full_dram_tier_has_no_room_for(
                 assert a.get(k) == want.numpy().tobytes()
     finally:
         d.stop()
+
+
+def test_a_save_in_place_with_device_crcs_reads_back_from_media(tmp_path: Path) -> None:
+    """KVSaver with frame_crcs: the frames' CRCs computed by kvtier.client.crc_gpu's
+    kernel (interpreted on CPU tensors here) and carried by each COMMIT; what the media
+    pool holds then verifies on every read."""
+    torch = pytest.importorskip("torch")
+    from kvtier.client.gpu import CacheSource, KVLayout, KVSaver
+
+    layout = KVLayout(2, 2, 16, torch.float32, chunk_tokens=16)  # 4 KiB frames
+    g = torch.Generator().manual_seed(9)
+    cache = [(torch.randn(1, 2, 3 * 16, 16, generator=g),
+              torch.randn(1, 2, 3 * 16, 16, generator=g)) for _ in range(2)]
+    keys = [_k(f"d{i}") for i in range(3)]
+    d = Daemon(tmp_path).start()  # ack = media
+    try:
+        with Client.connect(d.socket, "alice", TOKENS["alice"]) as c:
+            # in groups of 2 chunks (one kernel each), the last group short
+            saver = KVSaver(c, layout, b"fp", frame_crcs=True, slots=4)
+            assert saver.group == 2
+            rep = saver.save_chunks("s", keys, CacheSource(cache, layout, 0))
+            saver.close()
+            assert rep.in_place and rep.frame_crcs and rep.chunks == 3
+        d.stop()
+        d.start()
+        with Client.connect(d.socket, "alice", TOKENS["alice"]) as c:
+            out = torch.empty(2, 2, 2, 16, 16)
+            for i, k in enumerate(keys):
+                for layer, (kk, vv) in enumerate(cache):
+                    out[layer, 0], out[layer, 1] = (x[0, :, 16 * i:16 * (i + 1)]
+                                                    for x in (kk, vv))
+                assert c.get(k) == out.numpy().tobytes()  # CRC-checked on the media read
+    finally:
+        d.stop()
+
+
+def test_commits_on_the_event_loop_leave_their_upkeep_to_the_write_behind(
+        tmp_path: Path) -> None:
+    """A COMMIT that completes without waiting (`try_commit_dram`) skips the cleaning ahead
+    a put does after it; the tier is marked and the write-behind worker's `flush_some`
+    cleans ahead for it, so a DRAM tier with dead space still gets segments cleaned."""
+    media = Pool.format(FileDevice(str(tmp_path / "p.img"), create_size=64 * MiB),
+                        segment_size=4 * MiB)
+    store = TieredStore(TieredStore.create_drams({"t": 32 * MiB}, 4 * MiB, False), media,
+                        ack="memory")
+    dram = store.dram("t")
+    frame = b"z" * (512 << 10)
+    crc = crc32c.crc32c(frame)
+    marked = 0
+    for i in range(120):
+        key = i.to_bytes(16, "little")
+        r = store.try_reserve_dram("t", "s", key, [len(frame)]) or \
+            store.reserve_dram("t", "s", key, [len(frame)])
+        dram.payload_views(r)[0][:] = frame
+        assert store.try_commit_dram(r, [crc]) == Tier.DRAM  # never waited for here
+        if i % 4:
+            store.delete("t", key)  # dead space for the cleaner
+        if store._upkeep:
+            marked += 1
+            store.flush_some()
+    assert marked and not store._upkeep
+    assert dram._ctx.counters.cleaned_ahead >= 1
+    store.flush_all()
+    out = bytearray(len(frame))
+    media.get_into("t", (116).to_bytes(16, "little"), out)  # written behind, CRC checked
+    assert bytes(out) == frame
+    media.close()
