@@ -261,8 +261,9 @@ class Pool:
                     frame_lengths: Sequence[int], *, ttl_s: float | None = None
                     ) -> PutReservation | None:
         """`reserve` if it needs no waiting: the lock is free and the segment open for
-        the record has room (opening another may clean, evict or checkpoint); None
-        otherwise.  For the event loop (a DRAM tier's RESERVE)."""
+        the record has room, or (a memory device) a free segment can be opened without
+        cleaning, evicting or checkpointing; None otherwise.  For the event loop (a DRAM
+        tier's RESERVE)."""
         return self._writer.reserve(tenant, session, key, frame_lengths, ttl_s=ttl_s,
                                     wait=False)
 

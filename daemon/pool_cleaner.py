@@ -131,6 +131,15 @@ class Cleaner:
         finally:
             self.maintenance.active = before
 
+    def free_segment_now(self) -> int:
+        """Under the lock: a FREE segment a put may take without cleaning, evicting or
+        waiting for a checkpoint (`take_free_segment`'s first case), else -1."""
+        if self.checkpointer.running:
+            return -1
+        free = self.table.free_unpinned()
+        return int(free[0]) if len(free) > self.checkpointer.segments_needed() + PUT_RESERVE \
+            else -1
+
     def ahead_due(self) -> bool:
         """Under the lock: whether free segments run low enough for `clean_ahead` to
         clean one (and none is being cleaned ahead already)."""

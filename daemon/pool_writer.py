@@ -109,7 +109,10 @@ class Writer:
                 seg, at = table.place(nblocks, table.bucket_end(exp), cleaner=False,
                                       take_free=self.cleaner.take_free_segment)
             else:
-                placed = table.place_open(nblocks, table.bucket_end(exp))
+                # opening a segment is a header copy on a memory device, I/O elsewhere
+                placed = table.place_open(nblocks, table.bucket_end(exp),
+                                          self.cleaner.free_segment_now
+                                          if ctx.dev.caps.memory_view else None)
                 if placed is None:
                     return None
                 seg, at = placed

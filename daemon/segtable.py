@@ -203,15 +203,29 @@ class SegmentTable:
         self.segs["used"][seg] = at + nblocks
         return seg, at
 
-    def place_open(self, nblocks: int, bucket_end: int) -> tuple[int, int] | None:
-        """`place` for a put, if the data segment open for `bucket_end` has room: no
-        segment is sealed, opened or cleaned (None otherwise)."""
+    def place_open(self, nblocks: int, bucket_end: int,
+                   free_now: Callable[[], int] | None = None) -> tuple[int, int] | None:
+        """`place` for a put without waiting: in the data segment open for `bucket_end`
+        if it has room, else (with `free_now`, which answers a free segment or -1 where
+        taking one would clean, evict or wait for a checkpoint) in a segment opened
+        there and then; None otherwise, with nothing changed."""
+        if nblocks > self.seg_blocks - 1:
+            return None
         seg = self.open_data.get(bucket_end, -1)
-        if seg < 0 or nblocks > self.seg_blocks - 1:
+        if seg >= 0 and int(self.segs["used"][seg]) + nblocks <= self.seg_blocks:
+            at = int(self.segs["used"][seg])
+            self.segs["used"][seg] = at + nblocks
+            return seg, at
+        if free_now is None or (seg < 0 and len(self.open_data) >= self.ctx.opt.max_open_buckets):
             return None
+        new = free_now()
+        if new < 0:
+            return None
+        if seg >= 0:
+            self.seal(seg)
+        self.open_data[bucket_end] = seg = self.open_segment(SegKind.DATA, bucket_end, "put",
+                                                             lambda purpose: new)
         at = int(self.segs["used"][seg])
-        if at + nblocks > self.seg_blocks:
-            return None
         self.segs["used"][seg] = at + nblocks
         return seg, at
 

@@ -74,6 +74,12 @@ class TierCounters:
     writebehind_bytes: int = 0
     writebehind_fallbacks: int = 0  # ack=memory puts written straight to media
     writebehind_corrupt: int = 0  # DRAM records that failed their header check: not written
+    # RESERVEs and COMMITs done without waiting (on the event loop), and those that would
+    # have had to wait and went to a worker thread instead
+    inline_reserves: int = 0
+    inline_reserve_fallbacks: int = 0
+    inline_commits: int = 0
+    inline_commit_fallbacks: int = 0
     by_op: dict[str, int] = field(default_factory=dict)
 
 
@@ -219,7 +225,13 @@ class TieredStore:
         dram = self.dram(tenant)
         with self._mu:
             self._bump_locked(tenant, key)
-        return dram.try_reserve(tenant, session, key, frame_lengths, ttl_s=ttl_s)
+        r = dram.try_reserve(tenant, session, key, frame_lengths, ttl_s=ttl_s)
+        with self._mu:
+            if r is None:
+                self.counters.inline_reserve_fallbacks += 1
+            else:
+                self.counters.inline_reserves += 1
+        return r
 
     def try_commit_dram(self, r: PutReservation, crcs: Sequence[int]) -> Tier | None:
         """`commit_dram` with the writer's CRCs if it needs no waiting: ack = memory (the
@@ -232,10 +244,13 @@ class TieredStore:
             self._bump_locked(r.tenant, r.key)
         done = dram.try_complete_in_place(r, crcs, pin=True)
         if done is None:
+            with self._mu:
+                self.counters.inline_commit_fallbacks += 1
             return None
         res, upkeep = done
-        if upkeep:
-            with self._mu:
+        with self._mu:
+            self.counters.inline_commits += 1
+            if upkeep:
                 self._upkeep.add(r.tenant)
         if res.live:
             self._write_behind(dram, r.tenant, r.session, r.key, res.offset, pinned=True)
@@ -619,7 +634,11 @@ class TieredStore:
                       "writebehind_flushed": c.writebehind_flushed,
                       "writebehind_bytes": c.writebehind_bytes,
                       "writebehind_fallbacks": c.writebehind_fallbacks,
-                      "writebehind_corrupt": c.writebehind_corrupt},
+                      "writebehind_corrupt": c.writebehind_corrupt,
+                      "inline_reserves": c.inline_reserves,
+                      "inline_reserve_fallbacks": c.inline_reserve_fallbacks,
+                      "inline_commits": c.inline_commits,
+                      "inline_commit_fallbacks": c.inline_commit_fallbacks},
         }
 
 

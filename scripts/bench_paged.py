@@ -202,6 +202,7 @@ def run_one(d: BenchDaemon, layout: KVLayout, order: str, tokens: int, block: in
         r["save_in_place_over_arena"] = round(r["save_arena_s"] / r["save_s"], 3)
         st = d.status()
         r["save_daemon"] = {"writebehind_fallbacks": st["tiers"]["writebehind_fallbacks"],
+                            **{k: v for k, v in st["tiers"].items() if k.startswith("inline_")},
                             "write_class": st["io"]["classes"]["write"]["tenants"].get("bench"),
                             "io_slots": st["io"]["slots"]}
         if dev.type == "cuda":

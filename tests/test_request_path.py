@@ -307,7 +307,15 @@ def test_reserve_and_a_commit_with_crcs_complete_on_the_event_loop(tmp_path: Pat
         finally:
             done.set()
             th.join()
-        assert rh.inline(reserve(rh, 5, 4 * MiB - 16384)) is None  # needs another segment
+        # one that needs another segment opens a free one inline, until taking one would
+        # mean cleaning or evicting (free segments down to what puts leave): a task then
+        big = [rh.inline(reserve(rh, 40 + i, 4 * MiB - 16384)) for i in range(8)]
+        opened = [c for c in big if c is not None]
+        assert opened and len(opened) < 8 and big[len(opened)] is None
+        assert all(c.status == Status.OK for c in opened)
+        counters = h.store.counters
+        assert counters.inline_reserves >= 1 + len(opened)
+        assert counters.inline_reserve_fallbacks >= 2
         for tag, off in zip((1, 2), offs, strict=True):
             frames = [bytes([tag]) * 4096, bytes([tag + 100]) * 4096]
             dram.dev.view(off, 8192)[:] = b"".join(frames)
