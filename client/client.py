@@ -29,6 +29,7 @@ import select
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -227,6 +228,33 @@ class Client:
         self._sock.close()
         for fd in (self._sq_efd, self._cq_efd):
             os.close(fd)
+        self._release_shared_memory()
+
+    def _release_shared_memory(self) -> None:
+        """Unmap the rings, the arena and the DRAM mapping now rather than whenever the
+        garbage collector reaches this object (the close hooks' closures make it part of a
+        cycle): until then the daemon's memfds stay alive in this process, and after a
+        daemon restart that is the whole of the old DRAM tier, resident (CUDA registration
+        faults every page in).  A mapping that some tensor or view made from it still uses
+        cannot be unmapped safely: it stays until that is dropped, with a ResourceWarning."""
+        self._close_hooks.clear()
+        self.__dict__.pop("_dram_tensor", None)  # kvtier.client.gpu's view of the DRAM
+        self.sq.detach()
+        self.cq.detach()
+        busy = []
+        for name, view, mapping in (("submission ring", self.sq.buf, self._sq_map),
+                                    ("completion ring", self.cq.buf, self._cq_map),
+                                    ("arena", self.arena, self._arena_map),
+                                    ("DRAM mapping", self.dram, self._dram_map)):
+            try:
+                view.release()
+                mapping.close()
+            except BufferError:
+                busy.append(name)
+        if busy:
+            warnings.warn(f"kvtier client {self.client_id} closed while buffers made from its "
+                          f"{', '.join(busy)} are still alive: that shared memory stays "
+                          "mapped until they are dropped", ResourceWarning, stacklevel=3)
 
     def __enter__(self) -> Client:
         return self

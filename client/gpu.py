@@ -33,6 +33,7 @@ import collections
 import os
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -227,23 +228,39 @@ def build_cache(per_layer: Sequence[tuple[torch.Tensor, torch.Tensor]], config: 
     return cache
 
 
+def _leading_view(t: torch.Tensor, buf: torch.Tensor) -> bool:
+    """Whether `t` is `buf[..., :n, :]` for some n (also n = 0)."""
+    return (t.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+            and t.storage_offset() == buf.storage_offset() and t.stride() == buf.stride())
+
+
 def _grow_in_place(layer: Any, kbuf: torch.Tensor, vbuf: torch.Tensor) -> None:
     """Make a cache layer append into (kbuf, vbuf) while its tensors are their leading
     views and there is room; anything else (crop and regrow, overflow) takes the layer's
-    own update."""
-    own = layer.update
+    own update.
+
+    The replacement holds the layer weakly and its class's update unbound: a closure over
+    the layer (or its bound method) would make the layer a reference cycle, whose buffers
+    -- a whole prefix, 58 GB at 1M tokens -- only the garbage collector gives back, long
+    after the caller dropped the cache."""
+    own = type(layer).update
+    ref = weakref.ref(layer)
 
     def update(key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = layer.keys
+        lay = ref()
+        assert lay is not None  # called through the layer, which is alive
+        keys = lay.keys
         n, m = keys.shape[-2], key_states.shape[-2]
-        if (keys.data_ptr() != kbuf.data_ptr() or n + m > kbuf.shape[-2]
+        # Whether `keys` is still the buffer's leading view, by storage: an empty view's
+        # data_ptr() is 0 (a cache that starts empty would never grow in place).
+        if (not _leading_view(keys, kbuf) or n + m > kbuf.shape[-2]
                 or key_states.shape[:-2] != kbuf.shape[:-2]):
-            return own(key_states, value_states, *args, **kwargs)  # type: ignore[no-any-return]
+            return own(lay, key_states, value_states, *args, **kwargs)  # type: ignore[no-any-return]
         kbuf[:, :, n:n + m].copy_(key_states)
         vbuf[:, :, n:n + m].copy_(value_states)
-        layer.keys, layer.values = kbuf[:, :, :n + m], vbuf[:, :, :n + m]
-        return layer.keys, layer.values
+        lay.keys, lay.values = kbuf[:, :, :n + m], vbuf[:, :, :n + m]
+        return lay.keys, lay.values
 
     layer.update = update
 

@@ -146,6 +146,11 @@ class Ring:
         self._ctl = ctl
         self._mask = self.entries - 1
 
+    def detach(self) -> None:
+        """Let go of the shared counters (the client closes and unmaps the ring): from now
+        on the ring reads as empty, and a push fails on the released buffer."""
+        self._ctl = np.zeros_like(self._ctl)
+
     @property
     def head(self) -> int:
         return int(self._ctl[_HEAD])
