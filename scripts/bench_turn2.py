@@ -14,7 +14,24 @@ kvtierd (ack = memory, written behind to the file pool).  Turn 2 is the same pro
       pool file with O_DIRECT (no page cache).
 Reported per length: TTFT, end-to-end latency with 32 generated tokens, KV bytes, load
 GB/s, speedups (a)/(b) and (a)/(c), the max |logit difference| against (a) and whether
-the greedy tokens are identical; plus the disk's own O_DIRECT read bandwidth.
+the greedy tokens are identical; plus the disk's own O_DIRECT read bandwidth.  Also: the
+save's time and rate, the GPU memory it needed beyond the cache (`gpu_save_extra_bytes`),
+the GPU memory left after the loads were dropped (`gpu_after_release_delta_bytes`, 0 when
+everything came back), and turn 2 on turn 1's kept cache (`ttft_kept_s`: no load at all,
+the compute floor).
+
+Long contexts: `--recompute turn1` (auto above 131,072 tokens) times turn 1's prefill as
+the recompute baseline instead of prefilling the prompt a second time (at 1M tokens that
+is minutes); `--recompute none` does not prefill turn 1 at all: its cache is filled with
+seeded random KV (turn 2 and the kept-cache reference then attend to the same values, so
+the bit-for-bit check still holds), for saves and loads at lengths whose prefill alone
+outlasts the device's 10-minute command limit (1M tokens of qwen2.5-7b: ~10 min on an
+H200); no baseline and no speedups then.  Prompts over 131,072 tokens are prefilled in
+chunks of 65,536 (kvtier's suffix attention builds no [q, kv] mask for them).  The DRAM
+tier and the pool are sized from the memory and disk there are; a context whose KV does
+not fit is reported as skipped (`skipped`), a file pool it does not fit as
+`file_pool_skipped`.  turn2.json is rewritten after every context, so a run cut short
+keeps what it measured.
 
 Correctness has two references.  (a) rounds differently in bf16 from any resumed turn 2
 (its new tokens are computed inside one long prefill), and with random weights the top
@@ -58,8 +75,11 @@ from kvtier.client.attention import install as install_attention
 from kvtier.client.client import Client
 from kvtier.client.crypto import FrameCipher, Keyring
 from kvtier.client.gpu import KVLayout, KVLoader, KVSaver, finish_resume, resume
+from kvtier.daemon.sizes import parse_size
 
 MiB, GiB = 1 << 20, 1 << 30
+LONG = 131072  # longer prompts: recompute = turn 1's prefill (auto), chunked prefill
+LONG_PREFILL_CHUNK = 65536
 
 
 def model_config(name: str) -> Any:
@@ -103,6 +123,15 @@ def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     return model.eval()
 
 
+def chunk_for(args: argparse.Namespace, tokens: int) -> int:
+    """Tokens per prefill forward for a prompt of `tokens`: --prefill-chunk, else all at
+    once up to LONG tokens and LONG_PREFILL_CHUNK above (one pass at 1M tokens would need
+    tens of GB for the MLP's activations alone)."""
+    if args.prefill_chunk:
+        return int(args.prefill_chunk)
+    return 0 if tokens <= LONG else LONG_PREFILL_CHUNK
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -140,13 +169,56 @@ def decode(model: Any, logits: torch.Tensor, cache: Any, n: int) -> list[int]:
 @dataclass
 class Reference:
     """What turn 2 must produce.  `_a`: the baseline, recomputing prompt and new tokens in
-    one prefill.  `_kept`: turn 1's own cache kept on the GPU, the new tokens prefilled on
-    it -- the computation that a loaded prefix reproduces exactly, so its logits and
-    tokens are expected bit for bit (the one-pass recompute rounds differently in bf16)."""
-    logits_a: torch.Tensor
-    toks_a: list[int]
+    one prefill (None with `--recompute turn1`).  `_kept`: turn 1's own cache kept on the
+    GPU, the new tokens prefilled on it -- the computation that a loaded prefix reproduces
+    exactly, so its logits and tokens are expected bit for bit (the one-pass recompute
+    rounds differently in bf16)."""
+    logits_a: torch.Tensor | None
+    toks_a: list[int] | None
     logits_kept: torch.Tensor
     toks_kept: list[int]
+
+
+def fmt(v: Any, spec: str = ".3f") -> str:
+    return "-" if v is None else format(v, spec) if isinstance(v, float) else str(v)
+
+
+def human(n: float) -> str:
+    return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / MiB:.0f} MiB"
+
+
+def host_available() -> int:
+    """MemAvailable, bytes."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def kept_cache(model: Any, layout: KVLayout, capacity: int, device: torch.device,
+               fill: int = 0) -> Any:
+    """A DynamicCache whose layers fill preallocated [1, Hkv, capacity, D] buffers in
+    place: turn 1's chunked prefill (and the kept-cache turn 2 after it) never
+    `torch.cat`s the whole prefix per chunk, nor holds two copies of a layer.  `fill`:
+    it starts with that many tokens of seeded random KV (--recompute none)."""
+    from kvtier.client.gpu import build_cache
+
+    shape = (1, layout.num_kv_heads, capacity, layout.head_dim)
+    bufs = [(torch.empty(shape, dtype=layout.dtype, device=device),
+             torch.empty(shape, dtype=layout.dtype, device=device))
+            for _ in range(layout.num_layers)]
+    if fill:
+        g = torch.Generator(device=device).manual_seed(4321)
+        for k, v in bufs:
+            k[:, :, :fill].normal_(generator=g)
+            v[:, :, :fill].normal_(generator=g)
+    return build_cache([(k[:, :, :fill], v[:, :, :fill]) for k, v in bufs], model.config,
+                       bufs)
+
+
+def gpu_allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
 def disk_read_bandwidth(path: str, nbytes: int) -> float:
@@ -200,13 +272,13 @@ def warm_up(model: Any, layout: KVLayout, fp: bytes, d: BenchDaemon, arena: int,
                         device=device)
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
-        prefill(model, ids, cache, args.prefill_chunk)
+        prefill(model, ids, cache, chunk_for(args, ids.shape[1]))
         with Client.connect(d.sock, "bench", TOKEN, arena_size=arena) as c:
             KVSaver(c, layout, fp).save("warm-up", ids[0], cache)
             loader = KVLoader(c, layout, fp, layer_groups=args.layer_groups,
                               inflight=args.inflight)
             res = resume(model, loader, ids[0])
-            prefill(model, ids[:, res.prefix_tokens:], res.cache, args.prefill_chunk)
+            prefill(model, ids[:, res.prefix_tokens:], res.cache, 0)
             finish_resume(loader)
             loader.close()
     sync(device)
@@ -257,7 +329,8 @@ def via_kvtier(tag: str, d: BenchDaemon, model: Any, layout: KVLayout, fp: bytes
             toks = decode(model, logits, res.cache, args.gen_tokens)
             sync(device)
             e2e = time.perf_counter() - t0
-            diff = float((logits - ref.logits_a).abs().max())
+            diff = (float((logits - ref.logits_a).abs().max())
+                    if ref.logits_a is not None else None)
             diff_kept = float((logits - ref.logits_kept).abs().max())
             if n > 1:
                 # Where the time goes (one more run, serialised: data first, then prefill).
@@ -287,6 +360,7 @@ def via_kvtier(tag: str, d: BenchDaemon, model: Any, layout: KVLayout, fp: bytes
             cipher.close()
     ttft = statistics.median(ttfts)
     r[f"ttft_{tag}_first_s"] = round(ttfts[0], 4)
+    r[f"ttfts_{tag}_s"] = [round(t, 4) for t in ttfts]
     r[f"ttft_{tag}_s"] = round(ttft, 4)
     r[f"e2e_{tag}_s"] = round(e2e, 4)
     r[f"prefix_tokens_{tag}"] = prefix
@@ -295,10 +369,11 @@ def via_kvtier(tag: str, d: BenchDaemon, model: Any, layout: KVLayout, fp: bytes
     r[f"load_{tag}_tiers"] = load.tiers
     r[f"load_{tag}_mapped"] = load.mapped
     r[f"max_abs_logit_diff_{tag}"] = diff
-    r[f"greedy_tokens_identical_{tag}"] = toks == ref.toks_a
+    r[f"greedy_tokens_identical_{tag}"] = toks == ref.toks_a if ref.toks_a is not None else None
     r[f"max_abs_logit_diff_kept_{tag}"] = diff_kept
     r[f"greedy_tokens_identical_kept_{tag}"] = toks == ref.toks_kept
-    r[f"speedup_{tag}"] = round(r["ttft_baseline_s"] / ttft, 2)
+    base = r.get("ttft_baseline_s")
+    r[f"speedup_{tag}"] = round(base / ttft, 2) if base is not None else None
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -360,11 +435,13 @@ def plot(results: list[dict[str, Any]], path: str, title: str) -> None:
 
     ctx = [r["context_tokens"] for r in results]
     fig, ax = plt.subplots(figsize=(8, 5))
-    ax.plot(ctx, [r["ttft_baseline_s"] for r in results], "o-", label="recompute (baseline)")
+    based = [r for r in results if r.get("ttft_baseline_s") is not None]
+    ax.plot([r["context_tokens"] for r in based], [r["ttft_baseline_s"] for r in based], "o-",
+            label="recompute (baseline)")
     ax.plot(ctx, [r["ttft_dram_s"] for r in results], "s-", label="kvtier, DRAM tier")
     if all("ttft_file_s" in r for r in results):
         ax.plot(ctx, [r["ttft_file_s"] for r in results], "^-", label="kvtier, file pool")
-    for r in results:
+    for r in based:
         ax.annotate(f"{r['speedup_dram']:.0f}x", (r["context_tokens"], r["ttft_dram_s"]),
                     textcoords="offset points", xytext=(0, -14), ha="center", fontsize=9)
     ax.set_xscale("log", base=2)
@@ -383,14 +460,24 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2.5-7b")
     ap.add_argument("--model-path", default=None)
-    ap.add_argument("--contexts", default="8192,32768,65536,131072")
+    ap.add_argument("--contexts", default=None,
+                    help="comma-separated prompt lengths (default 8192,32768,65536,131072; "
+                         "--quick: 512,2048)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--prefill-chunk", type=int, default=0,
-                    help="prefill at most this many tokens per forward (0: all at once, "
-                         "which lets SDPA use its causal flash kernel)")
+                    help="prefill at most this many tokens per forward (0: all at once up "
+                         f"to {LONG} tokens, which lets SDPA use its causal flash kernel; "
+                         f"{LONG_PREFILL_CHUNK} above)")
+    ap.add_argument("--recompute", choices=("auto", "full", "turn1", "none"), default="auto",
+                    help="the baseline: full = prefill prompt and new tokens again; turn1 = "
+                         "turn 1's timed prefill of the prompt (no second prefill; its "
+                         f"logits are not compared); auto: full up to {LONG} tokens; none: "
+                         "turn 1's KV is seeded random values (no prefill, no baseline)")
     ap.add_argument("--layer-groups", type=int, default=1)
     ap.add_argument("--inflight", type=int, default=32)
+    ap.add_argument("--save-slots", type=int, default=8,
+                    help="KVSaver's staging slots (chunks in flight; gathered half at a time)")
     ap.add_argument("--attention", choices=("kvtier", "sdpa"), default="kvtier",
                     help="kvtier: split-KV attention for turn 2's new tokens over the loaded "
                          "prefix (kvtier.client.attention); sdpa: transformers' stock SDPA")
@@ -402,6 +489,11 @@ def main() -> int:
                     help="turn-2 runs per kvtier variant (median reported)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-file-pool", action="store_true")
+    ap.add_argument("--writebehind-wait", type=float, default=300.0,
+                    help="seconds to wait at most for the DRAM tier's write-behind to the "
+                         "pool to finish before turn 2 is timed")
+    ap.add_argument("--skip-get", action="store_true",
+                    help="no turn 2 through GETs (the load before MAP existed)")
     ap.add_argument("--hint-leads", default="1,auto",
                     help="turn 2 from the file pool with a prefetch hint this many seconds "
                          "ahead (comma-separated; auto: what the pool's read rate needs)")
@@ -410,9 +502,17 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--out", default=".")
     ap.add_argument("--dir", default=None, help="where kvtierd keeps its files")
+    ap.add_argument("--dram-max", type=parse_size, default=None,
+                    help="cap the DRAM tier at this size (e.g. 64G; default: what the "
+                         "contexts want, within the host memory available)")
+    ap.add_argument("--pool-max", type=parse_size, default=None,
+                    help="cap the file pool at this size (default: what the contexts want, "
+                         "within the free disk)")
     args = ap.parse_args()
     if args.quick:
-        args.model, args.contexts, args.prefill_chunk = "tiny", "512,2048", 1024
+        args.model, args.prefill_chunk = "tiny", args.prefill_chunk or 1024
+        args.contexts = args.contexts or "512,2048"
+    args.contexts = args.contexts or "8192,32768,65536,131072"
     console = Console(stderr=args.json)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -423,24 +523,55 @@ def main() -> int:
                                                                      dtype=dtype)).sum().item()
     layout = KVLayout.from_config(model.config, dtype)
     fp = layout.fingerprint(args.model_path or args.model)
-    kv_max = max(contexts) // layout.chunk_tokens * layout.chunk_bytes
-    total = sum(c // layout.chunk_tokens * layout.chunk_bytes for c in contexts)
+    def kv_of(ctx: int) -> int:
+        return ctx // layout.chunk_tokens * layout.chunk_bytes
+
+    kv_max = max(kv_of(c) for c in contexts)
+    total = sum(kv_of(c) for c in contexts)
     # Small contexts (--quick's tiny model) get small segments: the pool keeps 16 spare
     # ones and is fallocated.
     seg = 256 * MiB if kv_max > 4 * GiB else 64 * MiB if kv_max > 256 * MiB else 16 * MiB
     work = tempfile.mkdtemp(prefix="kvtier-turn2-", dir=args.dir or os.getcwd())
+
     def segments(nbytes: float) -> int:
         return int(-(-nbytes // seg)) * seg
 
     keyring = Keyring(os.path.join(work, "keyring.json")) if args.encrypt else None
     fp_enc = layout.fingerprint((args.model_path or args.model) + "+encrypted")
-    d = BenchDaemon(work, dram=max(segments(kv_max * (2.6 if args.encrypt else 1.5)),
-                                   32 * seg),
-                    pool=segments(total * 1.3) + 16 * seg + MiB, segment=seg, ack="memory",
+    # The DRAM tier and the pool as large as the contexts want and the machine has: host
+    # memory left after 16 GiB for this process (pinned arenas, torch), disk left after
+    # 4 GiB.  Each context is measured right after its save, so a tier smaller than all
+    # of them together only evicts contexts already measured.
+    # Not more than that: a client's CUDA registration of its DRAM mapping pins (and
+    # first faults in) every page of the tier, at about 2 GB/s under the device's sandbox.
+    per_kv = 2.3 if args.encrypt else 1.15  # the encrypted copy too, and room to clean
+    dram_room = min((host_available() - 16 * GiB) // seg * seg,
+                    args.dram_max // seg * seg if args.dram_max else 1 << 62)
+    dram = min(max(segments(kv_max * per_kv) + 8 * seg, 32 * seg), dram_room)
+    disk_room = min((shutil.disk_usage(work).free - 4 * GiB) // seg * seg,
+                    args.pool_max // seg * seg if args.pool_max else 1 << 62)
+    pool = min(max(segments(total * 1.3) + 16 * seg, 32 * seg), disk_room) + MiB
+    sizing = {"dram_tier_bytes": dram, "pool_bytes": pool, "host_available_bytes":
+              host_available(), "disk_free_bytes": shutil.disk_usage(work).free}
+    console.print(f"DRAM tier {human(dram)}, pool {human(pool)} (host memory available "
+                  f"{human(sizing['host_available_bytes'])}, disk free "
+                  f"{human(sizing['disk_free_bytes'])})")
+    d = BenchDaemon(work, dram=dram, pool=pool, segment=seg, ack="memory",
                     populate=False, arena_max=2 * GiB, io_threads=min(16, os.cpu_count() or 4))
     results: list[dict[str, Any]] = []
+
+    def write_json() -> dict[str, Any]:
+        """turn2.json as far as the run has come (a run cut short keeps its contexts)."""
+        out = {"model": args.model_path or args.model, "device": str(device),
+               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "dtype": str(dtype), "attention": args.attention,
+               "layer_groups": args.layer_groups, "inflight": args.inflight,
+               **sizing, **h2d, "results": results}
+        os.makedirs(args.out, exist_ok=True)
+        Path(args.out, "turn2.json").write_text(json.dumps(out, indent=1))
+        return out
     rng = torch.Generator().manual_seed(1234)
-    arena = max(256 * MiB, 2 * layout.chunk_bytes + args.inflight * layout.chunk_bytes + 64 * MiB)
+    arena = max(256 * MiB, (args.save_slots + args.inflight) * layout.chunk_bytes + 64 * MiB)
     if args.encrypt:  # sealed and plain slots for the loader, sealed slots for the saver
         arena += (args.inflight + 2) * (layout.chunk_bytes + 64 * 1024) + 64 * MiB
     h2d: dict[str, float] = {}
@@ -456,21 +587,53 @@ def main() -> int:
             task = prog.add_task(f"turn 2 on {args.model}", total=len(contexts) * 5)
             for ctx in contexts:
                 r: dict[str, Any] = {"context_tokens": ctx}
+                results.append(r)  # filled in as it is measured; written at each step
+                kv = kv_of(ctx)
+                if kv * (2 if args.encrypt else 1) + 4 * seg > dram:
+                    r["skipped"] = (
+                        f"its KV ({human(kv)}{' twice' if args.encrypt else ''}) does not "
+                        f"fit the DRAM tier ({human(dram)}, 4 segments kept spare; "
+                        + ("capped by --dram-max" if args.dram_max else
+                           f"{human(sizing['host_available_bytes'])} of host memory "
+                           "available") + ")")
+                    console.print(f"[yellow]{ctx} tokens skipped: {r['skipped']}")
+                    write_json()
+                    prog.advance(task, 5)
+                    continue
+                recompute = args.recompute if args.recompute != "auto" else (
+                    "full" if ctx <= LONG else "turn1")
+                r["recompute"] = recompute
+                r["prefill_chunk"] = chunk_for(args, ctx)
                 prompt = torch.randint(0, model.config.vocab_size, (1, ctx), generator=rng)
                 new = torch.randint(0, model.config.vocab_size, (1, args.new_tokens),
                                     generator=rng)
                 full = torch.cat([prompt, new], dim=1).to(device)
                 prompt = prompt.to(device)
-                from transformers import DynamicCache
 
-                # Turn 1: prefill and save through kvtierd.
+                # Turn 1: prefill (timed: with --recompute turn1 it is the baseline) into a
+                # cache with room for turn 2 and its decode, and save through kvtierd.
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                gpu_base = gpu_allocated(device)
                 with torch.no_grad():
-                    cache = DynamicCache(config=model.config)
-                    prefill(model, prompt, cache, args.prefill_chunk)
-                sync(device)
+                    cache = kept_cache(model, layout, full.shape[1] + args.gen_tokens + 1,
+                                       device, fill=ctx if recompute == "none" else 0)
+                    if recompute != "none":
+                        sync(device)
+                        t0 = time.perf_counter()
+                        prefill(model, prompt, cache, chunk_for(args, ctx))
+                        sync(device)
+                        r["turn1_prefill_s"] = round(time.perf_counter() - t0, 4)
                 with Client.connect(d.sock, "bench", TOKEN, arena_size=arena) as c:
-                    saver = KVSaver(c, layout, fp)
+                    saver = KVSaver(c, layout, fp, slots=args.save_slots)
+                    before_save = gpu_allocated(device)
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
                     srep = saver.save(f"ctx{ctx}", prompt[0], cache)
+                    if device.type == "cuda":
+                        # Beyond the cache itself: staging, CRCs (the goal: <= 2 GB).
+                        r["gpu_save_extra_bytes"] = (torch.cuda.max_memory_allocated(device)
+                                                     - before_save)
                     saver.close()
                     if keyring is not None:  # the same KV again, encrypted, under other keys
                         cipher = FrameCipher(c, keyring, "bench")
@@ -480,64 +643,92 @@ def main() -> int:
                         cipher.close()
                         r["save_encrypted_bytes_per_s"] = round(erep.bytes / erep.seconds)
                 sync(device)
-                with torch.no_grad():  # the reference turn 2 on the cache turn 1 kept
-                    logits_kept = prefill(model, full[:, ctx:], cache, args.prefill_chunk)
+                with torch.no_grad():
+                    # The reference turn 2 on the cache turn 1 kept, timed: no load at all,
+                    # the compute floor of a resumed turn 2 (median of `repeats`, the
+                    # cache cropped back to the prompt in between).
+                    kept = []
+                    for _ in range(args.repeats):
+                        if cache.get_seq_length() > ctx:  # negative: tokens to drop
+                            cache.crop(ctx - cache.get_seq_length())
+                        sync(device)
+                        t0 = time.perf_counter()
+                        logits_kept = prefill(model, full[:, ctx:], cache, args.prefill_chunk)
+                        sync(device)
+                        kept.append(time.perf_counter() - t0)
+                    r["ttft_kept_s"] = round(statistics.median(kept), 4)
                     toks_kept = decode(model, logits_kept, cache, args.gen_tokens)
                 del cache
                 r["kv_bytes"] = srep.bytes
                 r["save_s"] = round(srep.seconds, 4)
                 r["save_bytes_per_s"] = round(srep.bytes / srep.seconds) if srep.seconds else 0
+                write_json()
+                # Turn 2 is timed with the write-behind done (it would share memory
+                # bandwidth and cores), waiting at most --writebehind-wait seconds.
                 t0 = time.perf_counter()
-                while d.backlog():
+                while d.backlog() and time.perf_counter() - t0 < args.writebehind_wait:
                     time.sleep(0.05)
                 r["writebehind_s"] = round(time.perf_counter() - t0, 3)
+                r["writebehind_backlog_left"] = d.backlog()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 prog.advance(task)
 
-                # (a) baseline: recompute everything.
-                with torch.no_grad():
-                    # Short contexts: median of `repeats` (first-call kernel choices would
-                    # weigh on them); long ones run once, where that cost is lost in seconds.
-                    base = []
-                    for _ in range(args.repeats if ctx <= 32768 else 1):
-                        cache = None
+                # (a) baseline: recompute everything (or turn 1's prefill stands for it).
+                logits_a: torch.Tensor | None = None
+                toks_a: list[int] | None = None
+                if recompute in ("turn1", "none"):
+                    r["ttft_baseline_s"] = r.get("turn1_prefill_s")
+                else:
+                    with torch.no_grad():
+                        # Short contexts: median of `repeats` (first-call kernel choices
+                        # would weigh on them); long ones run once, where that cost is lost
+                        # in seconds.
+                        base = []
+                        for _ in range(args.repeats if ctx <= 32768 else 1):
+                            cache = None
+                            sync(device)
+                            t0 = time.perf_counter()
+                            cache = kept_cache(model, layout,
+                                               full.shape[1] + args.gen_tokens + 1, device)
+                            logits_a = prefill(model, full, cache, chunk_for(args, ctx))
+                            sync(device)
+                            base.append(time.perf_counter() - t0)
+                        r["ttft_baseline_s"] = round(statistics.median(base), 4)
+                        toks_a = decode(model, logits_a, cache, args.gen_tokens)
                         sync(device)
-                        t0 = time.perf_counter()
-                        cache = DynamicCache(config=model.config)
-                        logits_a = prefill(model, full, cache, args.prefill_chunk)
-                        sync(device)
-                        base.append(time.perf_counter() - t0)
-                    r["ttft_baseline_s"] = round(statistics.median(base), 4)
-                    toks_a = decode(model, logits_a, cache, args.gen_tokens)
-                    sync(device)
-                    r["e2e_baseline_s"] = round(time.perf_counter() - t0, 4)
-                    # Control: decoding again from the very same cache.  If this differs,
-                    # the GPU kernels are not deterministic and token equality below says
-                    # nothing about kvtier.
-                    cache.crop(-args.gen_tokens)  # back to the prefilled state
-                    r["baseline_decode_repeatable"] = decode(
-                        model, logits_a, cache, args.gen_tokens) == toks_a
-                del cache
+                        r["e2e_baseline_s"] = round(time.perf_counter() - t0, 4)
+                        # Control: decoding again from the very same cache.  If this
+                        # differs, the GPU kernels are not deterministic and token equality
+                        # below says nothing about kvtier.
+                        cache.crop(-args.gen_tokens)  # back to the prefilled state
+                        r["baseline_decode_repeatable"] = decode(
+                            model, logits_a, cache, args.gen_tokens) == toks_a
+                    del cache
+                    r["max_abs_logit_diff_baseline_vs_kept"] = float(
+                        (logits_a - logits_kept).abs().max())
+                    r["greedy_tokens_identical_baseline_vs_kept"] = toks_a == toks_kept
                 ref = Reference(logits_a, toks_a, logits_kept, toks_kept)
-                r["max_abs_logit_diff_baseline_vs_kept"] = float(
-                    (logits_a - logits_kept).abs().max())
-                r["greedy_tokens_identical_baseline_vs_kept"] = toks_a == toks_kept
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 prog.advance(task)
 
                 via_kvtier("dram", d, model, layout, fp, args, full, ref, r, arena,
                            device)
+                write_json()
                 prog.advance(task)
-                via_kvtier("dram_get", d, model, layout, fp, args, full, ref, r,
-                           arena, device, map_dram=False)
-                r["map_vs_get_ttft_ratio"] = round(r["ttft_dram_get_s"] / r["ttft_dram_s"], 2)
+                if not args.skip_get:
+                    via_kvtier("dram_get", d, model, layout, fp, args, full, ref, r,
+                               arena, device, map_dram=False)
+                    r["map_vs_get_ttft_ratio"] = round(
+                        r["ttft_dram_get_s"] / r["ttft_dram_s"], 2)
                 if keyring is not None:
                     via_kvtier("dram_enc", d, model, layout, fp_enc, args, full, ref, r,
                                arena, device, keyring=keyring)
-                    r["encrypted_load_ratio_to_get"] = round(
-                        r["load_dram_enc_bytes_per_s"] / r["load_dram_get_bytes_per_s"], 3)
+                    if "load_dram_get_bytes_per_s" in r:
+                        r["encrypted_load_ratio_to_get"] = round(
+                            r["load_dram_enc_bytes_per_s"] / r["load_dram_get_bytes_per_s"],
+                            3)
                     ratios_to_map(r, "dram_enc", "encrypted")
                     if device.type == "cuda":  # the same, opened on the CPU's cores
                         via_kvtier("dram_enc_cpu", d, model, layout, fp_enc, args, full, ref,
@@ -550,8 +741,23 @@ def main() -> int:
                     floor = r["kv_bytes"] / h2d["h2d_registered_arena_bytes_per_s"]
                     r["h2d_floor_s"] = round(floor, 4)
                     r["fraction_of_h2d_limit_dram"] = round(floor / r["ttft_dram_s"], 3)
+                # The loads dropped: what the GPU holds now beyond what it held before
+                # turn 1 (0: every buffer of the saves and loads came back).
+                sync(device)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                r["gpu_after_release_delta_bytes"] = gpu_allocated(device) - gpu_base
+                r["kept_over_dram_ttft"] = round(r["ttft_kept_s"] / r["ttft_dram_s"], 3)
                 prog.advance(task)
-                if not args.skip_file_pool:
+                if not args.skip_file_pool and kv * 1.1 > pool - 16 * seg:
+                    r["file_pool_skipped"] = (
+                        f"its KV ({human(kv)}) does not fit the file pool ({human(pool)}, 16 "
+                        "segments kept spare; "
+                        + ("capped by --pool-max" if args.pool_max else
+                           f"{human(sizing['disk_free_bytes'])} of disk free") + ")")
+                    console.print(f"[yellow]{ctx} tokens, file pool skipped: "
+                                  f"{r['file_pool_skipped']}")
+                elif not args.skip_file_pool:
                     d.stop()  # flushes and checkpoints; DRAM is gone
                     d.start()
                     # Once: the first read promotes the prefix to DRAM.
@@ -580,12 +786,15 @@ def main() -> int:
                         hinted(d, ctx, lead, name, model, layout, fp, args, full, ref, r,
                                arena, device)
                 prog.advance(task)
-                results.append(r)
-                console.print(f"{args.model} {ctx} tokens: baseline {r['ttft_baseline_s']:.3f} s,"
-                              f" DRAM {r['ttft_dram_s']:.3f} s ({r['speedup_dram']}x;"
-                              f" {r['ttft_dram_get_s']:.3f} s without MAP)"
+                write_json()
+                console.print(f"{args.model} {ctx} tokens: baseline ({recompute}) "
+                              f"{fmt(r['ttft_baseline_s'])} s, DRAM {r['ttft_dram_s']:.3f} s "
+                              f"({r['speedup_dram']}x), kept cache {r['ttft_kept_s']:.3f} s"
+                              + (f", {r['ttft_dram_get_s']:.3f} s without MAP"
+                                 if "ttft_dram_get_s" in r else "")
                               + (f", file {r['ttft_file_s']:.3f} s ({r['speedup_file']}x)"
-                                 if "ttft_file_s" in r else ""))
+                                 if "ttft_file_s" in r else "")
+                              + f"; save {r['save_bytes_per_s'] / 1e9:.1f} GB/s")
         # Only the written part of the pool: unwritten (fallocated) extents read as zeros
         # without touching the disk.
         disk = disk_read_bandwidth(d.pool_path, min(4 * GiB, total)) \
@@ -593,27 +802,27 @@ def main() -> int:
     finally:
         d.stop()
         shutil.rmtree(work, ignore_errors=True)
-    out = {"model": args.model_path or args.model, "device": str(device),
-           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "dtype": str(dtype), "attention": args.attention,
-           "layer_groups": args.layer_groups, "inflight": args.inflight,
-           "disk_read_bytes_per_s": round(disk), **h2d, "results": results}
-    os.makedirs(args.out, exist_ok=True)
-    Path(args.out, "turn2.json").write_text(json.dumps(out, indent=1))
-    plot(results, os.path.join(args.out, "turn2.png"),
-         f"turn-2 TTFT, {out['model']} on {out['gpu']}")
+    sizing["disk_read_bytes_per_s"] = round(disk)
+    out = write_json()
+    measured = [r for r in results if "ttft_dram_s" in r]
+    if measured:
+        plot(measured, os.path.join(args.out, "turn2.png"),
+             f"turn-2 TTFT, {out['model']} on {out['gpu']}")
     t = Table(title=f"turn-2 TTFT: {out['model']} ({out['gpu']})")
-    for col in ("context", "KV", "recompute s", "DRAM s", "x", "file s", "x", "load GB/s",
-                "max |dlogit|", "same tokens", "bitwise vs kept"):
+    for col in ("context", "KV", "recompute s", "DRAM s", "x", "kept s", "file s", "x",
+                "save GB/s", "load GB/s", "max |dlogit|", "same tokens", "bitwise vs kept"):
         t.add_column(col, justify="right")
-    for r in results:
+
+    for r in measured:
         t.add_row(str(r["context_tokens"]), f"{r['kv_bytes'] / GiB:.2f} GiB",
-                  f"{r['ttft_baseline_s']:.3f}", f"{r['ttft_dram_s']:.3f}",
-                  f"{r['speedup_dram']}", f"{r.get('ttft_file_s', float('nan')):.3f}",
-                  f"{r.get('speedup_file', float('nan'))}",
+                  fmt(r["ttft_baseline_s"]) + (" (turn 1)" if r["recompute"] == "turn1"
+                                               else ""),
+                  f"{r['ttft_dram_s']:.3f}", fmt(r["speedup_dram"]), fmt(r["ttft_kept_s"]),
+                  fmt(r.get("ttft_file_s")), fmt(r.get("speedup_file")),
+                  f"{r['save_bytes_per_s'] / 1e9:.1f}",
                   f"{r['load_dram_bytes_per_s'] / 1e9:.1f}",
-                  f"{r['max_abs_logit_diff_dram']:.3g}",
-                  str(r["greedy_tokens_identical_dram"]),
+                  fmt(r["max_abs_logit_diff_dram"], ".3g"),
+                  fmt(r["greedy_tokens_identical_dram"]),
                   str(r["max_abs_logit_diff_kept_dram"] == 0
                       and r["greedy_tokens_identical_kept_dram"]))
     console.print(t)
