@@ -666,6 +666,7 @@ class LoadReport:
     mapped: int = 0  # chunk-groups copied straight from the DRAM mapping
     seconds: float = 0.0  # lookup until the last layer's data is on the device
     tiers: dict[str, int] = field(default_factory=dict)
+    layer_groups: int = 1  # the groups it was copied in
 
     @property
     def gbps(self) -> float:
@@ -764,14 +765,33 @@ class CacheSource:
                 out[:, li, j].copy_(src.reshape(src.shape[0], n, T, -1).transpose(0, 1))
 
 
+# layer_groups="auto": one group per this many bytes of a load, at most AUTO_MAX_GROUPS.
+# On an H200 (qwen2.5-7b, from the DRAM tier, docs/results/turn2-h200-long-context.md),
+# turn 2 at 131,072 tokens (7.5 GB) took 0.169 / 0.160 / 0.158 s with 1 / 2 / 4 groups,
+# at 409,600 (23.5 GB) 0.503 / 0.482 / 0.478 s: the layers of a group start computing
+# while later groups are still copied, so what follows the last copy is one group's share
+# of the new tokens' compute; each group costs a pass over the chunks to issue.
+AUTO_GROUP_BYTES = 1 << 30
+AUTO_MAX_GROUPS = 4
+
+
+def _group_bounds(num_layers: int, groups: int) -> list[tuple[int, int]]:
+    bounds = [round(g * num_layers / groups) for g in range(groups + 1)]
+    return [(bounds[g], bounds[g + 1]) for g in range(groups)]
+
+
 class KVLoader:
     """Loads stored prefixes into device tensors, layer group by layer group."""
 
     def __init__(self, client: Client, layout: KVLayout, fingerprint: bytes, *,
-                 layer_groups: int = 2, inflight: int = 16, map_dram: bool = True,
+                 layer_groups: int | str = "auto", inflight: int = 16, map_dram: bool = True,
                  cipher: FrameCipher | None = None, session: str = "",
                  decrypt: str = "auto", gpu_batch: int = 8) -> None:
-        """`map_dram`: copy DRAM-tier chunks straight from the tenant's DRAM mapping (on CUDA
+        """`layer_groups`: the layers are copied (and waited for by the forward) in this
+        many groups; "auto" picks it per load, one group per AUTO_GROUP_BYTES up to
+        AUTO_MAX_GROUPS (arena slots are then sized for whole chunks).
+
+        `map_dram`: copy DRAM-tier chunks straight from the tenant's DRAM mapping (on CUDA
         only where it can be registered); False: GET every chunk through the arena.
 
         `cipher`: the frames are sealed (kvtier.client.crypto); `session` names the session
@@ -801,15 +821,16 @@ class KVLoader:
         gpu = cipher is not None and (decrypt == "gpu" or (
             decrypt == "auto" and rows_fit and torch.cuda.is_available()
             and _triton_present()))
-        if not 1 <= layer_groups <= layout.num_layers:
-            raise ValueError(f"layer_groups must be in 1..{layout.num_layers}")
+        if layer_groups != "auto" and not (
+                isinstance(layer_groups, int) and 1 <= layer_groups <= layout.num_layers):
+            raise ValueError(f'layer_groups must be "auto" or in 1..{layout.num_layers}, '
+                             f"got {layer_groups!r}")
         self.client = client
         self.layout = layout
         self.fingerprint = fingerprint
-        L = layout.num_layers
-        bounds = [round(g * L / layer_groups) for g in range(layer_groups + 1)]
-        self.groups = [(bounds[g], bounds[g + 1]) for g in range(layer_groups)]
-        self.group_of = [g for g, (a, b) in enumerate(self.groups) for _ in range(a, b)]
+        self.auto_groups = layer_groups == "auto"
+        # Slots and staging are sized for the largest group a load may use.
+        self._set_groups(1 if isinstance(layer_groups, str) else layer_groups)
         self.cipher, self.session = cipher, session
         most = max(b - a for a, b in self.groups)
         biggest = most * layout.frame_bytes
@@ -902,6 +923,16 @@ class KVLoader:
             self._staged = [None] * len(self._staging)
         return self._opener, capacity
 
+    def _set_groups(self, groups: int) -> None:
+        self.groups = _group_bounds(self.layout.num_layers, groups)
+        self.group_of = [g for g, (a, b) in enumerate(self.groups) for _ in range(a, b)]
+
+    def groups_for(self, nbytes: int) -> int:
+        """The number of layer groups a load of `nbytes` uses."""
+        if not self.auto_groups:
+            return len(self.groups)
+        return max(1, min(nbytes // AUTO_GROUP_BYTES, AUTO_MAX_GROUPS, self.layout.num_layers))
+
     def _release_maps(self) -> None:
         if self._mapped:
             if self._copied is not None:
@@ -980,6 +1011,9 @@ class KVLoader:
         if n == 0:
             rep.seconds = time.perf_counter() - t0
             return rep
+        if self.auto_groups:
+            self._set_groups(self.groups_for(n * lay.chunk_bytes))
+        rep.layer_groups = len(self.groups)
         stream = torch.cuda.Stream(device=dev) if cuda else None
         if cuda:
             assert stream is not None

@@ -275,7 +275,7 @@ def warm_up(model: Any, layout: KVLayout, fp: bytes, d: BenchDaemon, arena: int,
         prefill(model, ids, cache, chunk_for(args, ids.shape[1]))
         with Client.connect(d.sock, "bench", TOKEN, arena_size=arena) as c:
             KVSaver(c, layout, fp).save("warm-up", ids[0], cache)
-            loader = KVLoader(c, layout, fp, layer_groups=args.layer_groups,
+            loader = KVLoader(c, layout, fp, layer_groups=args.layer_groups[0],
                               inflight=args.inflight)
             res = resume(model, loader, ids[0])
             prefill(model, ids[:, res.prefix_tokens:], res.cache, 0)
@@ -289,7 +289,8 @@ def via_kvtier(tag: str, d: BenchDaemon, model: Any, layout: KVLayout, fp: bytes
                r: dict[str, Any], arena: int, device: torch.device,
                map_dram: bool = True, repeats: int | None = None,
                keyring: Keyring | None = None, session: str = "",
-               before: Callable[[], None] | None = None, decrypt: str = "auto") -> None:
+               before: Callable[[], None] | None = None, decrypt: str = "auto",
+               layer_groups: int | str | None = None) -> None:
     """Turn 2 through kvtier: resume from the stored prefix, prefill the rest.
 
     `map_dram=False` GETs DRAM hits through the arena (the path before MAP existed);
@@ -302,7 +303,7 @@ def via_kvtier(tag: str, d: BenchDaemon, model: Any, layout: KVLayout, fp: bytes
     ttfts = []
     with Client.connect(d.sock, "bench", TOKEN, arena_size=arena) as c:
         cipher = FrameCipher(c, keyring, "bench") if keyring is not None else None
-        loader = KVLoader(c, layout, fp, layer_groups=args.layer_groups,
+        loader = KVLoader(c, layout, fp, layer_groups=layer_groups or args.layer_groups[0],
                           inflight=args.inflight, map_dram=map_dram, cipher=cipher,
                           session=session, decrypt=decrypt, gpu_batch=args.gpu_batch)
         # Set-up a serving engine does once (the GPU opener's kernels, its buffers): not
@@ -368,6 +369,7 @@ def via_kvtier(tag: str, d: BenchDaemon, model: Any, layout: KVLayout, fp: bytes
     r[f"load_{tag}_bytes_per_s"] = round(load.bytes / load.seconds) if load.seconds else 0
     r[f"load_{tag}_tiers"] = load.tiers
     r[f"load_{tag}_mapped"] = load.mapped
+    r[f"load_{tag}_layer_groups"] = load.layer_groups
     r[f"max_abs_logit_diff_{tag}"] = diff
     r[f"greedy_tokens_identical_{tag}"] = toks == ref.toks_a if ref.toks_a is not None else None
     r[f"max_abs_logit_diff_kept_{tag}"] = diff_kept
@@ -474,7 +476,13 @@ def main() -> int:
                          "turn 1's timed prefill of the prompt (no second prefill; its "
                          f"logits are not compared); auto: full up to {LONG} tokens; none: "
                          "turn 1's KV is seeded random values (no prefill, no baseline)")
-    ap.add_argument("--layer-groups", type=int, default=1)
+    ap.add_argument("--layer-groups",
+                    type=lambda v: [x if x == "auto" else int(x) for x in v.split(",")],
+                    default=["auto"],
+                    help="layer groups a load is copied (and waited for) in: a number or "
+                         "auto (KVLoader's choice by bytes); several, comma-separated: turn "
+                         "2 from DRAM once per value, in the same run (tags dram, "
+                         "dram_groups<N>, ...)")
     ap.add_argument("--inflight", type=int, default=32)
     ap.add_argument("--save-slots", type=int, default=8,
                     help="KVSaver's staging slots (chunks in flight; gathered half at a time)")
@@ -715,6 +723,11 @@ def main() -> int:
 
                 via_kvtier("dram", d, model, layout, fp, args, full, ref, r, arena,
                            device)
+                for groups in args.layer_groups[1:]:
+                    tag = f"dram_groups{groups}"
+                    via_kvtier(tag, d, model, layout, fp, args, full, ref, r, arena, device,
+                               layer_groups=groups)
+                    ratios_to_map(r, tag, f"groups{groups}")
                 write_json()
                 prog.advance(task)
                 if not args.skip_get:
@@ -741,6 +754,9 @@ def main() -> int:
                     floor = r["kv_bytes"] / h2d["h2d_registered_arena_bytes_per_s"]
                     r["h2d_floor_s"] = round(floor, 4)
                     r["fraction_of_h2d_limit_dram"] = round(floor / r["ttft_dram_s"], 3)
+                    for groups in args.layer_groups[1:]:
+                        r[f"fraction_of_h2d_limit_dram_groups{groups}"] = round(
+                            floor / r[f"ttft_dram_groups{groups}_s"], 3)
                 # The loads dropped: what the GPU holds now beyond what it held before
                 # turn 1 (0: every buffer of the saves and loads came back).
                 sync(device)

@@ -92,7 +92,7 @@ def test_bench_turn2_without_a_turn_1_prefill(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_turn2.py"), "--quick",
                         "--json", "--out", str(tmp_path / "out"), "--dir", str(tmp_path),
                         "--contexts", "512,4608", "--recompute", "none", "--skip-get",
-                        "--skip-file-pool", "--repeats", "2"],
+                        "--skip-file-pool", "--repeats", "2", "--layer-groups", "1,2"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads((tmp_path / "out" / "turn2.json").read_text())
@@ -102,5 +102,8 @@ def test_bench_turn2_without_a_turn_1_prefill(tmp_path: Path) -> None:
         assert x["max_abs_logit_diff_kept_dram"] == 0.0
         assert x["greedy_tokens_identical_kept_dram"] is True
         assert x["load_dram_tiers"] == {"dram": x["context_tokens"] // 256}
+        # the same turn 2 with the layers in two groups, in the same run
+        assert x["max_abs_logit_diff_kept_dram_groups2"] == 0.0
+        assert x["ttft_dram_groups2_s"] > 0 and x["groups2_ttft_ratio_to_map"] > 0
         assert x["gpu_after_release_delta_bytes"] == 0
     assert (tmp_path / "out" / "turn2.png").stat().st_size > 0

@@ -89,6 +89,42 @@ def test_save_then_resume_gives_the_same_logits(daemon: Daemon, model,  # type: 
             assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
 
 
+def test_auto_layer_groups_follow_the_bytes_of_each_load(daemon: Daemon, model,  # type: ignore[no-untyped-def]
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """layer_groups="auto": one group per AUTO_GROUP_BYTES of the load (here scaled down
+    to two chunks), at most AUTO_MAX_GROUPS and the model's layers; the same loader then
+    loads a short prefix in one group and a long one in two, with the same logits."""
+    from kvtier.client import gpu
+
+    daemon.start()
+    layout = KVLayout.from_config(model.config, torch.float32, chunk_tokens=T)
+    monkeypatch.setattr(gpu, "AUTO_GROUP_BYTES", 2 * layout.chunk_bytes)
+    fp = layout.fingerprint("tiny-qwen2-auto")
+    g = torch.Generator().manual_seed(5)
+    with Client.connect(daemon.socket, "alice", TOKENS["alice"], arena_size=16 << 20) as c:
+        loader = KVLoader(c, layout, fp, inflight=4)  # the default: auto
+        assert [loader.groups_for(k * layout.chunk_bytes) for k in (0, 1, 2, 5, 7, 99)] == \
+            [1, 1, 1, 2, 3, 3]  # 3: the model's layers
+        for chunks, want_groups in ((1, 1), (5, 2)):
+            ids = torch.randint(0, 500, (1, chunks * T + 4), generator=g)
+            cache, _ = _prefill(model, ids[:, :chunks * T])
+            saver = KVSaver(c, layout, fp)
+            saver.save(f"auto-{chunks}", ids[0, :chunks * T], cache)
+            saver.close()
+            with torch.no_grad():
+                want = model(ids).logits[:, -1]
+            res = resume(model, loader, ids[0])
+            assert res.prefix_tokens == chunks * T
+            assert res.load.layer_groups == want_groups == len(loader.groups)
+            with torch.no_grad():
+                got = model(ids[:, res.prefix_tokens:], past_key_values=res.cache).logits[:, -1]
+            finish_resume(loader)
+            assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+        loader.close()
+    with pytest.raises(ValueError, match="layer_groups"):
+        KVLoader(c, layout, fp, layer_groups=0)
+
+
 def test_partial_hit_and_greedy_generation_match(daemon: Daemon, model) -> None:  # type: ignore[no-untyped-def]
     daemon.start()
     layout = KVLayout.from_config(model.config, torch.float32, chunk_tokens=T)
