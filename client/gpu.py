@@ -42,7 +42,7 @@ from typing import Any, Protocol, cast
 import numpy as np
 import torch
 
-from kvtier.client.arena import Slot
+from kvtier.client.arena import ArenaFullError, Slot
 from kvtier.client.client import Client
 from kvtier.client.crypto import OVERHEAD, FrameCipher
 from kvtier.client.errors import (
@@ -765,6 +765,8 @@ class CacheSource:
                 out[:, li, j].copy_(src.reshape(src.shape[0], n, T, -1).transpose(0, 1))
 
 
+DEFAULT_INFLIGHT = 16  # KVLoader's arena slots when the arena has room for them
+ARENA_HEADROOM = 1 << 20  # and the arena it leaves free beside them, by default
 # layer_groups="auto": one group per this many bytes of a load, at most AUTO_MAX_GROUPS.
 # On an H200 (qwen2.5-7b, from the DRAM tier, docs/results/turn2-h200-long-context.md),
 # turn 2 at 131,072 tokens (7.5 GB) took 0.169 / 0.160 / 0.158 s with 1 / 2 / 4 groups,
@@ -784,12 +786,18 @@ class KVLoader:
     """Loads stored prefixes into device tensors, layer group by layer group."""
 
     def __init__(self, client: Client, layout: KVLayout, fingerprint: bytes, *,
-                 layer_groups: int | str = "auto", inflight: int = 16, map_dram: bool = True,
+                 layer_groups: int | str = "auto", inflight: int | None = None,
+                 map_dram: bool = True,
                  cipher: FrameCipher | None = None, session: str = "",
                  decrypt: str = "auto", gpu_batch: int = 8) -> None:
         """`layer_groups`: the layers are copied (and waited for by the forward) in this
         many groups; "auto" picks it per load, one group per AUTO_GROUP_BYTES up to
         AUTO_MAX_GROUPS (arena slots are then sized for whole chunks).
+
+        `inflight`: arena slots, i.e. GETs in flight (DRAM hits that are MAPped need
+        none).  Default: DEFAULT_INFLIGHT, or as many as the client's arena has room for
+        with ARENA_HEADROOM left beside them if fewer (at least 2; a smaller arena is an
+        error that says what size it needs).
 
         `map_dram`: copy DRAM-tier chunks straight from the tenant's DRAM mapping (on CUDA
         only where it can be registered); False: GET every chunk through the arena.
@@ -836,10 +844,31 @@ class KVLoader:
         biggest = most * layout.frame_bytes
         self.slot_bytes = biggest
         sealed = most * (layout.frame_bytes + OVERHEAD)
-        self.slots = [client.allocator.alloc(sealed if cipher else biggest)
-                      for _ in range(inflight)]
-        self.plain = [client.allocator.alloc(biggest) for _ in range(inflight)] \
-            if cipher is not None and not gpu else []
+        sizes = [sealed if cipher else biggest] + \
+            ([biggest] if cipher is not None and not gpu else [])
+        self.slots, self.plain = [], []
+        try:
+            for _ in range(DEFAULT_INFLIGHT if inflight is None else inflight):
+                if inflight is None and len(self.slots) >= 2 and \
+                        client.allocator.free_bytes < sum(sizes) + ARENA_HEADROOM:
+                    break  # what the client's other requests need (LOOKUP keys, MAP tables)
+                slot = client.allocator.alloc(sizes[0])
+                try:
+                    extra = [client.allocator.alloc(n) for n in sizes[1:]]
+                except ArenaFullError:
+                    client.allocator.free(slot)
+                    raise
+                self.slots.append(slot)
+                self.plain += extra
+        except ArenaFullError:
+            if inflight is not None or len(self.slots) < 2:
+                for x in self.slots + self.plain:
+                    client.allocator.free(x)
+                want = inflight or 2
+                raise ArenaFullError(
+                    f"the client's arena ({client.arena_size} bytes) has no room for {want} "
+                    f"KVLoader slots of {sum(sizes)} bytes: connect with arena_size >= "
+                    f"{want * sum(sizes) + (8 << 20)} (or pass a smaller inflight)") from None
         register_arena(client)
         # Chunks decrypted on the CPU are read straight out of the mapping: no need for the
         # GPU to reach it.

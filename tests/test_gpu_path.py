@@ -125,6 +125,50 @@ def test_auto_layer_groups_follow_the_bytes_of_each_load(daemon: Daemon, model, 
         KVLoader(c, layout, fp, layer_groups=0)
 
 
+def test_a_loader_takes_the_slots_the_arena_has_room_for(daemon: Daemon, model) -> None:  # type: ignore[no-untyped-def]
+    """The default inflight is what the arena holds when it holds fewer than 16 slots (a
+    7B model's chunk is 14.7 MB; the default 64 MiB arena holds 4): the loader still
+    loads; an explicit inflight that does not fit, or room for fewer than 2, is an error
+    naming the arena size it needs, and takes nothing."""
+    from kvtier.client.arena import ArenaFullError
+    from kvtier.client.gpu import ARENA_HEADROOM, DEFAULT_INFLIGHT
+
+    daemon.start()
+    layout = KVLayout.from_config(model.config, torch.float32, chunk_tokens=T)
+    fp = layout.fingerprint("tiny-qwen2-arena")
+    per = -(-layout.chunk_bytes // 4096) * 4096  # a slot, aligned
+    ids = torch.randint(0, 500, (1, 3 * T + 2), generator=torch.Generator().manual_seed(9))
+    with Client.connect(daemon.socket, "alice", TOKENS["alice"], arena_size=4 << 20) as c:
+        cache, _ = _prefill(model, ids[:, :3 * T])
+        saver = KVSaver(c, layout, fp, in_place=False)
+        saver.save("arena", ids[0, :3 * T], cache)
+        saver.close()
+        # the rest of the arena in use but room for 5 slots and the headroom
+        filler = c.allocator.alloc(c.allocator.free_bytes - 5 * per - ARENA_HEADROOM)
+        free = c.allocator.free_bytes
+        loader = KVLoader(c, layout, fp, map_dram=False)  # every chunk through a slot
+        assert len(loader.slots) == 5 < DEFAULT_INFLIGHT
+        with torch.no_grad():
+            want = model(ids).logits[:, -1]
+        res = resume(model, loader, ids[0])
+        assert res.prefix_tokens == 3 * T and res.load.mapped == 0
+        with torch.no_grad():
+            got = model(ids[:, res.prefix_tokens:], past_key_values=res.cache).logits[:, -1]
+        finish_resume(loader)
+        assert torch.allclose(got, want, atol=1e-5)
+        loader.close()
+        assert c.allocator.free_bytes == free
+        with pytest.raises(ArenaFullError, match="arena_size >= "):
+            KVLoader(c, layout, fp, inflight=200)
+        assert c.allocator.free_bytes == free  # nothing kept
+        hog = c.allocator.alloc(free - per)  # room for one slot only (no headroom)
+        with pytest.raises(ArenaFullError, match="no room for 2 KVLoader slots"):
+            KVLoader(c, layout, fp)
+        c.allocator.free(hog)
+        assert c.allocator.free_bytes == free
+        c.allocator.free(filler)
+
+
 def test_partial_hit_and_greedy_generation_match(daemon: Daemon, model) -> None:  # type: ignore[no-untyped-def]
     daemon.start()
     layout = KVLayout.from_config(model.config, torch.float32, chunk_tokens=T)
