@@ -42,7 +42,7 @@ from typing import Any, Protocol, cast
 import numpy as np
 import torch
 
-from kvtier.client.arena import ArenaFullError, Slot
+from kvtier.client.arena import ArenaAllocator, ArenaFullError, Slot
 from kvtier.client.client import Client
 from kvtier.client.crypto import OVERHEAD, FrameCipher
 from kvtier.client.errors import (
@@ -284,6 +284,15 @@ class SaveReport:
     put_chunks: int = 0  # of those, chunks the DRAM tier had no room for: PUT instead
 
 
+def _give_back(allocator: ArenaAllocator, held: list[Slot]) -> None:
+    """Free `held` (arena slots of a saver or loader) and empty it: close() calls it, and
+    a finalizer when the owner is collected unclosed (nothing of it can be reading or
+    writing the slots then), so a saver made per save does not exhaust the arena."""
+    for s in held:
+        allocator.free(s)
+    held.clear()
+
+
 class KVSaver:
     def __init__(self, client: Client, layout: KVLayout, fingerprint: bytes, *,
                  slots: int = 2, cipher: FrameCipher | None = None,
@@ -334,6 +343,9 @@ class KVSaver:
         self.crc_slots = [client.allocator.alloc(4 * layout.num_layers * self.group)
                           for _ in range(-(-(slots + 2) // self.group) + 1)] \
             if self.tables else []
+        # Given back by close(), or when the saver is dropped without it.
+        self._held = [*self.slots, *self.sealed, *self.tables, *self.crc_slots]
+        weakref.finalize(self, _give_back, client.allocator, self._held)
         register_arena(client)
         if self.tables and torch.cuda.is_available():
             # Pinning the whole DRAM mapping takes seconds at long context: once per
@@ -341,8 +353,7 @@ class KVSaver:
             register_dram(client)
 
     def close(self) -> None:
-        for s in self.slots + self.sealed + self.tables + self.crc_slots:
-            self.client.allocator.free(s)
+        _give_back(self.client.allocator, self._held)
         self.slots, self.sealed, self._staging, self.tables = [], [], [], []
         self.crc_slots, self._crcs, self._crc_dev = [], None, None
         self._staging_flat = torch.empty(0)
@@ -846,7 +857,8 @@ class KVLoader:
         sealed = most * (layout.frame_bytes + OVERHEAD)
         sizes = [sealed if cipher else biggest] + \
             ([biggest] if cipher is not None and not gpu else [])
-        self.slots, self.plain = [], []
+        self.slots: list[Slot] = []
+        self.plain: list[Slot] = []
         try:
             for _ in range(DEFAULT_INFLIGHT if inflight is None else inflight):
                 if inflight is None and len(self.slots) >= 2 and \
@@ -869,6 +881,8 @@ class KVLoader:
                     f"the client's arena ({client.arena_size} bytes) has no room for {want} "
                     f"KVLoader slots of {sum(sizes)} bytes: connect with arena_size >= "
                     f"{want * sum(sizes) + (8 << 20)} (or pass a smaller inflight)") from None
+        self._held = [*self.slots, *self.plain]  # see KVSaver
+        weakref.finalize(self, _give_back, client.allocator, self._held)
         register_arena(client)
         # Chunks decrypted on the CPU are read straight out of the mapping: no need for the
         # GPU to reach it.
@@ -888,8 +902,7 @@ class KVLoader:
         """Give back everything: DRAM pins, arena slots, and every device buffer the
         loader holds (the last load's cache, staging buffers, the GPU opener)."""
         self._release_maps()
-        for s in self.slots + self.plain:
-            self.client.allocator.free(s)
+        _give_back(self.client.allocator, self._held)
         self.slots, self.plain = [], []
         self.buffers, self.events = [], []
         self._staging, self._staged, self._opener = [], [], None

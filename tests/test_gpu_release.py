@@ -172,3 +172,30 @@ def test_a_cache_built_empty_over_buffers_grows_in_them() -> None:
         assert alive() is None
     finally:
         gc.enable()
+
+
+def test_a_saver_or_loader_dropped_unclosed_gives_its_arena_slots_back(daemon: Daemon) -> None:
+    """`KVSaver(c, ...).save(...)` in a loop (no close) once kept every saver's slots until
+    the arena was full; dropped, a saver or loader gives them back at once (gc off)."""
+    daemon.start()
+    layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, dtype=torch.float32,
+                      chunk_tokens=T)
+    fp = layout.fingerprint("unclosed")
+    with Client.connect(daemon.socket, "alice", TOKENS["alice"], arena_size=8 << 20) as c:
+        free0 = c.allocator.free_bytes
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(3):
+                KVSaver(c, layout, fp, slots=4)
+                assert c.allocator.free_bytes == free0
+                loader = KVLoader(c, layout, fp, inflight=3)
+                assert c.allocator.free_bytes < free0
+                del loader
+                assert c.allocator.free_bytes == free0
+            saver = KVSaver(c, layout, fp)
+            saver.close()
+            del saver  # closed, then collected: nothing freed twice
+            assert c.allocator.free_bytes == free0
+        finally:
+            gc.enable()
