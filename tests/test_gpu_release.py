@@ -22,13 +22,17 @@ from kvtier.client.gpu import cache_layer  # noqa: E402
 T = 16
 
 
-def test_twenty_turns_hold_nothing_from_earlier_turns(daemon: Daemon) -> None:
-    daemon.start()
+def _tiny_model():  # type: ignore[no-untyped-def]
     cfg = transformers.Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128,
                                    num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, max_position_embeddings=4096)
     torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    return transformers.Qwen2ForCausalLM(cfg).eval()
+
+
+def test_twenty_turns_hold_nothing_from_earlier_turns(daemon: Daemon) -> None:
+    daemon.start()
+    model = _tiny_model()
     layout = KVLayout.from_config(model.config, torch.float32, chunk_tokens=T)
     fp = layout.fingerprint("release-test")
     g = torch.Generator().manual_seed(1)
@@ -89,11 +93,7 @@ def test_closed_client_unmaps_the_daemons_memory_at_once(daemon: Daemon) -> None
     the collector off, close() alone unmaps the rings, the arena and the DRAM mapping,
     after a save and a load through them."""
     daemon.start()
-    cfg = transformers.Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=4096)
-    torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    model = _tiny_model()
     layout = KVLayout.from_config(model.config, torch.float32, chunk_tokens=T)
     fp = layout.fingerprint("unmap-test")
     ids = torch.randint(0, 300, (1, 4 * T + 3), generator=torch.Generator().manual_seed(2))
@@ -145,11 +145,8 @@ def test_a_cache_built_empty_over_buffers_grows_in_them() -> None:
     made every such cache concatenate: at 1M tokens a second 58 GB, and CUDA OOM.)"""
     from kvtier.client.gpu import build_cache
 
-    cfg = transformers.Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=4096)
-    torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    model = _tiny_model()
+    cfg = model.config
     shape = (1, 2, 200, 16)
     bufs = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(2)]
     cache = build_cache([(k[:, :, :0], v[:, :, :0]) for k, v in bufs], cfg, bufs)
