@@ -240,7 +240,8 @@ def disk_read_bandwidth(path: str, nbytes: int) -> float:
 
 
 def h2d_rates(d: BenchDaemon, arena: int, device: torch.device) -> dict[str, float]:
-    """Host-to-device copy rate from the CUDA-registered client arena vs pageable memory."""
+    """Host-to-device copy rate from the CUDA-registered client arena vs pageable memory,
+    and device-to-host into the registered arena."""
     from kvtier.client.gpu import register_arena
 
     n = min(1 * GiB, arena // 2)
@@ -259,6 +260,14 @@ def h2d_rates(d: BenchDaemon, arena: int, device: torch.device) -> dict[str, flo
                 dst.copy_(src, non_blocking=True)
             torch.cuda.synchronize(device)
             out[f"h2d_{name}_bytes_per_s"] = round(5 * n / (time.perf_counter() - t0))
+        # The other way, into the registered arena: what a save's copies can reach.
+        pinned.copy_(dst, non_blocking=True)
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            pinned.copy_(dst, non_blocking=True)
+        torch.cuda.synchronize(device)
+        out["d2h_registered_arena_bytes_per_s"] = round(5 * n / (time.perf_counter() - t0))
         del pinned
     return out
 
@@ -589,7 +598,8 @@ def main() -> int:
             h2d = h2d_rates(d, arena, device)
             reg, pag = h2d["h2d_registered_arena_bytes_per_s"], h2d["h2d_pageable_bytes_per_s"]
             console.print(f"H2D: registered arena {reg / 1e9:.1f} GB/s, pageable "
-                          f"{pag / 1e9:.1f} GB/s")
+                          f"{pag / 1e9:.1f} GB/s; D2H into the registered arena "
+                          f"{h2d['d2h_registered_arena_bytes_per_s'] / 1e9:.1f} GB/s")
         warm_up(model, layout, fp, d, arena, device, args)
         with Progress(console=console, transient=True) as prog:
             task = prog.add_task(f"turn 2 on {args.model}", total=len(contexts) * 5)
@@ -670,6 +680,9 @@ def main() -> int:
                 r["kv_bytes"] = srep.bytes
                 r["save_s"] = round(srep.seconds, 4)
                 r["save_bytes_per_s"] = round(srep.bytes / srep.seconds) if srep.seconds else 0
+                if h2d:  # the issue's goal: >= 0.5 of the D2H rate
+                    r["save_fraction_of_d2h"] = round(
+                        r["save_bytes_per_s"] / h2d["d2h_registered_arena_bytes_per_s"], 3)
                 write_json()
                 # Turn 2 is timed with the write-behind done (it would share memory
                 # bandwidth and cores), waiting at most --writebehind-wait seconds.
