@@ -239,9 +239,20 @@ def disk_read_bandwidth(path: str, nbytes: int) -> float:
         os.close(fd)
 
 
+def copy_rate(dst: torch.Tensor, src: torch.Tensor, device: torch.device) -> int:
+    """Bytes per second of `dst.copy_(src)` (non-blocking, 5 timed after one untimed)."""
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize(device)
+    return round(5 * src.numel() * src.element_size() / (time.perf_counter() - t0))
+
+
 def h2d_rates(d: BenchDaemon, arena: int, device: torch.device) -> dict[str, float]:
     """Host-to-device copy rate from the CUDA-registered client arena vs pageable memory,
-    and device-to-host into the registered arena."""
+    and device-to-host into the registered arena (what a save's copies can reach)."""
     from kvtier.client.gpu import register_arena
 
     n = min(1 * GiB, arena // 2)
@@ -253,21 +264,8 @@ def h2d_rates(d: BenchDaemon, arena: int, device: torch.device) -> dict[str, flo
         pageable = torch.empty(n, dtype=torch.uint8)
         pageable.fill_(1)
         for name, src in (("registered_arena", pinned), ("pageable", pageable)):
-            dst.copy_(src, non_blocking=True)
-            torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            for _ in range(5):
-                dst.copy_(src, non_blocking=True)
-            torch.cuda.synchronize(device)
-            out[f"h2d_{name}_bytes_per_s"] = round(5 * n / (time.perf_counter() - t0))
-        # The other way, into the registered arena: what a save's copies can reach.
-        pinned.copy_(dst, non_blocking=True)
-        torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(5):
-            pinned.copy_(dst, non_blocking=True)
-        torch.cuda.synchronize(device)
-        out["d2h_registered_arena_bytes_per_s"] = round(5 * n / (time.perf_counter() - t0))
+            out[f"h2d_{name}_bytes_per_s"] = copy_rate(dst, src, device)
+        out["d2h_registered_arena_bytes_per_s"] = copy_rate(pinned, dst, device)
         del pinned
     return out
 
@@ -562,14 +560,15 @@ def main() -> int:
     # Not more than that: a client's CUDA registration of its DRAM mapping pins (and
     # first faults in) every page of the tier, at about 2 GB/s under the device's sandbox.
     per_kv = 2.3 if args.encrypt else 1.15  # the encrypted copy too, and room to clean
-    dram_room = min((host_available() - 16 * GiB) // seg * seg,
+    available, disk_free = host_available(), shutil.disk_usage(work).free
+    dram_room = min((available - 16 * GiB) // seg * seg,
                     args.dram_max // seg * seg if args.dram_max else 1 << 62)
     dram = min(max(segments(kv_max * per_kv) + 8 * seg, 32 * seg), dram_room)
-    disk_room = min((shutil.disk_usage(work).free - 4 * GiB) // seg * seg,
+    disk_room = min((disk_free - 4 * GiB) // seg * seg,
                     args.pool_max // seg * seg if args.pool_max else 1 << 62)
     pool = min(max(segments(total * 1.3) + 16 * seg, 32 * seg), disk_room) + MiB
-    sizing = {"dram_tier_bytes": dram, "pool_bytes": pool, "host_available_bytes":
-              host_available(), "disk_free_bytes": shutil.disk_usage(work).free}
+    sizing = {"dram_tier_bytes": dram, "pool_bytes": pool,
+              "host_available_bytes": available, "disk_free_bytes": disk_free}
     console.print(f"DRAM tier {human(dram)}, pool {human(pool)} (host memory available "
                   f"{human(sizing['host_available_bytes'])}, disk free "
                   f"{human(sizing['disk_free_bytes'])})")
