@@ -51,7 +51,7 @@ def key(i: int) -> bytes:
     return i.to_bytes(16, "little")
 
 
-def latencies(c: Client, lo: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def latencies(c: Client, lo: int, n: int) -> dict[str, np.ndarray]:
     """GET n values never read before (each from the media pool), one every 2 ms.
 
     Also returns, for each, the controls of the same moment: how long a LOOKUP of an absent
@@ -69,7 +69,7 @@ def latencies(c: Client, lo: int, n: int) -> tuple[np.ndarray, np.ndarray, np.nd
         t = time.perf_counter()
         time.sleep(0.002)
         late.append(max(0.0, time.perf_counter() - t - 0.002))
-    return np.array(out), np.array(null), np.array(late)
+    return {"get": np.array(out), "lookup": np.array(null), "late": np.array(late)}
 
 
 # A media GET crosses this many thread wake-ups (client -> event loop -> request task ->
@@ -116,9 +116,7 @@ def test_interactive_gets_keep_their_p99_under_another_tenants_write_storm(
             for attempt in range(ATTEMPTS):
                 # Idle and loaded phases alternate (the writer stopped and continued), so
                 # both see the same machine.
-                phases: dict[str, dict[str, list[np.ndarray]]] = {
-                    "idle": {"get": [], "lookup": [], "late": []},
-                    "busy": {"get": [], "lookup": [], "late": []}}
+                phases: dict[str, list[dict[str, np.ndarray]]] = {"idle": [], "busy": []}
                 written = cleaned = 0
                 seconds = 0.0
                 for phase in range(4):
@@ -126,24 +124,20 @@ def test_interactive_gets_keep_their_p99_under_another_tenants_write_storm(
                     if phase % 2 == 0:
                         writer.send_signal(signal.SIGSTOP)
                         time.sleep(0.2)  # its requests in flight finish
-                        for name, xs in zip(("get", "lookup", "late"),
-                                            latencies(c, lo, N // 2), strict=True):
-                            phases["idle"][name].append(xs)
+                        phases["idle"].append(latencies(c, lo, N // 2))
                         writer.send_signal(signal.SIGCONT)
                         time.sleep(0.2)
                     else:
                         before = d.admin("status")["media"]["counters"]
                         t0 = time.monotonic()
-                        for name, xs in zip(("get", "lookup", "late"),
-                                            latencies(c, lo, N // 2), strict=True):
-                            phases["busy"][name].append(xs)
+                        phases["busy"].append(latencies(c, lo, N // 2))
                         after = d.admin("status")
                         seconds += time.monotonic() - t0
                         now = after["media"]["counters"]
                         written += now["user_bytes"] - before["user_bytes"]
                         cleaned += now["cleaned_segments"] - before["cleaned_segments"]
-                busy = {k: np.concatenate(v) for k, v in phases["busy"].items()}
-                idle = {k: np.concatenate(v) for k, v in phases["idle"].items()}
+                busy, idle = ({k: np.concatenate([m[k] for m in phases[p]])
+                               for k in phases[p][0]} for p in ("busy", "idle"))
                 ok99, r99, extra99 = within_goal(busy, idle, 99)
                 ok50, r50, extra50 = within_goal(busy, idle, 50)
                 print("p50/p99 ms, idle -> storm: " + "; ".join(
